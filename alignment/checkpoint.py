@@ -1,0 +1,181 @@
+"""The self-describing run directory.
+
+    runs/tiny/sft/
+      config.json, model.safetensors, tokenizer files   <- plain `transformers` loads these
+      recipe.yaml        the resolved recipe (secrets redacted)
+      run_info.json      versions, git commit, seed, data/tokenizer/template hashes, parent; "complete": true
+      metrics.json       the stage's final numbers
+      metrics.jsonl      one JSON object per logged step
+      checkpoints/       trainer state for resuming (checkpoint-<step>/)
+
+`run_info.json` is written last and atomically: a directory without it (or
+with ``"complete": false``) is an unfinished run, whatever else it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from alignment.errors import CheckpointError
+
+RUN_INFO = "run_info.json"
+CHECKPOINTS = "checkpoints"
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "evaluate", "tokenizers")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so that a reader sees the old content or the new, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def sha256_text(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def tokenizer_hashes(tokenizer) -> dict:
+    """Hashes that tell two tokenizers apart: vocabulary+merges and the chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab_text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return {"tokenizer": sha256_text(vocab_text), "chat_template": sha256_text(getattr(tokenizer, "chat_template", None))}
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    info = Path(run_dir) / RUN_INFO
+    if not info.is_file():
+        return False
+    try:
+        return bool(read_json(info).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def mark_incomplete(run_dir: Path) -> None:
+    """Before a stage writes into a directory, it stops looking finished."""
+    info = Path(run_dir) / RUN_INFO
+    if info.exists():
+        info.unlink()
+
+
+def parent_info(model_spec: str) -> dict | None:
+    """Lineage: the parent checkpoint's path and the hash of its run_info.json (if it is one of ours)."""
+    info = Path(model_spec) / RUN_INFO
+    if not info.is_file():
+        return {"model": model_spec}
+    return {"model": model_spec, "run_info_sha256": hashlib.sha256(info.read_bytes()).hexdigest(),
+            "stage": read_json(info).get("stage")}
+
+
+def save_run(run_dir: str | Path, *, model, tokenizer, recipe, run_info: dict, metrics: dict) -> Path:
+    """Write the final run directory: weights (safetensors), tokenizer, recipe, metrics, then run_info.
+
+    Weights are first written to a temporary folder beside the run and moved in
+    file by file, so a crash mid-save never leaves a half-written weight file
+    under its final name; run_info.json (the "complete" marker) comes last.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staging = run_dir / f".staging-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    model_to_save = model
+    if hasattr(model_to_save, "merge_and_unload") and getattr(recipe.model, "lora", None) is not None:
+        model_to_save = model_to_save.merge_and_unload()
+    model_to_save.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    for item in staging.iterdir():
+        target = run_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    staging.rmdir()
+    write_atomic(run_dir / "recipe.yaml", recipe.resolved_yaml())
+    write_json(run_dir / "metrics.json", metrics)
+    info = dict(run_info, complete=True, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    info.update(tokenizer_hashes(tokenizer))
+    write_json(run_dir / RUN_INFO, info)
+    return run_dir
+
+
+def base_run_info(recipe, data_files: list[str]) -> dict:
+    from alignment.data import data_fingerprint
+
+    return {
+        "stage": recipe.stage,
+        "seed": recipe.seed,
+        "recipe_source": recipe.source_path,
+        "recipe_sha256": sha256_text(recipe.resolved_yaml()),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "data": {path: data_fingerprint(path) for path in data_files if path},
+        "parent": parent_info(recipe.model.name_or_path),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "complete": False,
+    }
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete trainer checkpoint (`checkpoints/checkpoint-N` with its trainer state)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    candidates = []
+    for path in root.glob("checkpoint-*"):
+        suffix = path.name.rsplit("-", 1)[-1]
+        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+            candidates.append((int(suffix), path))
+    return max(candidates)[1] if candidates else None
+
+
+def resume_checkpoint(run_dir: str | Path, resume: bool) -> str | None:
+    """The checkpoint to resume from, or None for a fresh start; asking to resume with none is an error."""
+    if not resume:
+        return None
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise CheckpointError(
+            f"resume was asked for but {Path(run_dir) / CHECKPOINTS} holds no complete checkpoint; "
+            "run without resume=true to start fresh"
+        )
+    return str(found)

@@ -1,0 +1,139 @@
+"""The `align` command line.
+
+    align run recipes/tiny/sft.yaml                       # run one stage
+    align run recipes/tiny/sft.yaml train.max_steps=50    # key.sub=value overrides
+    align run recipes/tiny/sft.yaml --resume              # continue from the last checkpoint
+    align validate recipes/                               # check every recipe, load no model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from alignment.errors import AlignmentError
+
+EXAMPLES = """examples:
+  align run recipes/tiny/sft.yaml                      run the SFT stage of the offline demo
+  align run recipes/tiny/sft.yaml output_dir=/tmp/sft  override any key as key.sub=value
+  align run recipes/tiny/sft.yaml --resume             resume from the run's last checkpoint
+  align validate recipes/                              check every recipe under a folder
+"""
+
+
+def cmd_run(args) -> int:
+    from alignment import recipe as recipes
+    from alignment.stages import stage_spec
+
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    recipe = recipes.load(args.recipe, overrides)
+    result = stage_spec(recipe.stage).load_module().run(recipe)
+    print(result.get("summary") or json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def validate_file(path: Path) -> str:
+    """Validate one YAML file; return a one-line description of what it is."""
+    from alignment import recipe as recipes
+    from alignment.data import LOCAL_SUFFIXES
+    from alignment.errors import RecipeError
+
+    data, locations = recipes.read_yaml(path)
+    first_line = path.read_text(encoding="utf-8").splitlines()[:1]
+    if "compute_environment" in data or "distributed_type" in data:
+        return "accelerate config"
+    if not first_line or not first_line[0].startswith("#") or "align " not in first_line[0]:
+        raise RecipeError(f"{path}:1: a recipe starts with a comment giving the command that runs it, "
+                          f"e.g. '# align run {path}'")
+    if "stages" in data:
+        from alignment.pipeline import load_pipeline
+
+        pipeline = load_pipeline(path)
+        return f"pipeline of {len(pipeline.stages)} stages"
+    recipe = recipes.from_dict(data, locations)
+    for keys, value in [(("data", "train"), recipe.data.train), (("data", "eval"), recipe.data.eval),
+                        (("eval", "data"), recipe.eval.data if recipe.eval else None)]:
+        if value and Path(value).suffix in LOCAL_SUFFIXES and not Path(value).is_file():
+            raise locations.error(keys, f"no such data file {value!r} (paths are relative to the current folder)")
+    return f"stage {recipe.stage}"
+
+
+def cmd_validate(args) -> int:
+    from alignment.recipe import recipe_files
+
+    files = recipe_files(args.paths)
+    if not files:
+        print("no recipe files found", file=sys.stderr)
+        return 2
+    failures = 0
+    for path in files:
+        try:
+            print(f"ok    {path}  ({validate_file(path)})")
+        except AlignmentError as exc:
+            failures += 1
+            print(f"FAIL  {exc}")
+    print(f"{len(files) - failures} of {len(files)} recipes valid")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align",
+        description="Align causal language models: SFT, reward models, PPO/GRPO/RLOO, DPO and relatives, "
+        "evaluation. Every stage runs from a YAML recipe.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run one stage from a recipe", epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("recipe", help="path to the stage's YAML recipe")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
+    run.add_argument("--resume", action="store_true", help="continue from the run's last complete checkpoint")
+    run.set_defaults(func=cmd_run)
+
+    validate = commands.add_parser("validate", help="check recipes without loading any model")
+    validate.add_argument("paths", nargs="+", help="recipe files or folders (every *.yaml under them)")
+    validate.set_defaults(func=cmd_validate)
+
+    for extra in EXTRA_COMMANDS:
+        extra(commands)
+    return parser
+
+
+# Commands contributed by other modules: each is a function(subparsers) that adds one parser.
+EXTRA_COMMANDS: list = []
+
+
+def _register_extra_commands() -> None:
+    import importlib
+
+    for module_name in ("alignment.pipeline", "alignment.evaluation.cli", "reward.cli", "alignment.tools"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        EXTRA_COMMANDS.append(module.add_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_extra_commands()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except AlignmentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

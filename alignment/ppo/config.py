@@ -1,0 +1,154 @@
+"""Configuration of our PPO trainer, validated before anything heavy is built."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+__all__ = ["PPOConfig"]
+
+
+@dataclass
+class PPOConfig:
+    """Hyper-parameters of :class:`alignment.ppo.trainer.PPOTrainer`.
+
+    Defaults follow Huang et al. 2024 ("N+ implementation details") and
+    Ziegler et al. 2019 where they give one. Sizes are per process.
+    """
+
+    # optimisation
+    learning_rate: float = 3e-6
+    critic_learning_rate: float | None = None  # None: same as learning_rate
+    adam_eps: float = 1e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    lr_scheduler_type: str = "linear"  # "linear" (decay to 0 over total_steps) or "constant"
+
+    # batch layout: one step = batch_size prompts -> ppo_epochs passes of
+    # minibatches; one optimizer update = mini_batch_size x gradient_accumulation_steps samples
+    batch_size: int = 64
+    mini_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    ppo_epochs: int = 4
+    total_steps: int = 100  # rollout batches; total_episodes overrides it when set
+    total_episodes: int | None = None
+
+    # generation
+    max_new_tokens: int = 64
+    temperature: float = 0.7  # used for sampling and for every log-prob (0.7..1.0 typical)
+
+    # rewards and KL
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    target_kl: float = 6.0  # per-sequence KL the adaptive controller aims for
+    horizon: int = 10000
+    kl_estimator: str = "k1"  # estimator inside the per-token reward: k1, k2 or k3
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = None  # score given, instead of the reward, to a response with no EOS
+
+    # advantages and losses
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+
+    # run
+    seed: int = 42
+    logging_steps: int = 10
+
+    # health (None disables a check)
+    max_kl: float | None = None  # objective/kl (per sequence) above this
+    min_entropy: float | None = None  # objective/entropy (per token) below this
+    min_eos_rate: float | None = None  # val/eos_rate below this
+    min_response_length: float | None = None  # val/response_length below this
+    warn_or_stop: str = "warn"  # "warn" or "stop" (raise TrainingError)
+    max_nonfinite_updates: int = 3  # raise TrainingError after this many skipped updates in a row
+
+    def __post_init__(self):
+        self._check_positive(
+            "learning_rate", "adam_eps", "temperature", "cliprange", "cliprange_value", "target_kl"
+        )
+        self._check_positive_int(
+            "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+            "total_steps", "max_new_tokens", "horizon", "logging_steps", "max_nonfinite_updates",
+        )
+        self._check_non_negative("kl_coef", "vf_coef", "weight_decay")
+        for key in ("critic_learning_rate", "max_grad_norm"):
+            if getattr(self, key) is not None:
+                self._check_positive(key)
+        if self.total_episodes is not None:
+            self._check_positive_int("total_episodes")
+        for key in ("gamma", "lam"):
+            self._check_range(key, 0.0, 1.0)
+        for key in ("max_kl", "min_entropy", "min_eos_rate", "min_response_length", "missing_eos_penalty"):
+            if getattr(self, key) is not None:
+                self._check_number(key)
+        self._check_choice("lr_scheduler_type", ("linear", "constant"))
+        self._check_choice("warn_or_stop", ("warn", "stop"))
+        self._check_choice("kl_estimator", ("k1", "k2", "k3"))
+        per_update = self.mini_batch_size * self.gradient_accumulation_steps
+        if self.batch_size % per_update:
+            raise ValueError(
+                f"PPOConfig.batch_size ({self.batch_size}) must be divisible by mini_batch_size x "
+                f"gradient_accumulation_steps ({self.mini_batch_size} x {self.gradient_accumulation_steps} = {per_update})"
+            )
+
+    # ------------------------------------------------------------ derived
+
+    @property
+    def num_steps(self) -> int:
+        """Rollout steps of the whole run (from ``total_episodes`` when set)."""
+        if self.total_episodes is not None:
+            return max(1, self.total_episodes // self.batch_size)
+        return self.total_steps
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per rollout step."""
+        return self.ppo_epochs * self.batch_size // (self.mini_batch_size * self.gradient_accumulation_steps)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PPOConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown PPOConfig keys: {unknown}")
+        return cls(**values)
+
+    # ------------------------------------------------------------ checks
+
+    def _check_number(self, key: str) -> float:
+        value = getattr(self, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"PPOConfig.{key} must be a finite number, got {value!r}")
+        return value
+
+    def _check_positive(self, *keys: str) -> None:
+        for key in keys:
+            if self._check_number(key) <= 0:
+                raise ValueError(f"PPOConfig.{key} must be > 0, got {getattr(self, key)!r}")
+
+    def _check_non_negative(self, *keys: str) -> None:
+        for key in keys:
+            if self._check_number(key) < 0:
+                raise ValueError(f"PPOConfig.{key} must be >= 0, got {getattr(self, key)!r}")
+
+    def _check_positive_int(self, *keys: str) -> None:
+        for key in keys:
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PPOConfig.{key} must be a positive integer, got {value!r}")
+
+    def _check_range(self, key: str, low: float, high: float) -> None:
+        value = self._check_number(key)
+        if not low <= value <= high:
+            raise ValueError(f"PPOConfig.{key} must be in [{low}, {high}], got {value!r}")
+
+    def _check_choice(self, key: str, choices: tuple) -> None:
+        if getattr(self, key) not in choices:
+            raise ValueError(f"PPOConfig.{key} must be one of {choices}, got {getattr(self, key)!r}")

@@ -1,0 +1,303 @@
+"""Rollout: sample responses, cut them at EOS, score them, and compute log-probs and values.
+
+The sampling settings follow Huang et al. 2024: KV cache on, prompts left
+padded, ``do_sample=True``, ``top_k=0``, ``top_p=1``, temperature ``T``, a
+fixed ``max_new_tokens``, every model in eval mode (dropout off). Log-probs
+of the sampled tokens are recomputed in one forward pass per model at the
+same ``T``, with logits only over the response positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from dataclasses import dataclass, fields
+
+import torch
+
+from alignment.errors import RewardError
+from alignment.ppo.losses import entropy_from_logits, logprobs_from_logits, masked_mean
+from policies.value import CausalLMWithValueHead, ValueHeadOutput, per_token_values
+
+__all__ = [
+    "Rollout",
+    "collect_rollout",
+    "generate_responses",
+    "left_pad_prompts",
+    "position_ids_from_mask",
+    "reference_model",
+    "response_forward",
+    "score_responses",
+    "stop_token_ids",
+    "truncate_after_eos",
+]
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses; every tensor has the batch as its first dimension.
+
+    ``response_mask`` is true on real response tokens, the EOS included.
+    ``logprobs``, ``ref_logprobs``, ``values`` and ``entropy`` are
+    per response token (float32, 0 at padding).
+    """
+
+    prompts: list[str]
+    completions: list[str]
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    has_eos: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def left_pad_prompts(tokenizer, prompts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise prompts and left-pad them with the pad token: ``(ids, mask)``.
+
+    A prompt that already starts with the BOS text (a rendered chat
+    template) gets no second BOS.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set one that is not the EOS token")
+    bos = tokenizer.bos_token
+    rows = [
+        tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"] for p in prompts
+    ]
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("a prompt tokenised to no tokens")
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """EOS ids: the tokenizer's, plus any the model's generation config lists."""
+    ids = set()
+    candidates = [tokenizer.eos_token_id]
+    gen_config = getattr(model, "generation_config", None)
+    if gen_config is not None:
+        candidates.append(gen_config.eos_token_id)
+    for value in candidates:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("no EOS token: the tokenizer and the model name none")
+    if tokenizer.pad_token_id in ids:
+        raise ValueError(
+            f"the pad token ({tokenizer.pad_token!r}) is an EOS token; pad must differ from EOS "
+            "or the EOS is masked and the model never learns to stop"
+        )
+    return sorted(ids)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (left padding does not shift them)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# -------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate_responses(model, query_ids, query_mask, *, max_new_tokens, temperature, eos_token_ids, pad_token_id):
+    """Sample responses ``(B, <= max_new_tokens)`` (the prompt stripped) with pure ancestral sampling."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=float(temperature),
+        max_new_tokens=int(max_new_tokens),
+        min_new_tokens=0,
+        eos_token_id=list(eos_token_ids),
+        pad_token_id=int(pad_token_id),
+        use_cache=True,
+    )
+    model.eval()
+    sequences = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+    return sequences[:, query_ids.shape[1] :]
+
+
+def truncate_after_eos(response_ids: torch.Tensor, eos_token_ids, pad_token_id: int):
+    """Keep each response up to and including its first EOS; pad the rest.
+
+    Returns ``(ids, mask, has_eos)``: ``mask`` is true up to the first EOS
+    (included), or everywhere for a response with no EOS (``has_eos`` false).
+    """
+    is_eos = torch.isin(response_ids, torch.as_tensor(list(eos_token_ids), device=response_ids.device))
+    has_eos = is_eos.any(dim=-1)
+    length = response_ids.shape[-1]
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=-1), torch.full_like(has_eos, length - 1, dtype=torch.long))
+    positions = torch.arange(length, device=response_ids.device).expand_as(response_ids)
+    mask = positions <= first_eos.unsqueeze(-1)
+    ids = torch.where(mask, response_ids, torch.full_like(response_ids, pad_token_id))
+    return ids, mask, has_eos
+
+
+# ------------------------------------------------------------ forward pass
+
+
+def response_forward(model, query_ids, query_mask, response_ids, response_mask):
+    """One forward pass over prompt + response; logits ``(B, R, V)`` predicting each response token.
+
+    Only the last ``R + 1`` positions are projected to the vocabulary.
+    Returns ``(logits, values)``; ``values`` ``(B, R)`` when ``model`` is a
+    :class:`CausalLMWithValueHead`, else None.
+    """
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    keep = response_ids.shape[1] + 1
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=keep)
+    values = out.values[:, :-1] if isinstance(out, ValueHeadOutput) else None
+    return out.logits[:, :-1], values
+
+
+def critic_forward(critic, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+    """Values ``(B, R)`` of the states before each response token, from a separate critic."""
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
+    keep = response_ids.shape[1] + 1
+    values = per_token_values(critic, input_ids, mask, position_ids_from_mask(mask), values_to_keep=keep)
+    return values[:, :-1]
+
+
+def _unwrap_lm(model):
+    return model.pretrained_model if isinstance(model, CausalLMWithValueHead) else model
+
+
+@contextlib.contextmanager
+def reference_model(policy, ref_policy):
+    """Yield the reference model: ``ref_policy``, or the policy with its peft adapter disabled."""
+    if ref_policy is not None:
+        yield ref_policy
+        return
+    lm = _unwrap_lm(policy)
+    if not hasattr(lm, "disable_adapter"):
+        raise ValueError("ref_policy=None needs a peft policy (the reference is the policy with its adapter disabled)")
+    with lm.disable_adapter():
+        yield lm
+
+
+@torch.no_grad()
+def _policy_pass(policy, critic, batch, mask, temperature):
+    logits, values = response_forward(policy, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask)
+    logp = logprobs_from_logits(logits, batch["response_ids"], temperature)
+    entropy = entropy_from_logits(logits, temperature)
+    if critic is not None:
+        values = critic_forward(critic, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask)
+    return logp, entropy, values
+
+
+@torch.no_grad()
+def _reference_pass(policy, ref_policy, batch, mask, temperature):
+    with reference_model(policy, ref_policy) as ref:
+        logits, _ = response_forward(ref, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask)
+    return logprobs_from_logits(logits, batch["response_ids"], temperature)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def collect_rollout(
+    policy,
+    ref_policy,
+    critic,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    forward_batch_size: int,
+    device=None,
+) -> Rollout:
+    """Generate, truncate at EOS, then policy/reference log-probs, entropy and values (no scores).
+
+    ``policy``, ``ref_policy`` and ``critic`` are unwrapped modules (no
+    DDP); ``critic=None`` means the policy carries a value head. The
+    forward passes run ``forward_batch_size`` rows at a time.
+    """
+    for model in (policy, ref_policy, critic):
+        if model is not None:
+            model.eval()
+    eos_ids = stop_token_ids(tokenizer, _unwrap_lm(policy))
+    query_ids, query_mask = left_pad_prompts(tokenizer, prompts, device)
+    raw = generate_responses(
+        _unwrap_lm(policy), query_ids, query_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+        eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
+    )
+    response_ids, response_mask, has_eos = truncate_after_eos(raw, eos_ids, tokenizer.pad_token_id)
+    batch = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids}
+    parts = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    for rows in _chunks(len(prompts), forward_batch_size):
+        sub = {k: v[rows] for k, v in batch.items()}
+        logp, entropy, values = _policy_pass(policy, critic, sub, response_mask[rows], temperature)
+        parts["logprobs"].append(logp)
+        parts["entropy"].append(entropy)
+        parts["values"].append(values)
+        parts["ref_logprobs"].append(_reference_pass(policy, ref_policy, sub, response_mask[rows], temperature))
+    zeros = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
+    merged = {k: torch.where(response_mask, torch.cat(v).float(), zeros) for k, v in parts.items()}
+    completions = [
+        tokenizer.decode(ids[m].tolist(), skip_special_tokens=True) for ids, m in zip(response_ids, response_mask)
+    ]
+    return Rollout(
+        prompts=list(prompts), completions=completions, query_ids=query_ids, query_mask=query_mask,
+        response_ids=response_ids, response_mask=response_mask, has_eos=has_eos, **merged,
+    )
+
+
+# ----------------------------------------------------------------- scoring
+
+
+def _as_score(value, index: int, source: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, str, bytes)) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise RewardError(f"reward source {source!r} returned {value!r} for sample {index}: not a number or None")
+    score = float(value)
+    if not math.isfinite(score):
+        raise RewardError(f"reward source {source!r} returned {score} for sample {index}; a score must be finite")
+    return score
+
+
+def score_responses(reward_fn, prompts: list[str], completions: list[str], columns: dict) -> list[float | None]:
+    """Call ``reward_fn(prompts, completions, **columns)`` and validate what it returns.
+
+    A wrong count, a NaN/inf, a non-number or an exception raises
+    :class:`RewardError` naming the source; ``None`` (does not apply) is kept.
+    """
+    source = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    try:
+        scores = list(reward_fn(prompts, completions, **columns))
+    except RewardError:
+        raise
+    except Exception as exc:
+        raise RewardError(f"reward source {source!r} failed: {type(exc).__name__}: {exc}") from exc
+    if len(scores) != len(completions):
+        raise RewardError(f"reward source {source!r} returned {len(scores)} scores for {len(completions)} completions")
+    return [_as_score(s, i, source) for i, s in enumerate(scores)]
+
+
+def batch_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row masked mean (helper for logging)."""
+    return masked_mean(values, mask, dim=-1)

@@ -1,0 +1,477 @@
+"""Recipes: one YAML file per stage, loaded into frozen, typed objects.
+
+    recipe = load("recipes/tiny/sft.yaml", overrides=["train.learning_rate=1e-3"])
+
+Top-level sections: ``stage``, ``model``, ``data``, ``reward`` (stages that
+score), ``train`` (handed to the stage's trainer config, e.g. trl's
+``SFTConfig``), ``options`` (the stage's own settings), ``eval``,
+``output_dir``, ``seed``, ``resume``.  Every unknown key, wrong type or value
+out of range is a :class:`RecipeError` naming the file, the line, the key and
+the closest valid key.  Nothing heavy (no model, no trl trainer) is built here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from alignment.errors import RecipeError
+
+SECRET_MARKERS = ("token", "api_key", "apikey", "secret", "password")
+SECRET_EXCEPTIONS = ("token_env", "max_tokens", "max_new_tokens", "pad_token", "eos_token", "bos_token")
+
+
+def positive(value) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def non_negative(value) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def fraction(value) -> str | None:
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def check(rule):
+    """Field metadata attaching a range rule (a function returning an error text or None)."""
+    return {"check": rule}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA adapter settings (peft): set `model.lora` to train an adapter instead of every weight."""
+
+    r: int = field(default=16, metadata=check(positive))
+    alpha: int = field(default=32, metadata=check(positive))
+    dropout: float = field(default=0.0, metadata=check(fraction))
+    target_modules: Union[str, list] = "all-linear"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name_or_path: str
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    lora: Union[LoraSpec, None] = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    attn_implementation: Union[str, None] = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train: str
+    eval: Union[str, None] = None
+    eval_fraction: float = field(default=0.0, metadata=check(fraction))
+    split: str = "train"
+    max_samples: Union[int, None] = field(default=None, metadata=check(positive))
+    max_prompt_tokens: Union[int, None] = field(default=None, metadata=check(positive))
+    max_dropped_fraction: float = field(default=0.05, metadata=check(fraction))
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    source: str
+    weight: float = 1.0
+    name: Union[str, None] = None
+    kwargs: dict = field(default_factory=dict)
+    timeout: Union[float, None] = field(default=None, metadata=check(positive))
+    on_error: Literal["raise", "skip"] = "raise"
+    isolate: bool = False
+    token_env: Union[str, None] = None
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Held-out evaluation run at the end of a stage (and by `align eval`)."""
+
+    data: Union[str, None] = None
+    max_samples: Union[int, None] = field(default=None, metadata=check(positive))
+    max_new_tokens: int = field(default=8, metadata=check(positive))
+    batch_size: int = field(default=250, metadata=check(positive))
+    temperature: float = field(default=1.0, metadata=check(positive))
+    sampled: bool = True
+    seed: int = 0
+    rewards: list = field(default_factory=lambda: [{"source": "answer_match"}])
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stage: str
+    model: ModelSpec
+    data: DataSpec
+    output_dir: str
+    train: Mapping = field(default_factory=dict)
+    options: Mapping = field(default_factory=dict)
+    reward: tuple = ()
+    eval: Union[EvalSpec, None] = None
+    seed: int = 42
+    resume: bool = False
+    source_path: Union[str, None] = None
+    raw: Mapping = field(default_factory=dict, repr=False)
+
+    def resolved_yaml(self) -> str:
+        """The recipe as run (overrides applied), with secret-looking values redacted."""
+        return yaml.safe_dump(redact(_thaw(self.raw)), sort_keys=False)
+
+
+TOP_LEVEL_KEYS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("source_path", "raw")]
+
+
+# ----------------------------------------------------------------------------- locations
+
+
+class Locations:
+    """Maps a key path such as ("train", "learning_rate") to where it was written."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lines: dict[tuple, str] = {}
+
+    def where(self, keys: tuple) -> str:
+        while keys:
+            if keys in self.lines:
+                return self.lines[keys]
+            keys = keys[:-1]
+        return self.path
+
+    def error(self, keys: tuple, message: str) -> RecipeError:
+        dotted = ".".join(str(k) for k in keys)
+        return RecipeError(f"{self.where(keys)}: {dotted}: {message}" if dotted else f"{self.where(keys)}: {message}")
+
+
+def _record_lines(node, keys: tuple, locations: Locations) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = keys + (key_node.value,)
+            locations.lines[child] = f"{locations.path}:{key_node.start_mark.line + 1}"
+            _record_lines(value_node, child, locations)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            child = keys + (index,)
+            locations.lines[child] = f"{locations.path}:{item.start_mark.line + 1}"
+            _record_lines(item, child, locations)
+
+
+def read_yaml(path: str | Path) -> tuple[dict, Locations]:
+    """Parse a YAML file and remember the line of every key."""
+    path = str(path)
+    locations = Locations(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    _record_lines(node, (), locations)
+    return data, locations
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def apply_overrides(data: dict, overrides: list[str], locations: Locations) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict."""
+    for override in overrides:
+        if "=" not in override:
+            raise RecipeError(f"override {override!r} is not of the form key.sub=value")
+        dotted, _, text = override.partition("=")
+        keys = tuple(dotted.strip().split("."))
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        target = data
+        for key in keys[:-1]:
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
+        target[keys[-1]] = value
+        for depth in range(1, len(keys) + 1):
+            locations.lines[keys[:depth]] = f"command-line override {override!r}"
+    return data
+
+
+# ----------------------------------------------------------------------------- typed building
+
+
+def did_you_mean(name: str, valid) -> str:
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(map(str, valid)))}"
+
+
+def check_unknown_keys(data: Mapping, valid, keys: tuple, locations: Locations, section: str) -> None:
+    for key in data:
+        if key not in valid:
+            raise locations.error(keys + (key,), f"unknown key {key!r} in {section}{did_you_mean(key, valid)}")
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def _yaml11_float(text: str):
+    """PyYAML reads `1e-4` (no dot) as a string; accept it where a number is expected."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def coerce(value: Any, hint, keys: tuple, locations: Locations):
+    """Check `value` against a type hint and convert it (int -> float, dict -> dataclass)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, keys, locations)
+            except RecipeError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        names = " or ".join(_type_name(o) for o in options)
+        raise locations.error(keys, f"expected {names}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise locations.error(keys, f"must be one of {list(choices)}, got {value!r}{did_you_mean(value, choices)}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise locations.error(keys, f"expected a mapping of {hint.__name__} keys, got {type(value).__name__}")
+        return build_dataclass(hint, value, keys, locations)
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise locations.error(keys, f"expected a list, got {type(value).__name__} {value!r}")
+        return list(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise locations.error(keys, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise locations.error(keys, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise locations.error(keys, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            value = _yaml11_float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise locations.error(keys, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise locations.error(keys, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def build_dataclass(cls, data: Mapping, keys: tuple, locations: Locations):
+    """Build dataclass `cls` from a mapping: unknown keys, missing keys, types and ranges checked."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    section = ".".join(map(str, keys)) or "the recipe"
+    check_unknown_keys(data, fields, keys, locations, section)
+    values = {}
+    for name, spec in fields.items():
+        if name not in data:
+            if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+                raise locations.error(keys, f"missing required key {name!r} in {section}")
+            continue
+        value = coerce(data[name], hints[name], keys + (name,), locations)
+        rule = spec.metadata.get("check")
+        if rule is not None and value is not None:
+            problem = rule(value)
+            if problem:
+                raise locations.error(keys + (name,), f"{problem}, got {value!r}")
+        values[name] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise locations.error(keys, str(exc)) from None
+
+
+# ----------------------------------------------------------------------------- trainer config sections
+
+# Range rules for common trainer-config keys, checked before any trainer is built.
+TRAIN_RULES = {
+    "learning_rate": positive,
+    "critic_learning_rate": positive,
+    "beta": non_negative,
+    "per_device_train_batch_size": positive,
+    "per_device_eval_batch_size": positive,
+    "gradient_accumulation_steps": positive,
+    "num_train_epochs": positive,
+    "max_steps": lambda v: None if v == -1 or v > 0 else "must be > 0 (or -1 for epochs)",
+    "warmup_ratio": fraction,
+    "weight_decay": non_negative,
+    "max_grad_norm": non_negative,
+    "num_generations": lambda v: None if v >= 2 else "must be >= 2 (advantages compare samples of a group)",
+    "temperature": positive,
+    "max_length": positive,
+    "max_completion_length": positive,
+    "batch_size": positive,
+    "mini_batch_size": positive,
+}
+
+
+def config_fields(config_class) -> dict[str, Any]:
+    """Field name -> type hint of a dataclass config (trl's SFTConfig, our PPOConfig, ...)."""
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # trl configs may use hints that need optional packages
+        hints = {}
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(config_class) if f.init}
+
+
+def _simple(hint):
+    """The plain type of a hint when it is int/float/bool/str or Optional of one; else None."""
+    if hint in (int, float, bool, str):
+        return hint
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and args[0] in (int, float, bool, str):
+            return Union[args[0], None]
+    return None
+
+
+def validate_train_section(train: Mapping, config_class, locations: Locations, keys=("train",)) -> dict:
+    """Unknown keys, plain types and ranges of the `train:` section against the trainer's config."""
+    fields = config_fields(config_class)
+    check_unknown_keys(train, fields, keys, locations, f"train ({config_class.__name__})")
+    checked = {}
+    for name, value in train.items():
+        hint = _simple(fields[name])
+        if hint is not None:
+            value = coerce(value, hint, keys + (name,), locations)
+        rule = TRAIN_RULES.get(name)
+        if rule is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            problem = rule(value)
+            if problem:
+                raise locations.error(keys + (name,), f"{problem}, got {value!r}")
+        checked[name] = value
+    return checked
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _freeze(value):
+    if isinstance(value, dict):
+        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value):
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def is_secret_key(key: str) -> bool:
+    key = str(key).lower()
+    return any(m in key for m in SECRET_MARKERS) and key not in SECRET_EXCEPTIONS and not key.endswith("_env")
+
+
+def redact(value):
+    """Replace the values of secret-looking keys (tokens, API keys, passwords) with '***'."""
+    if isinstance(value, Mapping):
+        return {k: ("***" if is_secret_key(k) and v not in (None, "") else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def from_dict(data: dict, locations: Locations) -> Recipe:
+    """Validate a raw recipe dict (already overridden) into a frozen :class:`Recipe`."""
+    from alignment.stages import stage_spec
+
+    check_unknown_keys(data, TOP_LEVEL_KEYS, (), locations, "the recipe")
+    for required in ("stage", "model", "data", "output_dir"):
+        if required not in data:
+            raise locations.error((), f"missing required section {required!r}")
+    stage = coerce(data["stage"], str, ("stage",), locations)
+    spec = stage_spec(stage, locations)
+    model = coerce(data["model"], ModelSpec, ("model",), locations)
+    data_spec = coerce(data["data"], DataSpec, ("data",), locations)
+    train_raw = coerce(data.get("train") or {}, dict, ("train",), locations)
+    train = validate_train_section(train_raw, spec.config_class(), locations)
+    options_raw = coerce(data.get("options") or {}, dict, ("options",), locations)
+    options = dataclasses.asdict(build_dataclass(spec.options_class(), options_raw, ("options",), locations))
+    rewards_raw = coerce(data.get("reward") or [], list, ("reward",), locations)
+    rewards = tuple(
+        dataclasses.asdict(coerce({"source": r} if isinstance(r, str) else r, RewardSpec, ("reward", i), locations))
+        for i, r in enumerate(rewards_raw)
+    )
+    if spec.needs_reward and not rewards:
+        raise locations.error(("reward",), f"stage {stage!r} scores completions: list at least one reward source")
+    eval_spec = coerce(data["eval"], EvalSpec, ("eval",), locations) if data.get("eval") is not None else None
+    return Recipe(
+        stage=stage,
+        model=model,
+        data=data_spec,
+        output_dir=coerce(data["output_dir"], str, ("output_dir",), locations),
+        train=_freeze(train),
+        options=_freeze(options),
+        reward=_freeze(list(rewards)),
+        eval=eval_spec,
+        seed=coerce(data.get("seed", 42), int, ("seed",), locations),
+        resume=coerce(data.get("resume", False), bool, ("resume",), locations),
+        source_path=locations.path,
+        raw=_freeze(data),
+    )
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    data, locations = read_yaml(path)
+    data = apply_overrides(data, list(overrides or []), locations)
+    return from_dict(data, locations)
+
+
+def recipe_files(paths) -> list[Path]:
+    """Every recipe file named, or under a named folder (*.yaml / *.yml, sorted)."""
+    found = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+        elif path.exists():
+            found.append(path)
+        else:
+            raise RecipeError(f"{path}: no such file or folder")
+    return found

@@ -1,0 +1,62 @@
+"""Stage registry: each stage is a module with ``run(recipe) -> dict`` and an ``Options`` dataclass.
+
+Stage modules import nothing heavy at import time, so `align validate` can
+check every recipe (including the `train:` keys against the trainer's config
+class) without building a model or a trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from alignment.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    module: str  # the module with run() and Options
+    config: str  # "module:Class" of the config the `train:` section is handed to
+    data_format: str  # the dataset format alignment.data validates against
+    needs_reward: bool = False
+    summary: str = ""
+
+    def load_module(self):
+        return importlib.import_module(self.module)
+
+    def config_class(self):
+        module_name, _, class_name = self.config.partition(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+    def options_class(self):
+        return self.load_module().Options
+
+
+STAGES: dict[str, StageSpec] = {
+    spec.name: spec
+    for spec in [
+        StageSpec("pretrain", "alignment.stages.pretrain", "trl:SFTConfig", "text",
+                  summary="causal-LM training on plain text"),
+        StageSpec("sft", "alignment.stages.sft", "trl:SFTConfig", "sft",
+                  summary="supervised fine-tuning, loss on completions only"),
+    ]
+}
+
+
+def register_stage(spec: StageSpec) -> None:
+    STAGES[spec.name] = spec
+
+
+def stage_spec(name: str, locations=None) -> StageSpec:
+    """The registered stage called `name`; an unknown name lists the valid ones."""
+    if name not in STAGES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(STAGES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        message = f"unknown stage {name!r}{hint} (valid stages: {', '.join(sorted(STAGES))})"
+        if locations is not None:
+            raise locations.error(("stage",), message)
+        raise RecipeError(message)
+    return STAGES[name]

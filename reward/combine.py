@@ -1,0 +1,216 @@
+"""Several reward sources with weights: building them from recipe specs, and their weighted sum.
+
+A recipe's ``reward:`` section is a list of specs::
+
+    reward:
+      - source: answer_match            # required: any string reward.registry.resolve accepts
+        weight: 1.0                     # default 1.0
+      - source: length_target
+        name: brevity                   # default derived from the source
+        weight: 0.1
+        kwargs: {target: 20}            # passed to the source
+        on_error: skip                  # "raise" (default) or "skip"
+        timeout: 5                      # seconds per call (for a URL: per HTTP request)
+      - source: untrusted.py:score
+        isolate: true                   # separate process; timeout (default 60 s) and memory_mb (default 2048)
+      - source: https://rm.example.org
+        token_env: RM_TOKEN             # URL sources: env var holding the bearer token
+
+A plain string is short for ``{source: <string>}``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignment.errors import RewardError
+from reward.base import ON_ERROR_CHOICES, RewardSource
+from reward.registry import default_name, resolve
+
+SPEC_KEYS = (
+    "source",
+    "weight",
+    "name",
+    "kwargs",
+    "timeout",
+    "on_error",
+    "isolate",
+    "token_env",
+    "memory_mb",
+    "max_consecutive_failures",
+)
+
+
+@dataclass
+class RewardResult:
+    """The outcome of one combined call.
+
+    total: per sample, sum over the sources that applied (score not None) of
+        weight * score; None where no source applied.
+    per_source: each source's scores, by name.
+    metrics: ``reward/<name>`` (mean over applied samples; absent if none
+        applied), ``reward/<name>/failures`` and ``reward/<name>/skipped``
+        (failed calls and samples skipped by failures during this call), and
+        ``reward/total`` (mean of the non-None totals).
+    """
+
+    total: list[float | None]
+    per_source: dict[str, list[float | None]]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class CombinedReward:
+    """Call every source on a batch and combine the scores with their weights.
+
+    For trl: ``GRPOTrainer(reward_funcs=combined.sources, args=GRPOConfig(reward_weights=combined.weights))``.
+    (trl sums with nansum, so a sample no source applies to gets 0 there; here it gets None.)
+    """
+
+    def __init__(self, sources: list[RewardSource]):
+        if not sources:
+            raise RewardError("a combined reward needs at least one source")
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise RewardError(f"reward source names must be unique; repeated: {dupes} (set 'name' in the spec)")
+        self.sources = list(sources)
+
+    @property
+    def weights(self) -> list[float]:
+        return [s.weight for s in self.sources]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def __repr__(self) -> str:
+        return "CombinedReward(" + ", ".join(f"{s.name}*{s.weight:g}" for s in self.sources) + ")"
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> RewardResult:
+        n = len(prompts)
+        per_source: dict[str, list[float | None]] = {}
+        metrics: dict[str, float] = {}
+        for source in self.sources:
+            before = (source.stats.failures, source.stats.skipped_samples)
+            scores = source(prompts, completions, **columns)
+            per_source[source.name] = scores
+            applied = [s for s in scores if s is not None]
+            if applied:
+                metrics[f"reward/{source.name}"] = math.fsum(applied) / len(applied)
+            metrics[f"reward/{source.name}/failures"] = float(source.stats.failures - before[0])
+            metrics[f"reward/{source.name}/skipped"] = float(source.stats.skipped_samples - before[1])
+        total: list[float | None] = []
+        for i in range(n):
+            parts = [s.weight * per_source[s.name][i] for s in self.sources if per_source[s.name][i] is not None]
+            total.append(math.fsum(parts) if parts else None)
+        applied_total = [t for t in total if t is not None]
+        if applied_total:
+            metrics["reward/total"] = math.fsum(applied_total) / len(applied_total)
+        return RewardResult(total=total, per_source=per_source, metrics=metrics)
+
+    def close(self) -> None:
+        """Close connections and child processes the sources hold."""
+        for source in self.sources:
+            source.close()
+
+
+def _spec_error(i: int, message: str) -> RewardError:
+    return RewardError(f"reward spec #{i}: {message}")
+
+
+def _number(i: int, spec: dict, key: str, positive: bool) -> float | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise _spec_error(i, f"'{key}' must be a number, got {value!r}")
+    if positive and value <= 0:
+        raise _spec_error(i, f"'{key}' must be > 0, got {value!r}")
+    return float(value)
+
+
+def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
+    """One spec (see the module docstring) -> a `RewardSource`."""
+    if isinstance(spec, str):
+        spec = {"source": spec}
+    if not isinstance(spec, dict):
+        raise _spec_error(index, f"expected a mapping with a 'source' key, got {type(spec).__name__}")
+    for key in spec:
+        if key not in SPEC_KEYS:
+            close = difflib.get_close_matches(str(key), SPEC_KEYS, n=1, cutoff=0.5)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise _spec_error(index, f"unknown key '{key}'.{hint} Valid keys: {', '.join(SPEC_KEYS)}")
+    source = spec.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise _spec_error(index, f"'source' is required and must be a non-empty string, got {source!r}")
+    where = f"({source})"
+    weight = _number(index, spec, "weight", positive=False)
+    timeout = _number(index, spec, "timeout", positive=True)
+    name = spec.get("name") or default_name(source)
+    if not isinstance(name, str):
+        raise _spec_error(index, f"'name' must be a string, got {name!r}")
+    kwargs = spec.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise _spec_error(index, f"{where} 'kwargs' must be a mapping, got {type(kwargs).__name__}")
+    on_error = spec.get("on_error", "raise")
+    if on_error not in ON_ERROR_CHOICES:
+        raise _spec_error(index, f"{where} 'on_error' must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+    isolate = spec.get("isolate", False)
+    if not isinstance(isolate, bool):
+        raise _spec_error(index, f"{where} 'isolate' must be true or false, got {isolate!r}")
+    is_url = source.strip().startswith(("http://", "https://"))
+    token_env = spec.get("token_env")
+    if token_env is not None and (not is_url or not isinstance(token_env, str)):
+        raise _spec_error(index, f"{where} 'token_env' applies only to http(s) URL sources, as a variable name")
+    memory_mb = spec.get("memory_mb")
+    if memory_mb is not None and (not isolate or isinstance(memory_mb, bool) or not isinstance(memory_mb, int)):
+        raise _spec_error(index, f"{where} 'memory_mb' needs 'isolate: true' and an integer number of MB")
+    max_fail = spec.get("max_consecutive_failures", 5)
+
+    if isolate:
+        if is_url:
+            raise _spec_error(index, f"{where} 'isolate' applies to local code; a URL is already out of process")
+        from reward.isolation import IsolatedReward
+
+        fn = IsolatedReward(source, timeout=timeout or 60.0, memory_mb=memory_mb or 2048, kwargs=kwargs)
+        call_timeout = None  # the child is killed on overrun; no second timer
+    elif is_url:
+        url_kwargs = dict(kwargs)
+        if token_env:
+            url_kwargs["token_env"] = token_env
+        if timeout:
+            url_kwargs["timeout"] = timeout
+        fn = resolve(source, **url_kwargs)
+        call_timeout = None  # per HTTP request, with bounded retries
+    else:
+        fn = resolve(source, **kwargs)
+        call_timeout = timeout
+    return RewardSource(
+        fn,
+        name=name,
+        weight=1.0 if weight is None else weight,
+        timeout=call_timeout,
+        on_error=on_error,
+        max_consecutive_failures=max_fail,
+    )
+
+
+def build(specs: list[dict[str, Any] | str]) -> CombinedReward:
+    """A recipe's ``reward:`` list -> a `CombinedReward` (errors name the spec index and key)."""
+    if isinstance(specs, dict | str):
+        specs = [specs]
+    if not isinstance(specs, list | tuple) or not specs:
+        raise RewardError("the reward section must be a non-empty list of sources")
+    sources: list[RewardSource] = []
+    try:
+        for i, spec in enumerate(specs):
+            sources.append(build_source(spec, i))
+        return CombinedReward(sources)
+    except BaseException:
+        for source in sources:  # stop children / connections already started
+            source.close()
+        raise
