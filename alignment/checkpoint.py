@@ -155,6 +155,15 @@ def base_run_info(recipe, data_files: list[str]) -> dict:
     }
 
 
+def _readable_json(path: Path) -> bool:
+    """The trainer writes trainer_state.json last: a checkpoint without a whole one is partial."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete trainer checkpoint (`checkpoints/checkpoint-N` with its trainer state)."""
     root = Path(run_dir) / CHECKPOINTS
@@ -163,7 +172,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     candidates = []
     for path in root.glob("checkpoint-*"):
         suffix = path.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+        if suffix.isdigit() and _readable_json(path / "trainer_state.json"):
             candidates.append((int(suffix), path))
     return max(candidates)[1] if candidates else None
 

@@ -48,9 +48,10 @@ def validate_file(path: Path) -> str:
         raise RecipeError(f"{path}:1: a recipe starts with a comment giving the command that runs it, "
                           f"e.g. '# align run {path}'")
     if "stages" in data:
-        from alignment.pipeline import load_pipeline
+        from alignment.pipeline import load_pipeline, plan
 
         pipeline = load_pipeline(path)
+        plan(pipeline)
         return f"pipeline of {len(pipeline.stages)} stages"
     recipe = recipes.from_dict(data, locations)
     for keys, value in [(("data", "train"), recipe.data.train), (("data", "eval"), recipe.data.eval),

@@ -258,9 +258,7 @@ def load_safetensors_weights(model: nn.Module, directory) -> None:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    files = sorted(p for p in directory.glob("*.safetensors") if p.name != VALUE_HEAD_FILE)
-    if not files:
-        raise CheckpointError(f"{directory} holds no .safetensors weights")
+    files = _weight_files(directory, peft=hasattr(model, "peft_config"))
     state: dict[str, torch.Tensor] = {}
     for path in files:
         state.update(load_file(str(path)))
@@ -279,6 +277,23 @@ def load_safetensors_weights(model: nn.Module, directory) -> None:
             f"{directory} does not match {type(model).__name__}: "
             f"unexpected keys {list(unexpected)[:5]}, missing keys {untied[:5]}"
         )
+
+
+def _weight_files(directory: Path, peft: bool) -> list[Path]:
+    """The safetensors files ``save_pretrained`` wrote: the adapter, one file, or the shards of an index."""
+    import json
+
+    if peft:
+        candidates = [directory / "adapter_model.safetensors"]
+    elif (directory / "model.safetensors.index.json").is_file():
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        candidates = [directory / name for name in sorted(set(index["weight_map"].values()))]
+    else:
+        candidates = [directory / "model.safetensors"]
+    missing = [p.name for p in candidates if not p.is_file()]
+    if missing:
+        raise CheckpointError(f"{directory} is missing weight files {missing}")
+    return candidates
 
 
 def _is_tied(model: nn.Module, key: str, loaded: dict) -> bool:

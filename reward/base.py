@@ -354,24 +354,27 @@ class RewardSource:
 
         scores = self._check_count(raw, n)
         out: list[Score] = []
-        invalid = 0
+        invalid: list[str] = []
         for i, value in enumerate(scores):
             checked = to_score(value)
             if isinstance(checked, str):
-                msg = f"reward source '{self.name}' returned an invalid score for sample {i}: {checked}"
                 if self.on_error == "raise":
                     self._failed()
-                    raise RewardError(msg)
-                logger.warning("%s; scored as None (on_error='skip')", msg)
-                invalid += 1
+                    raise RewardError(f"reward source '{self.name}' returned an invalid score for sample {i}: {checked}")
+                invalid.append(f"sample {i}: {checked}")
                 out.append(None)
             else:
                 out.append(checked)
         if invalid:
-            self.stats.invalid_scores += invalid
-            self.stats.skipped_samples += invalid
+            self.stats.invalid_scores += len(invalid)
+            self.stats.skipped_samples += len(invalid)
             self._failed()
-            self._maybe_abort(f"the last call returned {invalid} invalid score(s)")
+            shown = "; ".join(invalid[:5]) + ("; ..." if len(invalid) > 5 else "")
+            logger.warning(
+                "reward source '%s' returned %d invalid score(s) (%s); scored as None (on_error='skip')",
+                self.name, len(invalid), shown,
+            )
+            self._maybe_abort(f"the last call returned {len(invalid)} invalid score(s)")
         else:
             self.stats.consecutive_failures = 0
         return out

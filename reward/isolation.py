@@ -109,6 +109,16 @@ class IsolatedReward:
         """The child's process id (None when no child is running)."""
         return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Settings only: an unpickled copy starts its own child on its first call."""
+        keys = ("source", "timeout", "memory_mb", "kwargs", "start_timeout")
+        return {k: getattr(self, k) for k in keys}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc = self._conn = None
+
     def _start(self) -> None:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(

@@ -234,14 +234,17 @@ def _check_kwargs(fn: Any, kwargs: dict[str, Any], source: str, skip: int) -> No
     rest = [p for p in positional[skip:] if p.kind != p.POSITIONAL_ONLY]
     rest += [p for p in params if p.kind == p.KEYWORD_ONLY]
     accepted = [p.name for p in rest]
+    if not any(p.kind == p.VAR_KEYWORD for p in params):
+        _check_unknown(kwargs, accepted, source)
     if isinstance(fn, type):  # a class: its required arguments must come from kwargs
         missing = [p.name for p in rest if p.default is p.empty and p.name not in kwargs]
         if missing:
             raise RewardError(
                 f"reward source '{source}': missing keyword argument(s) {missing} (give them in 'kwargs')"
             )
-    if any(p.kind == p.VAR_KEYWORD for p in params):
-        return
+
+
+def _check_unknown(kwargs: dict[str, Any], accepted: list[str], source: str) -> None:
     for key in kwargs:
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.5)

@@ -16,8 +16,6 @@ bearer token is read from an environment variable and never appears in a log
 line, a repr or an error message.
 """
 
-from __future__ import annotations
-
 import hmac
 import ipaddress
 import json
@@ -136,13 +134,19 @@ class RemoteReward:
     def __repr__(self) -> str:
         return f"RemoteReward({self.display_url!r}, token_env={self.token_env!r}, timeout={self.timeout})"
 
-    def __getstate__(self):
-        raise TypeError("RemoteReward holds a connection and a secret; it cannot be pickled")
+    def __getstate__(self) -> dict[str, Any]:
+        """Settings only: never the token (re-read from ``token_env`` on unpickling) nor the connection."""
+        keys = ("url", "token_env", "timeout", "retries", "backoff", "max_backoff")
+        return {k: getattr(self, k) for k in keys}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # e.g. in a spawned rollout worker: same environment, so the same token; no second health check
+        self.__init__(state.pop("url"), health_check=False, **state)
 
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> RemoteReward:
+    def __enter__(self) -> "RemoteReward":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -255,6 +259,7 @@ def create_app(source_callable: Callable[..., Any], token: str | None = None) ->
     else:
         name = getattr(source_callable, "__name__", type(source_callable).__name__)
         source = RewardSource(source_callable, name=name, on_error="raise")
+    # (no `from __future__ import annotations` in this module: FastAPI must see `Request` itself)
     expected = f"Bearer {token}".encode() if token else None
     app = FastAPI(title="reward server", docs_url=None, redoc_url=None, openapi_url=None)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from alignment.errors import RewardError
-from alignment.ppo.losses import entropy_from_logits, logprobs_from_logits, masked_mean
+from alignment.ppo.losses import entropy_from_logits, logprobs_from_logits
 from policies.value import CausalLMWithValueHead, ValueHeadOutput, per_token_values
 
 __all__ = [
@@ -115,16 +115,37 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------- generation
 
 
+@contextlib.contextmanager
+def _only_our_sampling_settings(model):
+    """Hide the model's own ``generation_config`` while sampling.
+
+    transformers fills every setting our config leaves unset from the
+    model's generation config (a ``repetition_penalty``, ``top_p=0.9`` or
+    ``suppress_tokens`` shipped with a checkpoint would otherwise leak in and
+    make the sampled distribution differ from the one PPO scores).
+    """
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 @torch.no_grad()
 def generate_responses(model, query_ids, query_mask, *, max_new_tokens, temperature, eos_token_ids, pad_token_id):
-    """Sample responses ``(B, <= max_new_tokens)`` (the prompt stripped) with pure ancestral sampling."""
+    """Sample responses ``(B, <= max_new_tokens)`` (the prompt stripped) by pure ancestral sampling at ``T``."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
         do_sample=True,
+        num_beams=1,
         top_k=0,
         top_p=1.0,
         temperature=float(temperature),
+        repetition_penalty=1.0,
         max_new_tokens=int(max_new_tokens),
         min_new_tokens=0,
         eos_token_id=list(eos_token_ids),
@@ -132,7 +153,8 @@ def generate_responses(model, query_ids, query_mask, *, max_new_tokens, temperat
         use_cache=True,
     )
     model.eval()
-    sequences = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+    with _only_our_sampling_settings(model):
+        sequences = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
     return sequences[:, query_ids.shape[1] :]
 
 
@@ -297,7 +319,3 @@ def score_responses(reward_fn, prompts: list[str], completions: list[str], colum
         raise RewardError(f"reward source {source!r} returned {len(scores)} scores for {len(completions)} completions")
     return [_as_score(s, i, source) for i, s in enumerate(scores)]
 
-
-def batch_masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-row masked mean (helper for logging)."""
-    return masked_mean(values, mask, dim=-1)

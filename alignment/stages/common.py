@@ -113,6 +113,21 @@ def load_policy(recipe, task: str = "causal_lm"):
     )
 
 
+def ensure_loadable_path(model, tokenizer, run_dir: Path) -> None:
+    """Give an in-memory model (e.g. `tiny:`) a directory to be reloaded from.
+
+    trl builds some reference models by reloading `model.name_or_path`; a model
+    built from a config has none, so save its starting weights into the run.
+    """
+    if getattr(model, "name_or_path", ""):  # a local directory or a hub id: reloadable as it is
+        return
+    initial = Path(run_dir) / "initial_model"
+    model.save_pretrained(str(initial), safe_serialization=True)
+    tokenizer.save_pretrained(str(initial))
+    model.name_or_path = str(initial)
+    model.config._name_or_path = str(initial)
+
+
 def metrics_logger(run_dir: Path):
     """A trainer callback that appends every logged dict to run_dir/metrics.jsonl."""
     from transformers import TrainerCallback

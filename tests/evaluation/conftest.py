@@ -59,3 +59,58 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def model(tokenizer):
     return build_tiny_llama(tokenizer)
+
+
+def example_results(n_prompts=40, seed=0):
+    """A results dict in report.py's schema, filled with the stats functions on synthetic scores."""
+    import numpy as np
+
+    from alignment.evaluation import stats
+
+    rng = np.random.default_rng(seed)
+    answers = [str(a + b) for a, b in zip(range(n_prompts), range(3, 3 + n_prompts))]
+    prompts = [[{"role": "user", "content": f"What is {a} + {a + 3}?"}] for a in range(n_prompts)]
+    skill = {"sft": 0.45, "dpo": 0.7}
+    scores = {}
+    checkpoints = {}
+    for name, p in skill.items():
+        correct = rng.random(n_prompts) < p
+        completions = [ans if ok else str(int(ans) + 1) for ans, ok in zip(answers, correct)]
+        rm = (rng.normal(loc=2 * p, scale=1.0, size=n_prompts)).tolist()
+        rm[3] = None  # a prompt the reward model does not apply to
+        scores[name] = {"correct": correct.astype(float).tolist(), "reward_model": rm}
+        checkpoints[name] = {
+            "path": f"runs/{name}/final",
+            "metrics": {
+                "greedy_accuracy": float(correct.mean()),
+                "sampled_accuracy": float(correct.mean()) - 0.1,
+                "reward": {src: stats.mean_std(v) for src, v in scores[name].items()},
+                "perplexity": 3.2 + p,
+                "mean_length": 2.0,
+                "distinct_1": stats.distinct_n(completions, 1),
+                "distinct_2": stats.distinct_n(completions, 2),
+                "eos_rate": 1.0,
+                "format_ok": 0.99,
+            },
+            "samples": [
+                {"prompt": pr, "reference": ans, "completion": c, "correct": c == ans}
+                for pr, ans, c in zip(prompts, answers, completions)
+            ],
+            "scores": scores[name],
+        }
+    checkpoints["dpo"]["metrics"]["win_rate"] = {
+        src: stats.win_rate_with_ci(scores["dpo"][src], scores["sft"][src], n_resamples=300, seed=0)
+        for src in ("correct", "reward_model")
+    }
+    checkpoints["dpo"]["metrics"]["kl_to_reference"] = {"k1": 0.42, "k1_stderr": 0.05, "k3": 0.4, "k3_stderr": 0.03, "n": 64}
+    checkpoints["sft"]["samples"][0]["completion"] = "7 | 8\nnine"  # markdown-hostile text
+    return {
+        "title": "Arithmetic demo",
+        "spec": {"prompts": "data/tiny_arith/test.jsonl", "max_new_tokens": 8},
+        "versions": {"torch": "2.x", "transformers": "5.x"},
+        "seeds": {"generation": 0, "bootstrap": 0},
+        "baseline": "sft",
+        "reference": "sft",
+        "checkpoints": checkpoints,
+        "notes": ["synthetic numbers for a test"],
+    }

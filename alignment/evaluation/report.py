@@ -1,0 +1,378 @@
+"""Write an evaluation's results as ``report.json`` (every number) and ``report.md`` (for people).
+
+The results dict
+================
+
+One dict describes one evaluation of one or more checkpoints on the same
+prompts. Only ``checkpoints`` is required; every other key, and every metric,
+may be missing (the table shows "—" and leaves out rows no checkpoint has)::
+
+    {
+      "title":     "Arithmetic demo: SFT vs DPO",        # optional heading
+      "created":   "2025-01-01T12:00:00+00:00",           # filled in when absent
+      "spec":      {...},                                 # the eval spec as run (free-form, echoed)
+      "versions":  {"torch": "2.13.0", "transformers": "5.23.0", ...},
+      "seeds":     {"generation": 0, "bootstrap": 0},
+      "baseline":  "sft",          # checkpoint the win rates compare against (a key of "checkpoints")
+      "reference": "sft",          # checkpoint KL is measured to (a key of "checkpoints")
+      "checkpoints": {
+        "<name>": {
+          "path": "runs/dpo/final",
+          "metrics": {
+            "greedy_accuracy":   0.64,                     # fraction, shown as a percentage
+            "sampled_accuracy":  0.51,
+            "reward":            {"<source>": {"mean": .., "std": .., "n": .., "n_none": ..}},   # stats.mean_std
+            "win_rate":          {"<source>": {"win_rate": .., "ci_low": .., "ci_high": .., "confidence": ..,
+                                               "win": .., "tie": .., "loss": .., "n": .., "tie_rate": ..}},
+                                                           # stats.win_rate_with_ci, vs "baseline"
+            "kl_to_reference":   {"k1": .., "k1_stderr": .., "k3": .., "k3_stderr": .., "n": ..},  # stats.kl_estimate
+            "perplexity":        12.3,
+            "mean_length":       4.2,                      # completion tokens (greedy), EOS not counted
+            "distinct_1":        0.31,
+            "distinct_2":        0.55,
+            "eos_rate":          0.98,                     # fraction of completions that ended with EOS
+            "<any other name>":  <number>                  # shown in the table under its own name
+          },
+          "samples": [                                     # same prompts, same order, in every checkpoint
+            {"prompt": "What is 2 + 3?" | [{"role": .., "content": ..}], "reference": "5",
+             "completion": "5", "correct": true}           # "correct" optional: adds a check or cross mark
+          ],
+          "scores": {"<source>": [0.0, 1.0, null, ...]}    # per prompt, for plots.plot_score_distributions
+        }
+      },
+      "plots": {"Score distributions": "scores.png"},     # optional: image paths relative to out_dir
+      "notes": ["free text shown at the end of report.md"]
+    }
+
+``report.json`` holds this dict as given (numpy numbers turned into Python
+ones; a NaN or infinity written as the string "nan", "inf" or "-inf", since
+JSON has no such numbers). Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from alignment.errors import DataError
+
+__all__ = ["render_markdown", "write_report"]
+
+DASH = "—"
+
+
+def write_report(results: dict, out_dir: str | os.PathLike, *, max_samples: int = 10) -> dict[str, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir`` (created if needed).
+
+    ``results`` follows the schema in this module's docstring; it is checked
+    first (``DataError`` names what is wrong). ``max_samples`` bounds the
+    side-by-side sample table. Returns ``{"json": path, "md": path}``.
+    """
+    _validate(results)
+    results = dict(results)
+    results.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "report.json", out / "report.md"
+    _atomic_write(json_path, json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
+    _atomic_write(md_path, render_markdown(results, max_samples=max_samples))
+    return {"json": json_path, "md": md_path}
+
+
+# --------------------------------------------------------------------------- checks and JSON
+
+
+def _validate(results: Any) -> None:
+    if not isinstance(results, dict):
+        raise DataError(f"results must be a dict, got {type(results).__name__}")
+    checkpoints = results.get("checkpoints")
+    if not isinstance(checkpoints, dict) or not checkpoints:
+        raise DataError("results['checkpoints'] must be a non-empty dict of {name: {path, metrics, samples, scores}}")
+    for name, ckpt in checkpoints.items():
+        if not isinstance(ckpt, dict):
+            raise DataError(f"results['checkpoints'][{name!r}] must be a dict, got {type(ckpt).__name__}")
+        for key, kind in (("metrics", dict), ("samples", list), ("scores", dict)):
+            if key in ckpt and not isinstance(ckpt[key], kind):
+                raise DataError(f"results['checkpoints'][{name!r}][{key!r}] must be a {kind.__name__}")
+    for role in ("baseline", "reference"):
+        name = results.get(role)
+        if name is not None and name not in checkpoints:
+            raise DataError(f"results[{role!r}] = {name!r} is not a checkpoint; checkpoints: {', '.join(checkpoints)}")
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: numpy/torch numbers and arrays to Python, non-finite floats to strings."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, bool)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # numpy scalars and arrays, torch tensors
+        return _jsonable(value.tolist())
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+    return str(value)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write to a hidden temporary name beside ``path``, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _num(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return DASH
+    if isinstance(x, str):
+        return x
+    if isinstance(x, bool):
+        return str(x)
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x != 0 and (abs(x) >= 1000 or abs(x) < 10 ** -digits):
+        return f"{x:.{digits}g}"
+    return f"{x:.{digits}f}"
+
+
+def _pct(x: Any) -> str:
+    return DASH if x is None else (_num(x) if isinstance(x, str) else f"{100 * float(x):.1f}%")
+
+
+def _cell(text: str, limit: int = 300) -> str:
+    """Text made safe for one markdown table cell."""
+    text = str(text)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or " "
+
+
+def _prompt_text(prompt: Any) -> str:
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        if len(prompt) == 1:
+            return str(prompt[0].get("content", ""))
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt)
+    return str(prompt)
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _table_rows(results: dict, names: list[str]) -> list[tuple[str, list[str]]]:
+    """(row label, one cell per checkpoint) for every metric at least one checkpoint has."""
+    ckpts = results["checkpoints"]
+    metrics = {n: ckpts[n].get("metrics", {}) or {} for n in names}
+    baseline, reference = results.get("baseline"), results.get("reference")
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, cell: Callable[[str, dict], str], present: Callable[[dict], bool]) -> None:
+        if any(present(metrics[n]) for n in names):
+            rows.append((label, [cell(n, metrics[n]) for n in names]))
+
+    add("Greedy accuracy", lambda n, m: _pct(m.get("greedy_accuracy")), lambda m: "greedy_accuracy" in m)
+    add("Sampled accuracy", lambda n, m: _pct(m.get("sampled_accuracy")), lambda m: "sampled_accuracy" in m)
+
+    sources = sorted({s for n in names for s in (metrics[n].get("reward") or {})})
+    for source in sources:
+
+        def reward_cell(n: str, m: dict, source: str = source) -> str:
+            r = (m.get("reward") or {}).get(source)
+            if not r or r.get("mean") is None:
+                return DASH
+            return f"{_num(r['mean'])} ± {_num(r.get('std'))}"
+
+        add(f"Reward `{source}` (mean ± std)", reward_cell, lambda m: True)
+
+    win_sources = sorted({s for n in names for s in (metrics[n].get("win_rate") or {})})
+    for source in win_sources:
+
+        def win_cell(n: str, m: dict, source: str = source) -> str:
+            if n == baseline:
+                return "(baseline)"
+            w = (m.get("win_rate") or {}).get(source)
+            if not w:
+                return DASH
+            ci = f" [{_num(w.get('ci_low'))}, {_num(w.get('ci_high'))}]" if "ci_low" in w else ""
+            ties = w.get("tie_rate", (w["tie"] / w["n"]) if w.get("n") else None)
+            return f"{_num(w.get('win_rate'))}{ci}, ties {_pct(ties)}"
+
+        confidence = next(
+            ((metrics[n].get("win_rate") or {}).get(source, {}).get("confidence") for n in names
+             if (metrics[n].get("win_rate") or {}).get(source, {}).get("confidence") is not None),
+            0.95,
+        )
+        against = f" vs `{baseline}`" if baseline else ""
+        add(f"Win rate{against} by `{source}` [{100 * confidence:.0f}% CI]", win_cell, lambda m: True)
+
+    def kl_cell(key: str) -> Callable[[str, dict], str]:
+        def cell(n: str, m: dict) -> str:
+            kl = m.get("kl_to_reference")
+            if kl is None:
+                return "0 (reference)" if n == reference else DASH
+            if not isinstance(kl, dict):
+                return _num(kl)
+            if kl.get(key) is None:
+                return DASH
+            se = kl.get(f"{key}_stderr")
+            return _num(kl[key]) + (f" ± {_num(se)}" if se is not None else "")
+
+        return cell
+
+    to = f" to `{reference}`" if reference else " to reference"
+    has_kl = any("kl_to_reference" in metrics[n] for n in names)
+    if has_kl:
+        rows.append((f"KL{to}, k1 (± s.e.)", [kl_cell("k1")(n, metrics[n]) for n in names]))
+        if any(isinstance(metrics[n].get("kl_to_reference"), dict) and "k3" in metrics[n]["kl_to_reference"] for n in names):
+            rows.append((f"KL{to}, k3 (± s.e.)", [kl_cell("k3")(n, metrics[n]) for n in names]))
+
+    add("Perplexity", lambda n, m: _num(m.get("perplexity")), lambda m: "perplexity" in m)
+    add("Mean length (tokens)", lambda n, m: _num(m.get("mean_length"), 1), lambda m: "mean_length" in m)
+    add("Distinct-1", lambda n, m: _num(m.get("distinct_1")), lambda m: "distinct_1" in m)
+    add("Distinct-2", lambda n, m: _num(m.get("distinct_2")), lambda m: "distinct_2" in m)
+    add("EOS rate", lambda n, m: _pct(m.get("eos_rate")), lambda m: "eos_rate" in m)
+
+    known = {
+        "greedy_accuracy", "sampled_accuracy", "reward", "win_rate", "kl_to_reference",
+        "perplexity", "mean_length", "distinct_1", "distinct_2", "eos_rate",
+    }
+    extra = sorted({k for n in names for k, v in metrics[n].items() if k not in known and _is_scalar(v)})
+    for key in extra:
+        add(f"`{key}`", lambda n, m, key=key: _num(m.get(key)), lambda m, key=key: key in m)
+    return rows
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (int, float, str)) or (hasattr(v, "ndim") and getattr(v, "ndim", 1) == 0)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
+    align = align or ["---"] * len(header)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _samples_section(results: dict, names: list[str], max_samples: int) -> list[str]:
+    ckpts = results["checkpoints"]
+    samples = {n: ckpts[n].get("samples") or [] for n in names}
+    count = min((len(s) for s in samples.values() if s), default=0)
+    count = min(count, max_samples)
+    if count == 0:
+        return []
+    first = next(n for n in names if samples[n])
+    lines = ["## Sample completions", ""]
+    mismatched = [
+        i for i in range(count)
+        if any(samples[n] and _prompt_text(samples[n][i].get("prompt")) != _prompt_text(samples[first][i].get("prompt"))
+               for n in names)
+    ]
+    if mismatched:
+        lines += [f"> Warning: the checkpoints' samples differ in prompt at rows {mismatched}; "
+                  f"prompts shown are `{first}`'s.", ""]
+    rows = []
+    for i in range(count):
+        head = samples[first][i]
+        reference = head.get("reference")
+        row = [str(i + 1), _cell(_prompt_text(head.get("prompt", ""))), _cell(DASH if reference is None else reference)]
+        for n in names:
+            if not samples[n]:
+                row.append(DASH)
+                continue
+            s = samples[n][i]
+            mark = {True: " ✓", False: " ✗"}.get(s.get("correct"), "")
+            row.append(_cell(s.get("completion", "")) + mark)
+        rows.append(row)
+    lines += _markdown_table(["#", "prompt", "reference", *[f"`{n}`" for n in names]], rows)
+    total = max(len(s) for s in samples.values())
+    if total > count:
+        lines += ["", f"({count} of {total} samples shown; all are in report.json.)"]
+    return lines + [""]
+
+
+def render_markdown(results: dict, *, max_samples: int = 10) -> str:
+    """The text of ``report.md`` for a results dict (see the module docstring)."""
+    _validate(results)
+    ckpts = results["checkpoints"]
+    names = list(ckpts)
+    baseline, reference = results.get("baseline"), results.get("reference")
+    lines = [f"# {results.get('title') or 'Evaluation report'}", ""]
+    if results.get("created"):
+        lines += [f"Created {results['created']}.", ""]
+
+    lines += ["## Checkpoints", ""]
+    for n in names:
+        roles = [r for r, v in (("baseline", baseline), ("KL reference", reference)) if v == n]
+        role = f" ({', '.join(roles)})" if roles else ""
+        lines.append(f"- `{n}`{role}: `{ckpts[n].get('path', DASH)}`")
+    lines.append("")
+
+    rows = _table_rows(results, names)
+    lines += ["## Metrics", ""]
+    if rows:
+        lines += _markdown_table(
+            ["metric", *[f"`{n}`" for n in names]],
+            [[label, *cells] for label, cells in rows],
+            [":---", *["---:"] * len(names)],
+        )
+    else:
+        lines.append("(no metrics)")
+    lines += ["", *_definitions(rows), ""]
+
+    plots = results.get("plots") or {}
+    if plots:
+        lines += ["## Plots", ""]
+        for title, rel in plots.items():
+            lines += [f"### {title}", "", f"![{title}]({rel})", ""]
+
+    lines += _samples_section(results, names, max_samples)
+
+    notes = results.get("notes") or []
+    if notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
+
+    setup = {k: results[k] for k in ("spec", "seeds", "versions") if results.get(k)}
+    if setup:
+        lines += ["## Setup", ""]
+        for key, value in setup.items():
+            lines += [f"**{key}**", "", "```json", json.dumps(_jsonable(value), indent=2, sort_keys=True), "```", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _definitions(rows: list[tuple[str, list[str]]]) -> list[str]:
+    labels = " ".join(label for label, _ in rows)
+    notes = []
+    if "accuracy" in labels:
+        notes.append("accuracy: the first integer of the completion equals the answer; greedy = argmax decoding, "
+                     "sampled = the policy's own sampling distribution")
+    if "Win rate" in labels:
+        notes.append("win rate = (wins + 0.5 ties) / prompts, paired per prompt, percentile-bootstrap CI over prompts")
+    if "KL" in labels:
+        notes.append("KL(policy || reference) per completion, Monte-Carlo over sampled completions: "
+                     "k1 = sum of log-ratios, k3 = sum of (r - 1 - log r) with r = p_ref / p_policy")
+    if "Distinct" in labels:
+        notes.append("distinct-n = unique n-grams / all n-grams over the set of completions")
+    return [f"<sub>{'; '.join(notes)}.</sub>"] if notes else []

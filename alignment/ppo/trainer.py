@@ -1,0 +1,571 @@
+"""PPO for language models with a learned critic, on accelerate.
+
+One :meth:`PPOTrainer.step`:
+
+1. take ``batch_size`` prompts (a seeded permutation per pass over the data),
+2. sample responses and compute policy/reference log-probs and values
+   (:mod:`alignment.ppo.rollout`),
+3. score them with ``reward_fn`` (``None`` = dropped from the update),
+4. per-token rewards ``-beta * KL_t`` + score on the EOS, GAE, whitening,
+5. ``ppo_epochs`` passes of shuffled minibatches of clipped policy + value
+   updates, with gradient accumulation through ``accelerator.accumulate``,
+6. KL-controller update, metrics, health checks.
+
+Every model stays in eval mode (dropout off) for rollout and update alike,
+so at step 0 the importance ratio is exactly 1 (Huang et al. 2024).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignment.errors import CheckpointError, TrainingError
+from alignment.ppo.config import PPOConfig
+from alignment.ppo.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_whiten,
+    per_token_rewards,
+)
+from alignment.ppo.rollout import collect_rollout, critic_forward, response_forward, score_responses
+from policies.value import CausalLMWithValueHead, load_safetensors_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PPOTrainer"]
+
+STATE_DIR = "trainer_state"  # optimizer, scheduler, KL controller, counters, per-process RNG
+CONFIG_JSON = "ppo_config.json"
+CRITIC_DIR = "critic"
+
+_TRAIN_KEYS = (
+    "query_ids", "query_mask", "response_ids", "response_mask", "loss_mask",
+    "old_logprobs", "old_values", "advantages", "returns",
+)
+
+
+def make_kl_controller(config: PPOConfig) -> FixedKLController:
+    """Adaptive (Ziegler et al. 2019) or fixed beta, from the config."""
+    if config.adaptive_kl:
+        return AdaptiveKLController(config.kl_coef, config.target_kl, config.horizon)
+    return FixedKLController(config.kl_coef)
+
+
+class PPOTrainer:
+    """PPO with a learned critic for causal language models.
+
+    Args:
+        config: :class:`PPOConfig`.
+        policy: a causal LM (plain or peft) or a
+            :class:`policies.value.CausalLMWithValueHead` (then ``critic=None``).
+        ref_policy: frozen reference model; ``None`` with a peft policy means
+            "the policy with its adapter disabled".
+        critic: a separate critic (:class:`policies.value.SequenceCritic`) or
+            ``None`` when the policy carries a value head.
+        tokenizer: its pad token must differ from its EOS token.
+        reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float | None]``.
+        prompts: rows ``{"prompt": str, **columns}``; the extra columns go to ``reward_fn``.
+        accelerator: an ``accelerate.Accelerator``; one is made when None.
+    """
+
+    def __init__(self, config, policy, ref_policy, critic, tokenizer, reward_fn, prompts, accelerator=None):
+        _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts)
+        self.config = config
+        self.accelerator = accelerator or _make_accelerator(config)
+        if self.accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
+            raise ValueError(
+                f"accelerator.gradient_accumulation_steps ({self.accelerator.gradient_accumulation_steps}) must equal "
+                f"PPOConfig.gradient_accumulation_steps ({config.gradient_accumulation_steps})"
+            )
+        self.tokenizer, self.reward_fn, self.prompts = tokenizer, reward_fn, list(prompts)
+        self.reward_name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+        self.kl_ctl = make_kl_controller(config)
+        self.ref_policy = _freeze(ref_policy, self.accelerator.device)
+        optimizer = _make_optimizer(config, policy, critic)
+        self.scheduler = _make_scheduler(config, optimizer)
+        models = [m for m in (policy, critic) if m is not None]
+        prepared = self.accelerator.prepare(*models, optimizer)
+        self.policy = prepared[0]
+        self.critic = prepared[1] if critic is not None else None
+        self.optimizer = prepared[-1]
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step_count, self.nonfinite_in_a_row, self.skipped_updates = 0, 0, 0
+        self.last_rollout, self.minibatch_stats = None, []
+        self._poisoned = False
+
+    # ------------------------------------------------------------- the loop
+
+    def train(self, num_steps: int | None = None, callback=None) -> list[dict]:
+        """Run ``num_steps`` steps (default: what is left of ``config.num_steps``).
+
+        ``callback(trainer, metrics)`` runs after every step. Returns the metrics of every step.
+        """
+        if num_steps is None:
+            num_steps = max(0, self.config.num_steps - self.step_count)
+        history = []
+        for _ in range(num_steps):
+            metrics = self.step()
+            history.append(metrics)
+            if self.accelerator.is_main_process and self.step_count % self.config.logging_steps == 0:
+                logger.info("step %d: %s", self.step_count, _format_metrics(metrics))
+            if callback is not None:
+                callback(self, metrics)
+        return history
+
+    def step(self) -> dict:
+        """One rollout batch and its PPO updates; returns the step's metrics."""
+        start = time.perf_counter()
+        rows = self._batch_rows(self.step_count)
+        rollout = self._rollout(rows)
+        generated = time.perf_counter()
+        scores, keep, raw = self._score(rollout, rows)
+        scored = time.perf_counter()
+        data, reward_stats = self._prepare_batch(rollout, scores, keep)
+        train_stats = self._update(data)
+        done = time.perf_counter()
+        times = {
+            "time/generation": generated - start, "time/scoring": scored - generated,
+            "time/training": done - scored, "time/step": done - start,
+        }
+        metrics = self._metrics(rollout, scores, keep, raw, reward_stats, train_stats, times)
+        self.kl_ctl.update(metrics["objective/kl"], self.config.batch_size * self.accelerator.num_processes)
+        self.step_count += 1
+        self._check_health(metrics)
+        return metrics
+
+    # -------------------------------------------------------------- rollout
+
+    def _batch_rows(self, step: int) -> list[dict]:
+        """This process's prompts for ``step``: a fresh seeded permutation on every pass over the data."""
+        size, world, rank = self.config.batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        n, orders = len(self.prompts), {}
+        picked = []
+        for j in range(rank * size, (rank + 1) * size):
+            epoch, index = divmod(step * size * world + j, n)
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
+            picked.append(self.prompts[int(orders[epoch][index])])
+        return picked
+
+    def _rollout(self, rows: list[dict]):
+        unwrap = self.accelerator.unwrap_model
+        rollout = collect_rollout(
+            unwrap(self.policy), self.ref_policy, unwrap(self.critic) if self.critic is not None else None,
+            self.tokenizer, [row["prompt"] for row in rows], max_new_tokens=self.config.max_new_tokens,
+            temperature=self.config.temperature, forward_batch_size=self.config.mini_batch_size,
+            device=self.accelerator.device,
+        )
+        self.last_rollout = rollout
+        return rollout
+
+    def _score(self, rollout, rows: list[dict]):
+        """Scores (after the missing-EOS penalty), the keep mask (score not None) and the raw scores."""
+        columns = {key: [row.get(key) for row in rows] for key in sorted({k for r in rows for k in r} - {"prompt"})}
+        raw = score_responses(self.reward_fn, rollout.prompts, rollout.completions, columns)
+        scores = [0.0 if s is None else s for s in raw]
+        keep = [s is not None for s in raw]
+        if self.config.missing_eos_penalty is not None:
+            for i, stopped in enumerate(rollout.has_eos.tolist()):
+                if not stopped:
+                    scores[i], keep[i] = float(self.config.missing_eos_penalty), True
+        device = self.accelerator.device
+        return torch.tensor(scores, device=device), torch.tensor(keep, device=device), raw
+
+    def _prepare_batch(self, rollout, scores, keep):
+        """KL-shaped rewards, GAE, returns, whitened advantages; dropped samples get an empty loss mask."""
+        cfg, beta = self.config, self.kl_ctl.value
+        mask = rollout.response_mask & keep.unsqueeze(-1)
+        logp, ref_logp = rollout.logprobs, rollout.ref_logprobs
+        rewards = per_token_rewards(scores, logp, ref_logp, mask, beta, cfg.kl_estimator)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        data = {
+            "query_ids": rollout.query_ids, "query_mask": rollout.query_mask,
+            "response_ids": rollout.response_ids, "response_mask": rollout.response_mask, "loss_mask": mask,
+            "old_logprobs": logp, "old_values": rollout.values, "advantages": advantages, "returns": returns,
+        }
+        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
+        stats = {"non_score": masked_sum(-beta * kl, rollout.response_mask, dim=-1), "beta": beta}
+        return data, stats
+
+    # --------------------------------------------------------------- update
+
+    def _update(self, data: dict) -> dict:
+        """``ppo_epochs`` passes of shuffled minibatches; one optimizer update per minibatch."""
+        cfg = self.config
+        self.accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+        self.minibatch_stats = []
+        per_update = cfg.mini_batch_size * cfg.gradient_accumulation_steps
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(cfg.batch_size, generator=self.generator).to(self.accelerator.device)
+            for group in order.split(per_update):
+                num_tokens = data["loss_mask"][group].sum().item()
+                for micro in group.split(cfg.mini_batch_size):
+                    batch = {k: data[k][micro] for k in _TRAIN_KEYS}
+                    self.minibatch_stats.append(self._micro_step(batch, num_tokens))
+        return _mean_stats(self.minibatch_stats)
+
+    def _micro_step(self, batch: dict, num_tokens: float) -> dict:
+        """Forward + backward of one micro-batch; the optimizer steps at the end of an accumulation group."""
+        models = [m for m in (self.policy, self.critic) if m is not None]
+        with self.accelerator.accumulate(*models):
+            loss, stats = self._loss(batch, num_tokens)
+            finite = self._all_finite(loss)
+            self._poisoned |= not finite
+            # accelerate divides by the accumulation steps; the loss is already a share of the
+            # minibatch's token total, so scale back up: the summed gradients equal one big batch
+            safe = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+            self.accelerator.backward(safe * self.accelerator.gradient_accumulation_steps)
+            if self.accelerator.sync_gradients:
+                stats.update(self._optimizer_step())
+        return stats
+
+    def _loss(self, batch: dict, num_tokens: float):
+        cfg = self.config
+        args = (batch["query_ids"], batch["query_mask"], batch["response_ids"], batch["response_mask"])
+        logits, values = response_forward(self.policy, *args)
+        if self.critic is not None:
+            values = critic_forward(self.critic, *args)
+        new_logp = logprobs_from_logits(logits, batch["response_ids"], cfg.temperature)
+        mask = batch["loss_mask"]
+        pg_loss, clipfrac, approx_kl = clipped_policy_loss(
+            new_logp, batch["old_logprobs"], batch["advantages"], mask, cfg.cliprange, num_tokens
+        )
+        vf_loss, vf_clipfrac = clipped_value_loss(
+            values, batch["old_values"], batch["returns"], mask, cfg.cliprange_value, num_tokens
+        )
+        with torch.no_grad():
+            ratio = torch.exp(torch.where(mask, new_logp - batch["old_logprobs"], torch.zeros_like(new_logp)))
+            deviation = torch.where(mask, (ratio - 1).abs(), torch.zeros_like(ratio))
+        stats = {
+            "policy/loss": pg_loss.item(), "policy/clipfrac": clipfrac.item(), "policy/approx_kl": approx_kl.item(),
+            "value/loss": vf_loss.item(), "value/clipfrac": vf_clipfrac.item(),
+            "policy/ratio_mean": masked_mean(ratio, mask).item(), "ratio_max_dev": deviation.max().item(),
+        }
+        return pg_loss + cfg.vf_coef * vf_loss, stats
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every process (all must skip together)."""
+        flag = torch.isfinite(loss.detach()).float().reshape(1)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
+
+    def _optimizer_step(self) -> dict:
+        """Clip, step and zero the gradients, or skip a poisoned (non-finite) update."""
+        cfg, stats = self.config, {}
+        if self._poisoned:
+            self.skipped_updates += 1
+            self.nonfinite_in_a_row += 1
+            logger.warning("non-finite loss: update skipped (%d in a row)", self.nonfinite_in_a_row)
+        else:
+            if cfg.max_grad_norm is not None:
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                norm = self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                stats["train/grad_norm"] = float(norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.nonfinite_in_a_row = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        self._poisoned = False
+        if self.nonfinite_in_a_row >= cfg.max_nonfinite_updates:
+            raise TrainingError(
+                f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss "
+                f"(max_nonfinite_updates={cfg.max_nonfinite_updates}); stopping at step {self.step_count}"
+            )
+        return stats
+
+    # -------------------------------------------------------------- metrics
+
+    def _metrics(self, rollout, scores, keep, raw, reward_stats, train_stats, times) -> dict:
+        mask = rollout.response_mask
+        kl = masked_sum(kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1"), mask, dim=-1)
+        kept = keep.float()
+        score = (scores * kept).sum() / kept.sum().clamp(min=1)
+        non_score = reward_stats["non_score"].mean()
+        present = [s for s in raw if s is not None]
+        local = {
+            "objective/kl": kl.mean(),
+            "objective/entropy": masked_mean(rollout.entropy, mask),
+            "objective/score": score,
+            "objective/non_score_reward": non_score,
+            "objective/rlhf_reward": score + non_score,
+            "val/eos_rate": rollout.has_eos.float().mean(),
+            "val/response_length": mask.sum(-1).float().mean(),
+            "val/dropped_rate": 1.0 - kept.mean(),
+            f"reward/{self.reward_name}": torch.tensor(sum(present) / len(present) if present else float("nan")),
+            "value/mean": masked_mean(rollout.values, mask),
+            **{k: torch.tensor(v) for k, v in train_stats.items() if k != "ratio_max_dev"},
+        }
+        names = list(local)
+        stacked = torch.stack([torch.as_tensor(local[k], dtype=torch.float32).to(self.accelerator.device) for k in names])
+        reduced = self.accelerator.reduce(stacked, reduction="mean").tolist()
+        metrics = dict(zip(names, reduced))
+        metrics.update(times)
+        metrics.update({
+            "objective/kl_coef": reward_stats["beta"], "train/lr": self.scheduler.get_last_lr()[0],
+            "train/skipped_updates": self.skipped_updates, "step": self.step_count + 1,
+        })
+        return metrics
+
+    def _check_health(self, metrics: dict) -> None:
+        """Warn, or raise :class:`TrainingError` (``warn_or_stop="stop"``), at the configured thresholds."""
+        cfg = self.config
+        checks = [
+            ("objective/kl", cfg.max_kl, "above max_kl", lambda v, b: v <= b),
+            ("objective/entropy", cfg.min_entropy, "below min_entropy", lambda v, b: v >= b),
+            ("val/eos_rate", cfg.min_eos_rate, "below min_eos_rate", lambda v, b: v >= b),
+            ("val/response_length", cfg.min_response_length, "below min_response_length", lambda v, b: v >= b),
+        ]
+        problems = [
+            f"{name} = {metrics[name]:.4g} is {what} ({bound})"
+            for name, bound, what, healthy in checks
+            if bound is not None and not healthy(metrics[name], bound)
+        ]
+        if not problems:
+            return
+        message = f"PPO step {self.step_count}: " + "; ".join(problems)
+        if cfg.warn_or_stop == "stop":
+            raise TrainingError(message)
+        logger.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    # ------------------------------------------------------ save and resume
+
+    def state_dict(self) -> dict:
+        """Everything but the weights that a resumed run needs (RNG states are per process)."""
+        return {
+            "step": self.step_count,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "skipped_updates": self.skipped_updates,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        self.nonfinite_in_a_row = int(state["nonfinite_in_a_row"])
+        self.skipped_updates = int(state["skipped_updates"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+
+    def save(self, directory) -> Path:
+        """Write a checkpoint and return its path.
+
+        Layout: the policy's ``save_pretrained`` output and the tokenizer at
+        the top (plain transformers, or a peft adapter), ``critic/`` (a
+        separate critic), ``ppo_config.json`` and ``trainer_state/``
+        (optimizer, scheduler, KL controller, counters, RNG state of each
+        process), safetensors and JSON only. Written under a temporary name
+        and renamed when complete.
+        """
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        acc = self.accelerator
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / STATE_DIR).mkdir(parents=True)
+            acc.unwrap_model(self.policy).save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            if self.critic is not None:
+                acc.unwrap_model(self.critic).save_pretrained(tmp / CRITIC_DIR)
+            _write_tree(self.state_dict(), tmp / STATE_DIR, "trainer")
+            (tmp / CONFIG_JSON).write_text(json.dumps(self.config.to_dict(), indent=2))
+        acc.wait_for_everyone()
+        _write_tree(_rng_state(), tmp / STATE_DIR, f"rng_{acc.process_index}")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(directory, ignore_errors=True)
+            os.replace(tmp, directory)
+        acc.wait_for_everyone()
+        return directory
+
+    def load(self, directory) -> None:
+        """Resume from a directory written by :meth:`save`: weights, optimizer, scheduler, KL, RNG, step."""
+        directory = Path(directory)
+        state_dir = directory / STATE_DIR
+        if not (state_dir / "trainer.json").is_file():
+            raise CheckpointError(f"{directory} is not a PPO checkpoint (no {STATE_DIR}/trainer.json)")
+        _load_weights(self.accelerator.unwrap_model(self.policy), directory)
+        if self.critic is not None:
+            _load_weights(self.accelerator.unwrap_model(self.critic), directory / CRITIC_DIR)
+        self.load_state_dict(_read_tree(state_dir, "trainer"))
+        _set_rng_state(_read_tree(state_dir, f"rng_{self.accelerator.process_index}"))
+
+
+# ------------------------------------------------------------------ setup
+
+
+def _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts) -> None:
+    if not isinstance(config, PPOConfig):
+        raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
+    if critic is None and not isinstance(policy, CausalLMWithValueHead):
+        raise ValueError("critic=None needs a policy with a value head (policies.value.CausalLMWithValueHead)")
+    if critic is not None and isinstance(policy, CausalLMWithValueHead):
+        raise ValueError("the policy has a value head and a separate critic was given: pass one critic")
+    if ref_policy is None:
+        lm = policy.pretrained_model if isinstance(policy, CausalLMWithValueHead) else policy
+        if not hasattr(lm, "disable_adapter"):
+            raise ValueError("ref_policy=None needs a peft policy (reference = policy with the adapter disabled)")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("the tokenizer's pad token must be set and differ from its EOS token")
+    if not prompts:
+        raise ValueError("prompts is empty")
+    for i, row in enumerate(prompts):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f"prompts[{i}] must be a dict with a string 'prompt', got {row!r:.100}")
+
+
+def _make_accelerator(config: PPOConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    set_seed(config.seed, device_specific=True)
+    return accelerator
+
+
+def _freeze(model, device):
+    if model is None:
+        return None
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _make_optimizer(config: PPOConfig, policy, critic) -> torch.optim.Optimizer:
+    """AdamW with two parameter groups: policy (learning_rate) and critic (critic_learning_rate)."""
+    if isinstance(policy, CausalLMWithValueHead):
+        policy_params = list(policy.pretrained_model.parameters())
+        critic_params = list(policy.v_head.parameters())
+    else:
+        policy_params, critic_params = list(policy.parameters()), list(critic.parameters())
+    critic_lr = config.critic_learning_rate or config.learning_rate
+    groups = [
+        {"params": [p for p in policy_params if p.requires_grad], "lr": config.learning_rate},
+        {"params": [p for p in critic_params if p.requires_grad], "lr": critic_lr},
+    ]
+    if not groups[0]["params"]:
+        raise ValueError("the policy has no trainable parameters")
+    return torch.optim.AdamW(groups, eps=config.adam_eps, weight_decay=config.weight_decay)
+
+
+def _make_scheduler(config: PPOConfig, optimizer):
+    """Linear decay to 0 over the run's optimizer updates, or constant."""
+    total = max(1, config.num_steps * config.updates_per_step)
+    if config.lr_scheduler_type == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: max(0.0, 1.0 - n / total))
+
+
+def _mean_stats(stats: list[dict]) -> dict:
+    keys = {k for s in stats for k in s}
+    return {k: sum(s[k] for s in stats if k in s) / sum(1 for s in stats if k in s) for k in sorted(keys)}
+
+
+def _format_metrics(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
+
+def _load_weights(model, directory: Path) -> None:
+    if hasattr(model, "load_weights"):
+        model.load_weights(directory)
+    else:
+        load_safetensors_weights(model, directory)
+
+
+# ------------------------------------------- state as safetensors + JSON
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _pack(obj, tensors: dict):
+    """A JSON skeleton of ``obj`` with its tensors moved into ``tensors`` (no pickle anywhere)."""
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().cpu().clone().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_pack(k, tensors), _pack(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_pack(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_pack(v, tensors) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def _unpack(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return np.array(obj["__ndarray__"], dtype=obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(_unpack(v, tensors) for v in obj["__tuple__"])
+    return {_unpack(k, tensors): _unpack(v, tensors) for k, v in obj["__dict__"]}
+
+
+def _write_tree(obj, directory: Path, name: str) -> None:
+    """``obj`` as ``<name>.safetensors`` (its tensors) + ``<name>.json`` (everything else)."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    skeleton = _pack(obj, tensors)
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def _read_tree(directory: Path, name: str):
+    from safetensors.torch import load_file
+
+    tensor_path, json_path = directory / f"{name}.safetensors", directory / f"{name}.json"
+    if not tensor_path.is_file() or not json_path.is_file():
+        raise CheckpointError(
+            f"{directory} is missing {tensor_path.name} or {json_path.name} "
+            "(a run resumed with more processes than it was saved with?)"
+        )
+    return _unpack(json.loads(json_path.read_text()), load_file(str(tensor_path)))

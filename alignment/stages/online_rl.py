@@ -1,0 +1,93 @@
+"""Stages `grpo` and `rloo`: trl's GRPOTrainer / RLOOTrainer on the shared reward sources.
+
+    align run recipes/tiny/grpo.yaml
+    align run recipes/tiny/rloo.yaml
+
+The recipe's `reward:` list is built by `reward.build` and handed to trl as
+`reward_funcs` (each source keeps its name, so trl logs `rewards/<name>/mean`)
+with the recipe weights as `reward_weights`: the same sources PPO and
+evaluation use, unchanged.  Dataset columns besides `prompt` (e.g. `answer`)
+reach the reward functions as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from alignment import data
+from alignment.checkpoint import save_run
+from alignment.stages import common
+
+TRAINERS = {"grpo": ("GRPOConfig", "GRPOTrainer"), "rloo": ("RLOOConfig", "RLOOTrainer")}
+
+
+@dataclass(frozen=True)
+class Options:
+    """`options:` of a grpo/rloo recipe."""
+
+    evaluate_before: bool = True  # held-out metrics of the starting policy, for the before/after table
+
+
+def online_defaults(recipe, run_dir) -> dict:
+    """CPU-sized defaults: trl's own (512 new tokens, 8 generations) are meant for GPUs."""
+    defaults = common.trainer_defaults(recipe, run_dir)
+    defaults.update({"max_completion_length": 16, "num_generations": 8, "logging_steps": 10,
+                     "disable_dropout": True})
+    return defaults
+
+
+def build_trainer(recipe, model, tokenizer, rewards, splits, run_dir):
+    import trl
+
+    config_name, trainer_name = TRAINERS[recipe.stage]
+    defaults = online_defaults(recipe, run_dir)
+    train = dict(recipe.train)
+    if "reward_weights" not in train:
+        defaults["reward_weights"] = rewards.weights
+    args = common.build_trainer_config(recipe, getattr(trl, config_name), defaults)
+    return getattr(trl, trainer_name)(
+        model=model,
+        reward_funcs=rewards.sources,
+        args=args,
+        train_dataset=splits.train,
+        eval_dataset=splits.eval,
+        processing_class=tokenizer,
+        peft_config=common.lora_config(recipe.model.lora),
+        callbacks=[common.metrics_logger(run_dir)],
+    )
+
+
+def run(recipe) -> dict:
+    import reward as reward_sources
+
+    started = time.time()
+    common.offline_defaults()
+    common.seed_everything(recipe.seed)
+    run_dir, resume_from = common.prepare_run_dir(recipe)
+    splits = data.load(recipe.data, "prompt", seed=recipe.seed)
+    rewards = reward_sources.build([dict(spec) for spec in recipe.reward])
+    model, tokenizer = common.load_policy(recipe)
+    common.ensure_loadable_path(model, tokenizer, run_dir)  # trl reloads the reference from this path
+    before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
+    trainer = build_trainer(recipe, model, tokenizer, rewards, splits, run_dir)
+    trainer.train(resume_from_checkpoint=resume_from)
+    after = common.evaluate_policy(trainer.model, tokenizer, recipe.eval)
+    logged = [entry for entry in trainer.state.log_history if "reward" in entry]
+    metrics = {
+        "stage": recipe.stage,
+        "train_loss": common.final_train_loss(trainer),
+        "train_steps": trainer.state.global_step,
+        "train_seconds": round(time.time() - started, 1),
+        "train_reward_first": logged[0]["reward"] if logged else None,
+        "train_reward_last": logged[-1]["reward"] if logged else None,
+        "train_kl_last": logged[-1].get("kl") if logged else None,
+        "reward_failures": {source.name: source.stats.as_dict() for source in rewards.sources},
+        "before": before,
+        "after": after,
+        "data": [vars(report) for report in splits.reports],
+    }
+    save_run(run_dir, model=trainer.model, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
+             metrics=metrics)
+    metrics["summary"] = common.summary_line(recipe.stage, run_dir, metrics, started)
+    return metrics
