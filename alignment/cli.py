@@ -126,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     _register_extra_commands()
     parser = build_parser()
     args = parser.parse_args(argv)
+    from alignment.guards import Interrupted
+
     try:
         return args.func(args)
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 0
     except AlignmentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -114,7 +114,7 @@ class Recipe:
     reward: tuple = ()
     eval: Union[EvalSpec, None] = None
     seed: int = 42
-    resume: bool = False
+    resume: Union[bool, Literal["force"]] = False  # "force": resume even if data/seed/hyper-parameters changed
     source_path: Union[str, None] = None
     raw: Mapping = field(default_factory=dict, repr=False)
 
@@ -450,7 +450,7 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
         reward=_freeze(list(rewards)),
         eval=eval_spec,
         seed=coerce(data.get("seed", 42), int, ("seed",), locations),
-        resume=coerce(data.get("resume", False), bool, ("resume",), locations),
+        resume=coerce(data.get("resume", False), Union[bool, Literal["force"]], ("resume",), locations),
         source_path=locations.path,
         raw=_freeze(data),
     )

@@ -13,11 +13,11 @@ Importing this package is light: torch, transformers, httpx and fastapi are
 imported only when a source needs them.
 """
 
+import reward.builtin  # noqa: F401 - registers the built-in rules
 from alignment.errors import RewardError
 from reward.base import RewardSource, RewardStats
+from reward.combine import CombinedReward, RewardResult, build
 from reward.registry import available, register, resolve
-from reward.combine import CombinedReward, RewardResult, build  # noqa: I001 - after registry
-import reward.builtin  # noqa: F401,E402 - registers the built-in rules
 
 __all__ = [
     "CombinedReward",

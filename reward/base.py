@@ -101,7 +101,9 @@ def prompt_text(prompt: Any, what: str = "prompt") -> str:
     raise TypeError(f"{what} is a {type(prompt).__name__}, expected a string or a list of messages")
 
 
-def normalize_batch(prompts: Sequence[Any], completions: Sequence[Any], source: str) -> tuple[list[str], list[str]]:
+def normalize_batch(
+    prompts: Sequence[Any], completions: Sequence[Any], source: str
+) -> tuple[list[str], list[str]]:
     """Both lists as strings; an error names the source and the sample index."""
     out_p, out_c = [], []
     for i, (p, c) in enumerate(zip(prompts, completions)):
@@ -162,15 +164,6 @@ def _short(value: Any, limit: int = 60) -> str:
 # ---------------------------------------------------------------------------
 # calling user code: sync, async, with a timeout
 # ---------------------------------------------------------------------------
-
-
-def is_async_callable(fn: Callable) -> bool:
-    """A coroutine function, or an object whose ``__call__`` is one."""
-    import functools
-
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
 def _await(result: Any) -> Any:
@@ -299,13 +292,17 @@ class RewardSource:
         if not isinstance(name, str) or not name:
             raise RewardError(f"reward source name must be a non-empty string, got {name!r}")
         if on_error not in ON_ERROR_CHOICES:
-            raise RewardError(f"reward source '{name}': on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+            raise RewardError(
+                f"reward source '{name}': on_error must be one of {ON_ERROR_CHOICES}, got {on_error!r}"
+            )
         if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
             raise RewardError(f"reward source '{name}': weight must be a finite number, got {weight!r}")
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0
         ):
-            raise RewardError(f"reward source '{name}': timeout must be a positive number of seconds, got {timeout!r}")
+            raise RewardError(
+                f"reward source '{name}': timeout must be a positive number of seconds, got {timeout!r}"
+            )
         if not isinstance(max_consecutive_failures, int) or max_consecutive_failures < 1:
             raise RewardError(
                 f"reward source '{name}': max_consecutive_failures must be an integer >= 1, "
@@ -347,7 +344,9 @@ class RewardSource:
         try:
             raw = _call_with_timeout(lambda: self.fn(prompts, completions, **kwargs), self.timeout)
         except _Timeout:
-            return self._batch_failure(n, f"timed out after {self.timeout:g} s on a batch of {n} samples", None)
+            return self._batch_failure(
+                n, f"timed out after {self.timeout:g} s on a batch of {n} samples", None
+            )
         except Exception as exc:  # noqa: BLE001 - any failure of user code becomes a RewardError or a counted skip
             where = self._locate(prompts, completions, kwargs, exc)
             return self._batch_failure(n, f"raised {type(exc).__name__}{where}: {exc}", exc)
@@ -360,7 +359,9 @@ class RewardSource:
             if isinstance(checked, str):
                 if self.on_error == "raise":
                     self._failed()
-                    raise RewardError(f"reward source '{self.name}' returned an invalid score for sample {i}: {checked}")
+                    raise RewardError(
+                        f"reward source '{self.name}' returned an invalid score for sample {i}: {checked}"
+                    )
                 invalid.append(f"sample {i}: {checked}")
                 out.append(None)
             else:
@@ -372,7 +373,9 @@ class RewardSource:
             shown = "; ".join(invalid[:5]) + ("; ..." if len(invalid) > 5 else "")
             logger.warning(
                 "reward source '%s' returned %d invalid score(s) (%s); scored as None (on_error='skip')",
-                self.name, len(invalid), shown,
+                self.name,
+                len(invalid),
+                shown,
             )
             self._maybe_abort(f"the last call returned {len(invalid)} invalid score(s)")
         else:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +77,9 @@ class CombinedReward:
         names = [s.name for s in sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise RewardError(f"reward source names must be unique; repeated: {dupes} (set 'name' in the spec)")
+            raise RewardError(
+                f"reward source names must be unique; repeated: {dupes} (set 'name' in the spec)"
+            )
         self.sources = list(sources)
 
     @property
@@ -105,7 +108,9 @@ class CombinedReward:
             metrics[f"reward/{source.name}/skipped"] = float(source.stats.skipped_samples - before[1])
         total: list[float | None] = []
         for i in range(n):
-            parts = [s.weight * per_source[s.name][i] for s in self.sources if per_source[s.name][i] is not None]
+            parts = [
+                s.weight * per_source[s.name][i] for s in self.sources if per_source[s.name][i] is not None
+            ]
             total.append(math.fsum(parts) if parts else None)
         applied_total = [t for t in total if t is not None]
         if applied_total:
@@ -137,7 +142,7 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
     """One spec (see the module docstring) -> a `RewardSource`."""
     if isinstance(spec, str):
         spec = {"source": spec}
-    if not isinstance(spec, dict):
+    if not isinstance(spec, Mapping):
         raise _spec_error(index, f"expected a mapping with a 'source' key, got {type(spec).__name__}")
     for key in spec:
         if key not in SPEC_KEYS:
@@ -154,7 +159,7 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
     if not isinstance(name, str):
         raise _spec_error(index, f"'name' must be a string, got {name!r}")
     kwargs = spec.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
+    if not isinstance(kwargs, Mapping):
         raise _spec_error(index, f"{where} 'kwargs' must be a mapping, got {type(kwargs).__name__}")
     on_error = spec.get("on_error", "raise")
     if on_error not in ON_ERROR_CHOICES:
@@ -165,15 +170,21 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
     is_url = source.strip().startswith(("http://", "https://"))
     token_env = spec.get("token_env")
     if token_env is not None and (not is_url or not isinstance(token_env, str)):
-        raise _spec_error(index, f"{where} 'token_env' applies only to http(s) URL sources, as a variable name")
+        raise _spec_error(
+            index, f"{where} 'token_env' applies only to http(s) URL sources, as a variable name"
+        )
     memory_mb = spec.get("memory_mb")
-    if memory_mb is not None and (not isolate or isinstance(memory_mb, bool) or not isinstance(memory_mb, int)):
+    if memory_mb is not None and (
+        not isolate or isinstance(memory_mb, bool) or not isinstance(memory_mb, int)
+    ):
         raise _spec_error(index, f"{where} 'memory_mb' needs 'isolate: true' and an integer number of MB")
     max_fail = spec.get("max_consecutive_failures", 5)
 
     if isolate:
         if is_url:
-            raise _spec_error(index, f"{where} 'isolate' applies to local code; a URL is already out of process")
+            raise _spec_error(
+                index, f"{where} 'isolate' applies to local code; a URL is already out of process"
+            )
         from reward.isolation import IsolatedReward
 
         fn = IsolatedReward(source, timeout=timeout or 60.0, memory_mb=memory_mb or 2048, kwargs=kwargs)
@@ -201,7 +212,7 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
 
 def build(specs: list[dict[str, Any] | str]) -> CombinedReward:
     """A recipe's ``reward:`` list -> a `CombinedReward` (errors name the spec index and key)."""
-    if isinstance(specs, dict | str):
+    if isinstance(specs, Mapping | str):
         specs = [specs]
     if not isinstance(specs, list | tuple) or not specs:
         raise RewardError("the reward section must be a non-empty list of sources")

@@ -90,7 +90,9 @@ class IsolatedReward:
         if not (isinstance(timeout, int | float) and timeout > 0):
             raise RewardError(f"isolated reward '{source_string}': timeout must be > 0, got {timeout!r}")
         if memory_mb is not None and not (isinstance(memory_mb, int) and memory_mb > 0):
-            raise RewardError(f"isolated reward '{source_string}': memory_mb must be a positive integer, got {memory_mb!r}")
+            raise RewardError(
+                f"isolated reward '{source_string}': memory_mb must be a positive integer, got {memory_mb!r}"
+            )
         self.source = source_string
         self.timeout = float(timeout)
         self.memory_mb = memory_mb
@@ -132,15 +134,21 @@ class IsolatedReward:
         self._proc, self._conn = proc, parent
         if not parent.poll(self.start_timeout):
             self._kill()
-            raise RewardError(f"isolated reward '{self.source}': the child did not start in {self.start_timeout:g} s")
+            raise RewardError(
+                f"isolated reward '{self.source}': the child did not start in {self.start_timeout:g} s"
+            )
         try:
             status, detail = parent.recv()
         except (EOFError, OSError):
             code = self._kill()
-            raise RewardError(f"isolated reward '{self.source}': the child died while starting (exit code {code})") from None
+            raise RewardError(
+                f"isolated reward '{self.source}': the child died while starting (exit code {code})"
+            ) from None
         if status != "ready":
             self._kill()
-            raise RewardError(f"isolated reward '{self.source}': loading the source in the child failed: {detail}")
+            raise RewardError(
+                f"isolated reward '{self.source}': loading the source in the child failed: {detail}"
+            )
 
     def _kill(self) -> int | None:
         proc, conn = self._proc, self._conn
@@ -163,9 +171,13 @@ class IsolatedReward:
             self._conn.send((list(prompts), list(completions), data_columns(columns, n)))
         except (BrokenPipeError, EOFError, OSError):
             code = self._kill()
-            raise RewardError(f"isolated reward '{self.source}': the child is gone (exit code {code})") from None
+            raise RewardError(
+                f"isolated reward '{self.source}': the child is gone (exit code {code})"
+            ) from None
         except Exception as exc:
-            raise RewardError(f"isolated reward '{self.source}': the batch cannot be sent to the child: {exc}") from exc
+            raise RewardError(
+                f"isolated reward '{self.source}': the batch cannot be sent to the child: {exc}"
+            ) from exc
         if not self._conn.poll(self.timeout):
             self._kill()
             raise RewardError(

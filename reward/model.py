@@ -78,11 +78,15 @@ class RewardModel:
             )
         num_labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
         if num_labels != 1:
-            raise RewardError(f"reward model '{path}': expected a single-score head (num_labels=1), found {num_labels}")
+            raise RewardError(
+                f"reward model '{path}': expected a single-score head (num_labels=1), found {num_labels}"
+            )
         if batch_size < 1:
             raise RewardError(f"reward model '{path}': batch_size must be >= 1, got {batch_size}")
         if padding_side not in (None, "left", "right"):
-            raise RewardError(f"reward model '{path}': padding_side must be 'left' or 'right', got {padding_side!r}")
+            raise RewardError(
+                f"reward model '{path}': padding_side must be 'left' or 'right', got {padding_side!r}"
+            )
 
         self.path = path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -115,9 +119,13 @@ class RewardModel:
         self.batch_size = batch_size
         self.max_length = max_length
         self.bias = float(bias)
-        self.use_chat_template = bool(self.tokenizer.chat_template) if use_chat_template is None else use_chat_template
+        self.use_chat_template = (
+            bool(self.tokenizer.chat_template) if use_chat_template is None else use_chat_template
+        )
         if self.use_chat_template and not self.tokenizer.chat_template:
-            raise RewardError(f"reward model '{path}': use_chat_template=True but the tokenizer has no chat template")
+            raise RewardError(
+                f"reward model '{path}': use_chat_template=True but the tokenizer has no chat template"
+            )
         self.append_eos = append_eos
         self.truncated = 0
         self._head = getattr(self.model, "score", None)  # decoder models: per-token head named `score`
@@ -130,10 +138,16 @@ class RewardModel:
     def text(self, prompt: Any, completion: Any) -> str:
         """The exact string scored for one pair."""
         if self.use_chat_template:
-            history = list(prompt) if is_conversation(prompt) else [{"role": "user", "content": prompt_text(prompt)}]
-            reply = list(completion) if is_conversation(completion) else [
-                {"role": "assistant", "content": completion_text(completion)}
-            ]
+            history = (
+                list(prompt)
+                if is_conversation(prompt)
+                else [{"role": "user", "content": prompt_text(prompt)}]
+            )
+            reply = (
+                list(completion)
+                if is_conversation(completion)
+                else [{"role": "assistant", "content": completion_text(completion)}]
+            )
             return self.tokenizer.apply_chat_template(history + reply, tokenize=False)
         text = prompt_text(prompt) + completion_text(completion)
         eos = self.tokenizer.eos_token
@@ -148,7 +162,9 @@ class RewardModel:
             self.truncated += 1
             logger.warning(
                 "reward model '%s': a sample of %d tokens keeps its last %d (max_length)",
-                self.path, len(ids), self.max_length,
+                self.path,
+                len(ids),
+                self.max_length,
             )
             ids = ids[-self.max_length :]
         if not ids:
@@ -163,7 +179,9 @@ class RewardModel:
             try:
                 texts.append(self.text(p, c))
             except Exception as exc:
-                raise RewardError(f"reward model '{self.path}': sample {i}: building its text failed: {exc}") from exc
+                raise RewardError(
+                    f"reward model '{self.path}': sample {i}: building its text failed: {exc}"
+                ) from exc
         return self.score_texts(texts)
 
     def score_texts(self, texts: list[str]) -> list[float]:

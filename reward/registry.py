@@ -99,7 +99,9 @@ def resolve(source: str, **kwargs: Any) -> Callable[..., Any]:
     if ":" in s:
         target, attr = s.rsplit(":", 1)
         if not attr:
-            raise RewardError(f"reward source '{s}': name the function after ':' (e.g. 'my_rewards.py:score')")
+            raise RewardError(
+                f"reward source '{s}': name the function after ':' (e.g. 'my_rewards.py:score')"
+            )
         if target.endswith(".py") or "/" in target or os.sep in target:
             module = _load_file(target, s)
         else:
@@ -151,7 +153,9 @@ def _import_module(name: str, source: str) -> Any:
             ) from exc
         raise RewardError(f"reward source '{source}': importing '{name}' failed: {exc}") from exc
     except Exception as exc:
-        raise RewardError(f"reward source '{source}': importing '{name}' failed: {type(exc).__name__}: {exc}") from exc
+        raise RewardError(
+            f"reward source '{source}': importing '{name}' failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _load_file(path: str, source: str) -> Any:
@@ -172,7 +176,9 @@ def _load_file(path: str, source: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[modname]
-        raise RewardError(f"reward source '{source}': running {path} failed: {type(exc).__name__}: {exc}") from exc
+        raise RewardError(
+            f"reward source '{source}': running {path} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     return module
 
 

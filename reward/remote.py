@@ -69,7 +69,9 @@ def _jsonable_columns(columns: dict[str, Any], n: int, where: str) -> dict[str, 
         try:
             json.dumps(values, allow_nan=False)
         except (TypeError, ValueError) as exc:
-            logger.warning("remote reward %s: column '%s' is not JSON-serialisable (%s); not sent", where, key, exc)
+            logger.warning(
+                "remote reward %s: column '%s' is not JSON-serialisable (%s); not sent", where, key, exc
+            )
             continue
         out[key] = values
     return out
@@ -106,7 +108,9 @@ class RemoteReward:
         if not (isinstance(timeout, int | float) and timeout > 0):
             raise RewardError(f"remote reward {_display_url(url)}: timeout must be > 0, got {timeout!r}")
         if not (isinstance(retries, int) and retries >= 0):
-            raise RewardError(f"remote reward {_display_url(url)}: retries must be an integer >= 0, got {retries!r}")
+            raise RewardError(
+                f"remote reward {_display_url(url)}: retries must be an integer >= 0, got {retries!r}"
+            )
         if not (isinstance(backoff, int | float) and backoff >= 0):
             raise RewardError(f"remote reward {_display_url(url)}: backoff must be >= 0, got {backoff!r}")
         self.url = url.rstrip("/")
@@ -178,14 +182,18 @@ class RemoteReward:
             ) from None
         if not isinstance(body, dict) or "scores" not in body:
             keys = sorted(body) if isinstance(body, dict) else type(body).__name__
-            raise RewardError(f"remote reward {self.display_url}/score: the response has no 'scores' field (got {keys})")
+            raise RewardError(
+                f"remote reward {self.display_url}/score: the response has no 'scores' field (got {keys})"
+            )
         scores = body["scores"]
         if not isinstance(scores, list):
             raise RewardError(
                 f"remote reward {self.display_url}/score: 'scores' is a {type(scores).__name__}, expected a list"
             )
         if len(scores) != n:
-            raise RewardError(f"remote reward {self.display_url}/score: expected {n} scores, got {len(scores)}")
+            raise RewardError(
+                f"remote reward {self.display_url}/score: expected {n} scores, got {len(scores)}"
+            )
         return scores
 
     # -- transport -------------------------------------------------------
@@ -218,10 +226,16 @@ class RemoteReward:
                 if 200 <= status < 300:
                     return resp
                 if status in (401, 403):
-                    how = f"the token in ${self.token_env}" if self.token_env else "no token was sent (set token_env)"
+                    how = (
+                        f"the token in ${self.token_env}"
+                        if self.token_env
+                        else "no token was sent (set token_env)"
+                    )
                     raise RewardError(f"remote reward {target}: {what} refused, HTTP {status} (check {how})")
                 if status not in RETRY_STATUS:
-                    raise RewardError(f"remote reward {target}: {what} failed, HTTP {status}: {self._snippet(resp.text)}")
+                    raise RewardError(
+                        f"remote reward {target}: {what} failed, HTTP {status}: {self._snippet(resp.text)}"
+                    )
                 last = f"HTTP {status}: {self._snippet(resp.text)}"
                 if status == 429:
                     try:
@@ -233,10 +247,18 @@ class RemoteReward:
                 if retry_after is not None and retry_after >= 0:
                     delay = min(retry_after, self.max_backoff)
                 logger.warning(
-                    "remote reward %s: %s %s; retry %d of %d in %.2f s", target, what, last, attempt + 1, self.retries, delay
+                    "remote reward %s: %s %s; retry %d of %d in %.2f s",
+                    target,
+                    what,
+                    last,
+                    attempt + 1,
+                    self.retries,
+                    delay,
                 )
                 time.sleep(delay)
-        raise RewardError(f"remote reward {target}: {what} gave up after {attempts} attempt(s); last error: {last}")
+        raise RewardError(
+            f"remote reward {target}: {what} gave up after {attempts} attempt(s); last error: {last}"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -269,8 +291,11 @@ def create_app(source_callable: Callable[..., Any], token: str | None = None) ->
         given = request.headers.get("authorization", "").encode()
         if hmac.compare_digest(given, expected):
             return None
-        return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401,
-                            headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(
+            {"error": "missing or wrong bearer token"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     def bad(message: str) -> Any:
         return JSONResponse({"error": message}, status_code=422)
@@ -344,7 +369,9 @@ def serve(
     if token_env:
         token = os.environ.get(token_env, "")
         if not token:
-            raise RewardError(f"reward server: environment variable {token_env} is not set (it must hold the token)")
+            raise RewardError(
+                f"reward server: environment variable {token_env} is not set (it must hold the token)"
+            )
     if not is_loopback(host) and not token:
         raise RewardError(
             f"reward server: refusing to bind to non-loopback host {host!r} without a token; "
@@ -355,5 +382,7 @@ def serve(
     app = create_app(resolve(source, **kwargs), token=token)
     import uvicorn
 
-    logger.info("reward server: serving %s on http://%s:%d (auth %s)", source, host, port, "on" if token else "off")
+    logger.info(
+        "reward server: serving %s on http://%s:%d (auth %s)", source, host, port, "on" if token else "off"
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level)

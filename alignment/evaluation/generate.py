@@ -34,7 +34,9 @@ def render_prompt(tokenizer, prompt: str | Sequence[dict]) -> str:
     """The prompt text the model sees: a string as is, a message list through the chat template."""
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, Sequence) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+    if isinstance(prompt, Sequence) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in prompt
+    ):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("prompt is a list of chat messages but the tokenizer has no chat_template")
         return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
@@ -59,7 +61,10 @@ def _encode_prompt(tokenizer, prompt: str | Sequence[dict]) -> list[int]:
 def _eos_ids(model, tokenizer) -> set[int]:
     """Every token id that ends a completion: the tokenizer's EOS and the generation config's."""
     ids: set[int] = set()
-    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+    for source in (
+        tokenizer.eos_token_id,
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
         if source is None:
             continue
         ids.update([source] if isinstance(source, int) else list(source))
@@ -134,7 +139,11 @@ def _inference(model):
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device):
     """Seed torch's RNGs inside the block without disturbing the caller's RNG state."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
@@ -222,6 +231,12 @@ def generate_completions(
 # --------------------------------------------------------------------------- log-likelihoods
 
 
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature)[target] per position, in float32: logits [T, V], targets [T]."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def sequence_logprobs(
     model,
     tokenizer,
@@ -256,7 +271,9 @@ def sequence_logprobs(
     device = _device(model)
     prompts_ids = [_encode_prompt(tokenizer, p) for p in prompt_texts]
     completion_ids = [
-        list(tokenizer(c, add_special_tokens=False)["input_ids"]) if isinstance(c, str) else [int(t) for t in c]
+        list(tokenizer(c, add_special_tokens=False)["input_ids"])
+        if isinstance(c, str)
+        else [int(t) for t in c]
         for c in completions
     ]
     for i, ids in enumerate(prompts_ids):
@@ -268,12 +285,13 @@ def sequence_logprobs(
         for rows in _batches(len(prompts_ids), batch_size):
             full = [prompts_ids[i] + completion_ids[i] for i in rows]
             input_ids, attention_mask = _right_pad(full, pad_id, device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            logprobs = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)
-            token_logprobs = logprobs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [b, L-1]: log p(ids[t+1])
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
             for row, i in enumerate(rows):
-                start = len(prompts_ids[i]) - 1  # the logit at position start predicts the first completion token
-                values = token_logprobs[row, start : start + len(completion_ids[i])]
+                # the logit at position start predicts the first completion token; only the completion's
+                # positions are upcast and normalised, so memory stays ~ one [tokens, vocab] slice per row
+                start, length = len(prompts_ids[i]) - 1, len(completion_ids[i])
+                targets = input_ids[row, start + 1 : start + 1 + length]
+                values = _token_logprobs(logits[row, start : start + length], targets, temperature)
                 results.append(values.tolist() if per_token else float(values.sum()))
     return results
 
@@ -316,11 +334,10 @@ def text_nll(
     with _inference(model):
         for rows in _batches(len(encoded), batch_size):
             input_ids, attention_mask = _right_pad([encoded[i] for i in rows], pad_id, device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            targets_mask = attention_mask[:, 1:].bool()
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none"
-            )
-            total_nll += float(nll[targets_mask].sum())
-            total_tokens += int(targets_mask.sum())
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            for row, i in enumerate(rows):
+                n = len(encoded[i])
+                values = _token_logprobs(logits[row, : n - 1], input_ids[row, 1:n], 1.0)
+                total_nll -= float(values.sum())
+                total_tokens += n - 1
     return total_nll, total_tokens

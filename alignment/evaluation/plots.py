@@ -88,7 +88,7 @@ def plot_score_distributions(results: Mapping, path: str | os.PathLike) -> Path:
             _draw_violins(ax, data, missing, colors, names)
         ax.set_title(f"Scores from '{source}'")
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes[len(sources):]:
+    for ax in axes[len(sources) :]:
         ax.set_visible(False)
     title = results.get("title") or "Score distributions"
     fig.suptitle(f"{title}: per-prompt scores by checkpoint", fontsize=13)
@@ -107,32 +107,64 @@ def _draw_violins(ax, data: dict, missing: dict, colors: list[str], names: list[
     if present:
         multi = [n for n in present if len(np.unique(data[n])) > 1]  # a violin needs spread
         if multi:
-            parts = ax.violinplot([data[n] for n in multi], positions=[positions[present.index(n)] for n in multi],
-                                  showextrema=False, widths=0.8)
+            parts = ax.violinplot(
+                [data[n] for n in multi],
+                positions=[positions[present.index(n)] for n in multi],
+                showextrema=False,
+                widths=0.8,
+            )
             for body, n in zip(parts["bodies"], multi):
                 body.set_facecolor(colors[names.index(n)])
                 body.set_edgecolor("black")
                 body.set_alpha(0.55)
         for pos, n in zip(positions, present):
             q1, med, q3 = np.percentile(data[n], [25, 50, 75])
-            ax.vlines(pos, q1, q3, color="black", linewidth=4, label="interquartile range" if pos == 1 else None)
-            ax.scatter([pos], [med], color="white", edgecolor="black", zorder=3, s=30, label="median" if pos == 1 else None)
-            ax.scatter([pos], [data[n].mean()], marker="D", color="red", zorder=4, s=30, label="mean" if pos == 1 else None)
+            ax.vlines(
+                pos, q1, q3, color="black", linewidth=4, label="interquartile range" if pos == 1 else None
+            )
+            ax.scatter(
+                [pos],
+                [med],
+                color="white",
+                edgecolor="black",
+                zorder=3,
+                s=30,
+                label="median" if pos == 1 else None,
+            )
+            ax.scatter(
+                [pos],
+                [data[n].mean()],
+                marker="D",
+                color="red",
+                zorder=4,
+                s=30,
+                label="mean" if pos == 1 else None,
+            )
         ax.legend(loc="best", fontsize=8)
-    ax.set_xticks(positions, [f"{n}\n{_summary(data[n], missing[n]).replace(', ', chr(10), 1)}" for n in present],
-                  fontsize=9)
+    ax.set_xticks(
+        positions,
+        [f"{n}\n{_summary(data[n], missing[n]).replace(', ', chr(10), 1)}" for n in present],
+        fontsize=9,
+    )
     ax.set_xlabel("checkpoint")
     ax.set_ylabel("score")
 
 
-def _draw_discrete(ax, data: dict, missing: dict, values: np.ndarray, colors: list[str], names: list[str]) -> None:
+def _draw_discrete(
+    ax, data: dict, missing: dict, values: np.ndarray, colors: list[str], names: list[str]
+) -> None:
     present = [n for n in names if n in data and len(data[n])]
     width = 0.8 / max(len(present), 1)
     x = np.arange(len(values))
     for i, n in enumerate(present):
         freq = np.array([(data[n] == v).mean() for v in values])
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), freq, width, color=colors[names.index(n)],
-                      label=f"{n} ({_summary(data[n], missing[n])})")
+        bars = ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            freq,
+            width,
+            color=colors[names.index(n)],
+            label=f"{n} ({_summary(data[n], missing[n])})",
+        )
         ax.bar_label(bars, labels=[f"{f:.0%}" for f in freq], fontsize=8, padding=1)
     ax.set_xticks(x, [f"{v:g}" for v in values])
     ax.set_xlabel("score")
@@ -243,18 +275,32 @@ def plot_training_curves(run_dirs: Sequence | Mapping, path: str | os.PathLike) 
             color = run_color[label]
             if len(values) > 30:
                 ax.plot(steps, values, style, color=color, alpha=0.25, linewidth=1)
-                ax.plot(steps, _moving_average(values, max(5, len(values) // 20)), style, color=color, linewidth=2,
-                        label=f"{name} (moving avg)")
+                ax.plot(
+                    steps,
+                    _moving_average(values, max(5, len(values) // 20)),
+                    style,
+                    color=color,
+                    linewidth=2,
+                    label=f"{name} (moving avg)",
+                )
             else:
-                ax.plot(steps, values, style, color=color, linewidth=2, marker="o" if len(values) < 15 else None,
-                        markersize=4, label=name)
+                ax.plot(
+                    steps,
+                    values,
+                    style,
+                    color=color,
+                    linewidth=2,
+                    marker="o" if len(values) < 15 else None,
+                    markersize=4,
+                    label=name,
+                )
         key_note = keys_here[0] if len(keys_here) == 1 else ", ".join(keys_here)
         ax.set_title(f"{title} ({key_note})")
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle("Training curves", fontsize=13)
     return _save(fig, path)

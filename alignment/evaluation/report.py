@@ -93,7 +93,9 @@ def _validate(results: Any) -> None:
         raise DataError(f"results must be a dict, got {type(results).__name__}")
     checkpoints = results.get("checkpoints")
     if not isinstance(checkpoints, dict) or not checkpoints:
-        raise DataError("results['checkpoints'] must be a non-empty dict of {name: {path, metrics, samples, scores}}")
+        raise DataError(
+            "results['checkpoints'] must be a non-empty dict of {name: {path, metrics, samples, scores}}"
+        )
     for name, ckpt in checkpoints.items():
         if not isinstance(ckpt, dict):
             raise DataError(f"results['checkpoints'][{name!r}] must be a dict, got {type(ckpt).__name__}")
@@ -103,7 +105,9 @@ def _validate(results: Any) -> None:
     for role in ("baseline", "reference"):
         name = results.get(role)
         if name is not None and name not in checkpoints:
-            raise DataError(f"results[{role!r}] = {name!r} is not a checkpoint; checkpoints: {', '.join(checkpoints)}")
+            raise DataError(
+                f"results[{role!r}] = {name!r} is not a checkpoint; checkpoints: {', '.join(checkpoints)}"
+            )
 
 
 def _jsonable(value: Any) -> Any:
@@ -121,7 +125,11 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, int):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        return (
+            value
+            if math.isfinite(value)
+            else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        )
     return str(value)
 
 
@@ -154,7 +162,7 @@ def _num(x: Any, digits: int = 3) -> str:
         return "nan"
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
-    if x != 0 and (abs(x) >= 1000 or abs(x) < 10 ** -digits):
+    if x != 0 and (abs(x) >= 1000 or abs(x) < 10**-digits):
         return f"{x:.{digits}g}"
     return f"{x:.{digits}f}"
 
@@ -207,47 +215,51 @@ def _table_rows(results: dict, names: list[str]) -> list[tuple[str, list[str]]]:
 
         add(f"Reward `{source}` (mean ± std)", reward_cell, lambda m: True)
 
-    win_sources = sorted({s for n in names for s in (metrics[n].get("win_rate") or {})})
-    for source in win_sources:
+    def win(m: dict, source: str) -> dict:
+        return (m.get("win_rate") or {}).get(source) or {}
+
+    for source in sorted({s for n in names for s in (metrics[n].get("win_rate") or {})}):
 
         def win_cell(n: str, m: dict, source: str = source) -> str:
             if n == baseline:
                 return "(baseline)"
-            w = (m.get("win_rate") or {}).get(source)
+            w = win(m, source)
             if not w:
                 return DASH
             ci = f" [{_num(w.get('ci_low'))}, {_num(w.get('ci_high'))}]" if "ci_low" in w else ""
-            ties = w.get("tie_rate", (w["tie"] / w["n"]) if w.get("n") else None)
+            ties = w.get("tie_rate")
+            if ties is None and w.get("n") and "tie" in w:
+                ties = w["tie"] / w["n"]
             return f"{_num(w.get('win_rate'))}{ci}, ties {_pct(ties)}"
 
-        confidence = next(
-            ((metrics[n].get("win_rate") or {}).get(source, {}).get("confidence") for n in names
-             if (metrics[n].get("win_rate") or {}).get(source, {}).get("confidence") is not None),
-            0.95,
-        )
+        levels = [win(metrics[n], source).get("confidence") for n in names]
+        confidence = next((c for c in levels if c is not None), 0.95)
         against = f" vs `{baseline}`" if baseline else ""
         add(f"Win rate{against} by `{source}` [{100 * confidence:.0f}% CI]", win_cell, lambda m: True)
 
-    def kl_cell(key: str) -> Callable[[str, dict], str]:
-        def cell(n: str, m: dict) -> str:
-            kl = m.get("kl_to_reference")
-            if kl is None:
-                return "0 (reference)" if n == reference else DASH
-            if not isinstance(kl, dict):
-                return _num(kl)
-            if kl.get(key) is None:
-                return DASH
-            se = kl.get(f"{key}_stderr")
-            return _num(kl[key]) + (f" ± {_num(se)}" if se is not None else "")
-
-        return cell
+    def kl_cell(n: str, m: dict, key: str) -> str:
+        kl = m.get("kl_to_reference")
+        if kl is None:
+            return "0 (reference)" if n == reference else DASH
+        if not isinstance(kl, dict):  # a bare number is taken as the k1 estimate
+            return _num(kl) if key == "k1" else DASH
+        if kl.get(key) is None:
+            return DASH
+        se = kl.get(f"{key}_stderr")
+        return _num(kl[key]) + (f" ± {_num(se)}" if se is not None else "")
 
     to = f" to `{reference}`" if reference else " to reference"
-    has_kl = any("kl_to_reference" in metrics[n] for n in names)
-    if has_kl:
-        rows.append((f"KL{to}, k1 (± s.e.)", [kl_cell("k1")(n, metrics[n]) for n in names]))
-        if any(isinstance(metrics[n].get("kl_to_reference"), dict) and "k3" in metrics[n]["kl_to_reference"] for n in names):
-            rows.append((f"KL{to}, k3 (± s.e.)", [kl_cell("k3")(n, metrics[n]) for n in names]))
+    for key in ("k1", "k3"):
+        add(
+            f"KL{to}, {key} (± s.e.)",
+            lambda n, m, key=key: kl_cell(n, m, key),
+            lambda m, key=key: (
+                "kl_to_reference" in m
+                and (
+                    not isinstance(m["kl_to_reference"], dict) and key == "k1" or key in m["kl_to_reference"]
+                )
+            ),
+        )
 
     add("Perplexity", lambda n, m: _num(m.get("perplexity")), lambda m: "perplexity" in m)
     add("Mean length (tokens)", lambda n, m: _num(m.get("mean_length"), 1), lambda m: "mean_length" in m)
@@ -256,8 +268,16 @@ def _table_rows(results: dict, names: list[str]) -> list[tuple[str, list[str]]]:
     add("EOS rate", lambda n, m: _pct(m.get("eos_rate")), lambda m: "eos_rate" in m)
 
     known = {
-        "greedy_accuracy", "sampled_accuracy", "reward", "win_rate", "kl_to_reference",
-        "perplexity", "mean_length", "distinct_1", "distinct_2", "eos_rate",
+        "greedy_accuracy",
+        "sampled_accuracy",
+        "reward",
+        "win_rate",
+        "kl_to_reference",
+        "perplexity",
+        "mean_length",
+        "distinct_1",
+        "distinct_2",
+        "eos_rate",
     }
     extra = sorted({k for n in names for k, v in metrics[n].items() if k not in known and _is_scalar(v)})
     for key in extra:
@@ -266,7 +286,9 @@ def _table_rows(results: dict, names: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def _is_scalar(v: Any) -> bool:
-    return v is None or isinstance(v, (int, float, str)) or (hasattr(v, "ndim") and getattr(v, "ndim", 1) == 0)
+    return (
+        v is None or isinstance(v, (int, float, str)) or (hasattr(v, "ndim") and getattr(v, "ndim", 1) == 0)
+    )
 
 
 def _markdown_table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
@@ -286,18 +308,29 @@ def _samples_section(results: dict, names: list[str], max_samples: int) -> list[
     first = next(n for n in names if samples[n])
     lines = ["## Sample completions", ""]
     mismatched = [
-        i for i in range(count)
-        if any(samples[n] and _prompt_text(samples[n][i].get("prompt")) != _prompt_text(samples[first][i].get("prompt"))
-               for n in names)
+        i
+        for i in range(count)
+        if any(
+            samples[n]
+            and _prompt_text(samples[n][i].get("prompt")) != _prompt_text(samples[first][i].get("prompt"))
+            for n in names
+        )
     ]
     if mismatched:
-        lines += [f"> Warning: the checkpoints' samples differ in prompt at rows {mismatched}; "
-                  f"prompts shown are `{first}`'s.", ""]
+        lines += [
+            f"> Warning: the checkpoints' samples differ in prompt at rows {mismatched}; "
+            f"prompts shown are `{first}`'s.",
+            "",
+        ]
     rows = []
     for i in range(count):
         head = samples[first][i]
         reference = head.get("reference")
-        row = [str(i + 1), _cell(_prompt_text(head.get("prompt", ""))), _cell(DASH if reference is None else reference)]
+        row = [
+            str(i + 1),
+            _cell(_prompt_text(head.get("prompt", ""))),
+            _cell(DASH if reference is None else reference),
+        ]
         for n in names:
             if not samples[n]:
                 row.append(DASH)
@@ -358,7 +391,14 @@ def render_markdown(results: dict, *, max_samples: int = 10) -> str:
     if setup:
         lines += ["## Setup", ""]
         for key, value in setup.items():
-            lines += [f"**{key}**", "", "```json", json.dumps(_jsonable(value), indent=2, sort_keys=True), "```", ""]
+            lines += [
+                f"**{key}**",
+                "",
+                "```json",
+                json.dumps(_jsonable(value), indent=2, sort_keys=True),
+                "```",
+                "",
+            ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -366,13 +406,19 @@ def _definitions(rows: list[tuple[str, list[str]]]) -> list[str]:
     labels = " ".join(label for label, _ in rows)
     notes = []
     if "accuracy" in labels:
-        notes.append("accuracy: the first integer of the completion equals the answer; greedy = argmax decoding, "
-                     "sampled = the policy's own sampling distribution")
+        notes.append(
+            "accuracy: the first integer of the completion equals the answer; greedy = argmax decoding, "
+            "sampled = the policy's own sampling distribution"
+        )
     if "Win rate" in labels:
-        notes.append("win rate = (wins + 0.5 ties) / prompts, paired per prompt, percentile-bootstrap CI over prompts")
+        notes.append(
+            "win rate = (wins + 0.5 ties) / prompts, paired per prompt, percentile-bootstrap CI over prompts"
+        )
     if "KL" in labels:
-        notes.append("KL(policy || reference) per completion, Monte-Carlo over sampled completions: "
-                     "k1 = sum of log-ratios, k3 = sum of (r - 1 - log r) with r = p_ref / p_policy")
+        notes.append(
+            "KL(policy || reference) per completion, Monte-Carlo over sampled completions: "
+            "k1 = sum of log-ratios, k3 = sum of (r - 1 - log r) with r = p_ref / p_policy"
+        )
     if "Distinct" in labels:
         notes.append("distinct-n = unique n-grams / all n-grams over the set of completions")
     return [f"<sub>{'; '.join(notes)}.</sub>"] if notes else []

@@ -66,7 +66,9 @@ def win_rate(scores_a: Sequence, scores_b: Sequence, tie_tolerance: float = 0.0)
     ``skipped``. Returns ``{"win", "tie", "loss", "n", "skipped", "win_rate"}``.
     """
     if len(scores_a) != len(scores_b):
-        raise DataError(f"win_rate: {len(scores_a)} scores for A but {len(scores_b)} for B; they must be paired")
+        raise DataError(
+            f"win_rate: {len(scores_a)} scores for A but {len(scores_b)} for B; they must be paired"
+        )
     if tie_tolerance < 0:
         raise DataError(f"win_rate: tie_tolerance must be >= 0, got {tie_tolerance}")
     keep = [i for i, (a, b) in enumerate(zip(scores_a, scores_b)) if a is not None and b is not None]
@@ -233,7 +235,9 @@ def kl_estimate(logp_policy: Any, logp_ref: Any, mask: Any = None) -> dict:
     Returns ``{"k1", "k1_stderr", "k3", "k3_stderr", "n"}``; a standard
     error is std_i(k_i, ddof=1) / sqrt(N) (0 when N = 1).
     """
-    ragged = isinstance(logp_policy, (list, tuple)) and logp_policy and isinstance(logp_policy[0], (list, tuple))
+    ragged = (
+        isinstance(logp_policy, (list, tuple)) and logp_policy and isinstance(logp_policy[0], (list, tuple))
+    )
     pol = _per_token(logp_policy, "kl_estimate logp_policy")
     ref = _per_token(logp_ref, "kl_estimate logp_ref")
     if pol.shape != ref.shape:
@@ -260,7 +264,13 @@ def kl_estimate(logp_policy: Any, logp_ref: Any, mask: Any = None) -> dict:
     def stderr(x: np.ndarray) -> float:
         return float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
 
-    return {"k1": float(k1.mean()), "k1_stderr": stderr(k1), "k3": float(k3.mean()), "k3_stderr": stderr(k3), "n": n}
+    return {
+        "k1": float(k1.mean()),
+        "k1_stderr": stderr(k1),
+        "k3": float(k3.mean()),
+        "k3_stderr": stderr(k3),
+        "n": n,
+    }
 
 
 # --------------------------------------------------------------------------- text statistics
@@ -336,7 +346,7 @@ def accuracy(predictions: Sequence, answers: Sequence) -> float:
 def perplexity_from_nll(total_nll: float, total_tokens: int) -> float:
     """Token-level perplexity from a summed negative log-likelihood (natural log)::
 
-        perplexity = exp(total_nll / total_tokens)
+    perplexity = exp(total_nll / total_tokens)
     """
     if total_tokens <= 0:
         raise DataError(f"perplexity_from_nll: total_tokens must be > 0, got {total_tokens}")

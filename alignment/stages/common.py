@@ -30,12 +30,71 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+# Keys that may change when resuming: they extend or observe the run, they don't change what it learns.
+RESUMABLE_CHANGES = {"resume", "output_dir", "max_steps", "num_train_epochs", "save_steps", "logging_steps",
+                     "save_total_limit", "report_to", "eval", "disable_tqdm", "logging_dir"}
+
+
+def changed_keys(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two raw recipes (ignoring RESUMABLE_CHANGES)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return [] if old == new else [prefix.rstrip(".")]
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        changed += changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+    return changed
+
+
+def check_resume_matches(recipe, run_dir: Path) -> None:
+    """Refuse to resume a run whose data, seed or hyper-parameters changed, unless resume: force."""
+    import yaml
+
+    from alignment.data import data_fingerprint
+
+    saved_path = run_dir / "recipe.yaml"
+    if recipe.resume == "force" or not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}
+    current = yaml.safe_load(recipe.resolved_yaml())
+    changed = changed_keys(saved, current)
+    fingerprints = run_dir / "data_fingerprints.json"
+    if fingerprints.is_file():
+        old = json.loads(fingerprints.read_text())
+        changed += [f"data file {path}" for path, digest in old.items() if data_fingerprint(path) != digest]
+    if changed:
+        raise RecipeError(f"{recipe.source_path}: cannot resume {run_dir}: changed since it started: "
+                          f"{', '.join(changed)}. Undo the change, or set resume=force to resume anyway")
+
+
+def check_output_dir(recipe) -> Path:
+    """A relative output_dir must stay under the current folder (no `..` or symlink escape)."""
+    raw = Path(recipe.output_dir)
+    if raw.is_absolute():
+        return raw
+    root = Path.cwd().resolve()
+    resolved = (root / raw).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise RecipeError(f"{recipe.source_path}: output_dir {recipe.output_dir!r} resolves to {resolved}, "
+                          f"outside {root}; give an absolute path if you mean it")
+    return raw
+
+
 def prepare_run_dir(recipe) -> tuple[Path, str | None]:
     """Create the run directory, mark it unfinished, and find the checkpoint to resume from."""
-    run_dir = Path(recipe.output_dir)
-    resume_from = resume_checkpoint(run_dir, recipe.resume)
+    from alignment.checkpoint import write_atomic
+    from alignment.data import data_fingerprint
+
+    run_dir = check_output_dir(recipe)
+    resume_from = resume_checkpoint(run_dir, bool(recipe.resume))
+    if resume_from:
+        check_resume_matches(recipe, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mark_incomplete(run_dir)
+    write_atomic(run_dir / "recipe.yaml", recipe.resolved_yaml())
+    fingerprints = {path: data_fingerprint(path) for path in data_files(recipe)}
+    write_atomic(run_dir / "data_fingerprints.json", json.dumps(fingerprints, indent=1))
     if not recipe.resume:
         metrics_log = run_dir / "metrics.jsonl"
         if metrics_log.exists():
@@ -142,6 +201,21 @@ def metrics_logger(run_dir: Path):
                     handle.write(json.dumps(record, default=float) + "\n")
 
     return MetricsLog()
+
+
+def train(trainer, run_dir: Path, resume_from: str | None) -> None:
+    """trainer.train with the shared guards: metrics.jsonl, non-finite gradient skips, clean SIGINT/SIGTERM.
+
+    A signal finishes the step, saves a checkpoint and raises `Interrupted`, so
+    the run is never marked complete; `--resume` continues it.
+    """
+    from alignment.guards import graceful_stop, nonfinite_guard
+
+    stopper = graceful_stop()
+    for callback in (metrics_logger(run_dir), nonfinite_guard(), stopper):
+        trainer.add_callback(callback)
+    trainer.train(resume_from_checkpoint=resume_from)
+    stopper.check(run_dir)
 
 
 def data_files(recipe) -> list[str]:

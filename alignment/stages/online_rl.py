@@ -54,7 +54,6 @@ def build_trainer(recipe, model, tokenizer, rewards, splits, run_dir):
         eval_dataset=splits.eval,
         processing_class=tokenizer,
         peft_config=common.lora_config(recipe.model.lora),
-        callbacks=[common.metrics_logger(run_dir)],
     )
 
 
@@ -71,7 +70,7 @@ def run(recipe) -> dict:
     common.ensure_loadable_path(model, tokenizer, run_dir)  # trl reloads the reference from this path
     before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
     trainer = build_trainer(recipe, model, tokenizer, rewards, splits, run_dir)
-    trainer.train(resume_from_checkpoint=resume_from)
+    common.train(trainer, run_dir, resume_from)
     after = common.evaluate_policy(trainer.model, tokenizer, recipe.eval)
     logged = [entry for entry in trainer.state.log_history if "reward" in entry]
     metrics = {

@@ -48,9 +48,8 @@ def run(recipe) -> dict:
         eval_dataset=splits.eval,
         processing_class=tokenizer,
         peft_config=common.lora_config(recipe.model.lora),
-        callbacks=[common.metrics_logger(run_dir)],
     )
-    trainer.train(resume_from_checkpoint=resume_from)
+    common.train(trainer, run_dir, resume_from)
     after = common.evaluate_policy(trainer.model, tokenizer, recipe.eval)
     metrics = {
         "stage": "sft",

@@ -11,7 +11,9 @@ from alignment.errors import RewardError
 def column(columns: dict[str, Any], name: str, n: int, source: str) -> list[Any]:
     """The column ``name`` as a list of n values; RewardError if absent or the wrong length."""
     if name not in columns:
-        given = sorted(k for k in columns if k not in ("trainer_state", "log_extra", "log_metric", "environments"))
+        given = sorted(
+            k for k in columns if k not in ("trainer_state", "log_extra", "log_metric", "environments")
+        )
         raise RewardError(f"{source}: the batch has no '{name}' column (columns given: {given or 'none'})")
     values = columns[name]
     if not isinstance(values, list | tuple) or len(values) != n:

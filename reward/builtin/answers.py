@@ -42,7 +42,9 @@ class AnswerMatch:
                 continue
             expected = _as_int(ref)
             if expected is None:
-                raise RewardError(f"answer_match: sample {i}: reference {ref!r} in column '{self.column}' has no integer")
+                raise RewardError(
+                    f"answer_match: sample {i}: reference {ref!r} in column '{self.column}' has no integer"
+                )
             out.append(1.0 if first_integer(completion) == expected else 0.0)
         return out
 

@@ -22,7 +22,9 @@ def build_char_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.add_special_tokens(specials)
     tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>"
     )
@@ -49,6 +51,17 @@ def build_tiny_llama(tokenizer, seed=0):
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and the CPU is shared: no spinning worker threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +115,13 @@ def example_results(n_prompts=40, seed=0):
         src: stats.win_rate_with_ci(scores["dpo"][src], scores["sft"][src], n_resamples=300, seed=0)
         for src in ("correct", "reward_model")
     }
-    checkpoints["dpo"]["metrics"]["kl_to_reference"] = {"k1": 0.42, "k1_stderr": 0.05, "k3": 0.4, "k3_stderr": 0.03, "n": 64}
+    checkpoints["dpo"]["metrics"]["kl_to_reference"] = {
+        "k1": 0.42,
+        "k1_stderr": 0.05,
+        "k3": 0.4,
+        "k3_stderr": 0.03,
+        "n": 64,
+    }
     checkpoints["sft"]["samples"][0]["completion"] = "7 | 8\nnine"  # markdown-hostile text
     return {
         "title": "Arithmetic demo",

@@ -33,7 +33,8 @@ def test_chat_prompts_use_the_template_with_one_bos(tokenizer):
     bos = tokenizer.bos_token_id
     assert _encode_prompt(tokenizer, PROMPTS[1]).count(bos) == 1
     assert _encode_prompt(tokenizer, "Hi")[0] == bos  # plain strings get the tokenizer's BOS
-    assert _encode_prompt(tokenizer, text) == _encode_prompt(tokenizer, PROMPTS[1])  # pre-rendered: no second BOS
+    # an already-rendered chat prompt starts with the BOS text: it must not get a second BOS
+    assert _encode_prompt(tokenizer, text) == _encode_prompt(tokenizer, PROMPTS[1])
     with pytest.raises(DataError, match="messages"):
         render_prompt(tokenizer, [{"text": "no role"}])
 
@@ -72,7 +73,14 @@ def test_cut_at_first_eos():
 def test_completions_stop_at_the_first_eos(model, tokenizer):
     # a random model at a high temperature emits the EOS now and then; with this seed, in several rows
     results = generate_completions(
-        model, tokenizer, ["Hi"] * 24, max_new_tokens=20, batch_size=12, do_sample=True, temperature=3.0, seed=0
+        model,
+        tokenizer,
+        ["Hi"] * 24,
+        max_new_tokens=20,
+        batch_size=12,
+        do_sample=True,
+        temperature=3.0,
+        seed=0,
     )
     eos = tokenizer.eos_token_id
     ended = [r for r in results if r["ended_with_eos"]]
@@ -99,28 +107,49 @@ def _manual_logprob(model, tokenizer, prompt, completion_ids, temperature=1.0):
 
 
 def test_sequence_logprobs_match_an_unpadded_forward(model, tokenizer):
-    completions = ["5", "42<|im_end|>", [tokenizer.convert_tokens_to_ids("7"), tokenizer.eos_token_id], " hello"]
+    completions = [
+        "5",
+        "42<|im_end|>",
+        [tokenizer.convert_tokens_to_ids("7"), tokenizer.eos_token_id],
+        " hello",
+    ]
     for temperature in (1.0, 2.0):
         got = sequence_logprobs(model, tokenizer, PROMPTS, completions, temperature=temperature, batch_size=4)
         for prompt, completion, value in zip(PROMPTS, completions, got):
-            ids = completion if isinstance(completion, list) else tokenizer(completion, add_special_tokens=False)["input_ids"]
-            assert value == pytest.approx(_manual_logprob(model, tokenizer, prompt, ids, temperature), abs=1e-4)
+            ids = (
+                completion
+                if isinstance(completion, list)
+                else tokenizer(completion, add_special_tokens=False)["input_ids"]
+            )
+            assert value == pytest.approx(
+                _manual_logprob(model, tokenizer, prompt, ids, temperature), abs=1e-4
+            )
             assert value < 0
     per_token = sequence_logprobs(model, tokenizer, PROMPTS, completions, per_token=True)
     assert [len(v) for v in per_token] == [1, 3, 2, 6]
-    assert [sum(v) for v in per_token] == pytest.approx(sequence_logprobs(model, tokenizer, PROMPTS, completions))
+    assert [sum(v) for v in per_token] == pytest.approx(
+        sequence_logprobs(model, tokenizer, PROMPTS, completions)
+    )
 
 
 def test_sampling_follows_the_tempered_softmax(model, tokenizer):
     # one new token, many samples: empirical frequencies match exp(sequence_logprobs) at that temperature
     n, temperature = 1200, 0.5
     samples = generate_completions(
-        model, tokenizer, ["What is"] * n, max_new_tokens=1, batch_size=600, do_sample=True, temperature=temperature
+        model,
+        tokenizer,
+        ["What is"] * n,
+        max_new_tokens=1,
+        batch_size=600,
+        do_sample=True,
+        temperature=temperature,
     )
     tokens = [r["token_ids"][0] for r in samples]
     values, counts = np.unique(tokens, return_counts=True)
     for tok, count in sorted(zip(values, counts), key=lambda x: -x[1])[:3]:
-        p = math.exp(sequence_logprobs(model, tokenizer, ["What is"], [[int(tok)]], temperature=temperature)[0])
+        p = math.exp(
+            sequence_logprobs(model, tokenizer, ["What is"], [[int(tok)]], temperature=temperature)[0]
+        )
         assert abs(count / n - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-3
 
 
@@ -139,7 +168,11 @@ def test_kl_between_sampled_policy_and_reference(model, tokenizer):
 
 
 def test_text_nll_matches_cross_entropy_and_gives_a_perplexity(model, tokenizer):
-    texts = ["What is 2 + 3? 5", "Hi there", [{"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": "2"}]]
+    texts = [
+        "What is 2 + 3? 5",
+        "Hi there",
+        [{"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": "2"}],
+    ]
     total_nll, total_tokens = text_nll(model, tokenizer, texts, batch_size=2)
     expected_nll, expected_tokens = 0.0, 0
     for text in texts:
@@ -147,7 +180,9 @@ def test_text_nll_matches_cross_entropy_and_gives_a_perplexity(model, tokenizer)
         ids = tokenizer(rendered, add_special_tokens=isinstance(text, str))["input_ids"]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0]
-        expected_nll += float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum"))
+        expected_nll += float(
+            torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum")
+        )
         expected_tokens += len(ids) - 1
     assert total_tokens == expected_tokens
     assert total_nll == pytest.approx(expected_nll, rel=1e-5)

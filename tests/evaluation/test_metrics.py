@@ -54,7 +54,9 @@ def test_bleu_metric_by_hand():
     assert out["precisions"] == pytest.approx([5 / 6, 3 / 5, 2 / 4, 1 / 3])
     assert out["brevity_penalty"] == pytest.approx(1.0)
     assert out["bleu"] == pytest.approx((5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25)
-    multi = metric.compute(predictions=["the cat sat on the mat"], references=[["the cat sat on the mat", "x y"]])
+    multi = metric.compute(
+        predictions=["the cat sat on the mat"], references=[["the cat sat on the mat", "x y"]]
+    )
     assert multi["bleu"] == pytest.approx(1.0)
 
 

@@ -19,8 +19,11 @@ def write_run(directory, n_steps, *, with_kl=True, seed=0, extra_lines=()):
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "metrics.jsonl", "w") as f:
         for step in range(1, n_steps + 1):
-            rec = {"step": step, "loss": 2.0 / step ** 0.5 + 0.05 * rng.normal(),
-                   "reward/total": 1 - np.exp(-step / 40) + 0.1 * rng.normal()}
+            rec = {
+                "step": step,
+                "loss": 2.0 / step**0.5 + 0.05 * rng.normal(),
+                "reward/total": 1 - np.exp(-step / 40) + 0.1 * rng.normal(),
+            }
             if with_kl:
                 rec["objective/kl"] = 0.002 * step + 0.01 * abs(rng.normal())
             if step % 25 == 0:

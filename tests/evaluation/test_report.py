@@ -32,16 +32,28 @@ def test_markdown_table_has_a_column_per_checkpoint_and_every_row():
     md = render_markdown(results)
     header = next(line for line in md.splitlines() if line.startswith("| metric"))
     assert header == "| metric | `sft` | `dpo` |"
-    for label in ("Greedy accuracy", "Sampled accuracy", "Reward `correct` (mean ± std)",
-                  "Reward `reward_model` (mean ± std)", "Win rate vs `sft` by `correct` [95% CI]",
-                  "KL to `sft`, k1 (± s.e.)", "Perplexity", "Mean length (tokens)", "Distinct-1",
-                  "Distinct-2", "EOS rate", "`format_ok`"):
+    for label in (
+        "Greedy accuracy",
+        "Sampled accuracy",
+        "Reward `correct` (mean ± std)",
+        "Reward `reward_model` (mean ± std)",
+        "Win rate vs `sft` by `correct` [95% CI]",
+        "KL to `sft`, k1 (± s.e.)",
+        "Perplexity",
+        "Mean length (tokens)",
+        "Distinct-1",
+        "Distinct-2",
+        "EOS rate",
+        "`format_ok`",
+    ):
         assert f"| {label} |" in md, label
     dpo = results["checkpoints"]["dpo"]["metrics"]
     w = dpo["win_rate"]["correct"]
     row = next(line for line in md.splitlines() if line.startswith("| Win rate vs `sft` by `correct`"))
     assert row.split(" | ")[1] == "(baseline)"
-    assert f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}], ties {100 * w['tie_rate']:.1f}%" in row
+    assert (
+        f"{w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}], ties {100 * w['tie_rate']:.1f}%" in row
+    )
     acc = next(line for line in md.splitlines() if line.startswith("| Greedy accuracy"))
     assert f"{100 * dpo['greedy_accuracy']:.1f}%" in acc
     kl = next(line for line in md.splitlines() if line.startswith("| KL to `sft`, k1"))

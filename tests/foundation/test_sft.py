@@ -97,3 +97,53 @@ def test_tiny_sft_recipe_beats_the_untrained_model(sft_run):
     assert before < 0.05
     assert after >= before + 0.25, (before, after)
     assert saved["after"]["greedy_eos_rate"] > 0.9  # the model learned to stop
+
+
+def test_resume_with_changed_hyperparameters_is_refused_unless_forced(tmp_path):
+    from alignment.errors import RecipeError
+    from alignment.stages import sft
+
+    sft.run(recipes.load("recipes/tiny/sft.yaml", FAST + [f"output_dir={tmp_path}", "train.max_steps=2"]))
+    changed = FAST + [f"output_dir={tmp_path}", "resume=true", "train.learning_rate=1e-4"]
+    with pytest.raises(RecipeError, match="changed since it started: train.learning_rate"):
+        sft.run(recipes.load("recipes/tiny/sft.yaml", changed))
+    forced = sft.run(recipes.load("recipes/tiny/sft.yaml", changed[:-2] + ["resume=force", "train.learning_rate=1e-4"]))
+    assert forced["train_steps"] == 4
+
+
+def test_output_dir_escaping_the_working_folder_is_refused(tmp_path):
+    from alignment.errors import RecipeError
+    from alignment.stages import sft
+
+    with pytest.raises(RecipeError, match="outside"):
+        sft.run(recipes.load("recipes/tiny/sft.yaml", FAST + ["output_dir=../../escaped"]))
+
+
+def test_sigterm_finishes_the_step_saves_and_resume_completes(tmp_path, repo_root):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "alignment.cli", "run", "recipes/tiny/sft.yaml", f"output_dir={tmp_path}",
+            "train.max_steps=100000", "train.save_steps=100000", "data.max_samples=256", "eval.max_samples=8",
+            "train.per_device_train_batch_size=8", "train.logging_steps=1", "options.evaluate_before=false"]
+    proc = subprocess.Popen(args, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "interrupted" in output and "--resume" in output
+    assert not is_complete(tmp_path)
+    checkpoint = max((tmp_path / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert stopped_at >= 3
+    from alignment.stages import sft
+
+    resumed = sft.run(recipes.load("recipes/tiny/sft.yaml", FAST + [f"output_dir={tmp_path}", "resume=true",
+                                                                     "options.evaluate_before=false",
+                                                                     f"train.max_steps={stopped_at + 2}"]))
+    assert resumed["train_steps"] == stopped_at + 2 and is_complete(tmp_path)

@@ -58,8 +58,16 @@ def test_not_a_list_is_an_error():
 
 @pytest.mark.parametrize(
     "bad, why",
-    [(float("nan"), "NaN"), (float("inf"), "inf"), (-math.inf, "-inf"), ("0.5", "str"), (True, "bool"),
-     (np.bool_(False), "bool"), ([1.0], "list"), (np.float64("nan"), "NaN")],
+    [
+        (float("nan"), "NaN"),
+        (float("inf"), "inf"),
+        (-math.inf, "-inf"),
+        ("0.5", "str"),
+        (True, "bool"),
+        (np.bool_(False), "bool"),
+        ([1.0], "list"),
+        (np.float64("nan"), "NaN"),
+    ],
 )
 def test_invalid_score_raises_naming_source_and_sample(bad, why):
     src = RewardSource(const([1.0, bad, 0.0]), name="flaky")
@@ -125,7 +133,9 @@ def test_abort_after_consecutive_failures_and_reset_on_success():
 
 
 def test_repeated_invalid_scores_also_abort():
-    src = RewardSource(const([float("nan"), 1.0, 1.0]), name="nan", on_error="skip", max_consecutive_failures=2)
+    src = RewardSource(
+        const([float("nan"), 1.0, 1.0]), name="nan", on_error="skip", max_consecutive_failures=2
+    )
     src(P, C)
     with pytest.raises(RewardError, match="2 calls in a row"):
         src(P, C)
@@ -209,7 +219,11 @@ def test_conversational_inputs_are_normalised_before_user_code():
 
     prompts = [
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 2 + 2?"}],
-        [{"role": "user", "content": "first"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "second"}],
+        [
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "second"},
+        ],
     ]
     completions = [
         [{"role": "assistant", "content": "4"}],
@@ -236,8 +250,12 @@ def test_empty_batch_returns_empty():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"on_error": "ignore"}, "on_error"), ({"weight": float("nan")}, "weight"), ({"timeout": 0}, "timeout"),
-     ({"max_consecutive_failures": 0}, "max_consecutive_failures")],
+    [
+        ({"on_error": "ignore"}, "on_error"),
+        ({"weight": float("nan")}, "weight"),
+        ({"timeout": 0}, "timeout"),
+        ({"max_consecutive_failures": 0}, "max_consecutive_failures"),
+    ],
 )
 def test_constructor_validates(kwargs, match):
     with pytest.raises(RewardError, match=match):
@@ -247,7 +265,9 @@ def test_constructor_validates(kwargs, match):
 def test_to_score_and_data_columns_helpers():
     assert to_score(3) == 3.0 and to_score(None) is None
     assert isinstance(to_score(float("nan")), str)
-    assert data_columns({"answer": [1, 2], "trainer_state": [1, 2], "x": 5, "short": [1]}, 2) == {"answer": [1, 2]}
+    assert data_columns({"answer": [1, 2], "trainer_state": [1, 2], "x": 5, "short": [1]}, 2) == {
+        "answer": [1, 2]
+    }
 
 
 def test_picklable_with_a_module_level_function():

@@ -34,8 +34,8 @@ def test_weighted_total_per_source_and_metrics_by_hand():
     completions = ["4", "It is 8", "hi!!"]
     result = combined(prompts, completions, answer=[4, 7, None])
     assert result.per_source == {
-        "answer_match": [1.0, 0.0, None],          # 4 == 4; 8 != 7; no answer
-        "brevity": [-0.75, -0.75, 0.0],             # -|1-4|/4, -|7-4|/4, -|4-4|/4
+        "answer_match": [1.0, 0.0, None],  # 4 == 4; 8 != 7; no answer
+        "brevity": [-0.75, -0.75, 0.0],  # -|1-4|/4, -|7-4|/4, -|4-4|/4
         "starts_with_answer": [1.0, 0.0, None],
     }
     # sample 0: 1*1 + 0.5*-0.75 + 2*1 = 2.625 ; sample 1: 0 - 0.375 + 0 = -0.375 ; sample 2: 0.5*0 = 0
@@ -76,7 +76,10 @@ def test_raise_mode_failure_propagates_with_the_source_name(tmp_path):
 @pytest.mark.parametrize(
     "specs, match",
     [
-        ([{"source": "answer_match", "wieght": 2}], r"reward spec #0: unknown key 'wieght'. Did you mean 'weight'"),
+        (
+            [{"source": "answer_match", "wieght": 2}],
+            r"reward spec #0: unknown key 'wieght'. Did you mean 'weight'",
+        ),
         ([{"source": "answer_match", "isolated": True}], r"unknown key 'isolated'. Did you mean 'isolate'"),
         ([{"weight": 1.0}], "'source' is required"),
         ([{"source": "answer_match", "weight": "high"}], "'weight' must be a number"),
@@ -108,7 +111,11 @@ def test_sources_plug_into_trl_unchanged():
     trl_utils = pytest.importorskip("trl.trainer.utils")
     combined = build(SPECS)
     sources, weights = combined.sources, combined.weights
-    assert [trl_utils.get_callable_name(s) for s in sources] == ["answer_match", "brevity", "starts_with_answer"]
+    assert [trl_utils.get_callable_name(s) for s in sources] == [
+        "answer_match",
+        "brevity",
+        "starts_with_answer",
+    ]
     assert not any(trl_utils.is_async_callable(s) for s in sources)  # trl calls them synchronously
     # the call GRPOTrainer makes: keywords, conversational data, and its extra kwargs
     prompts = [[{"role": "user", "content": "What is 2 + 2?"}]] * 2

@@ -20,8 +20,9 @@ def test_plug_in_example_runs_and_prints_what_the_doc_says(tmp_path):
     (expected,) = blocks("text")
     (tmp_path / "my_rewards.py").write_text(reward_file)
     env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected.strip()
     assert len(reward_file.strip().splitlines()) + len(script.strip().splitlines()) <= 12

@@ -58,7 +58,9 @@ def test_crash_is_a_reward_error():
     with pytest.raises(RewardError, match=r"the child crashed on a batch of 2 samples \(exit code 3\)"):
         iso(["p", "p"], ["x", "y"])
     assert not alive(pid)
-    with pytest.raises(RewardError, match="crashed"):  # the next call starts a fresh child (which crashes again)
+    with pytest.raises(
+        RewardError, match="crashed"
+    ):  # the next call starts a fresh child (which crashes again)
         iso(["p"], ["x"])
 
 
@@ -84,11 +86,25 @@ def test_loading_failure_is_reported_at_construction():
 
 
 def test_isolated_source_through_build_and_skip_mode():
-    combined = build([
-        {"source": f"{FILE}:fine", "isolate": True, "timeout": 10, "memory_mb": MEMORY_MB, "name": "fine"},
-        {"source": f"{FILE}:hang", "isolate": True, "timeout": 0.3, "memory_mb": MEMORY_MB, "on_error": "skip",
-         "name": "hang"},
-    ])
+    combined = build(
+        [
+            {
+                "source": f"{FILE}:fine",
+                "isolate": True,
+                "timeout": 10,
+                "memory_mb": MEMORY_MB,
+                "name": "fine",
+            },
+            {
+                "source": f"{FILE}:hang",
+                "isolate": True,
+                "timeout": 0.3,
+                "memory_mb": MEMORY_MB,
+                "on_error": "skip",
+                "name": "hang",
+            },
+        ]
+    )
     try:
         result = combined(["p", "p"], ["ab", "abcd"])
         assert result.per_source == {"fine": [2.0, 4.0], "hang": [None, None]}

@@ -12,10 +12,10 @@ from alignment.errors import RewardError  # noqa: E402
 from reward import RewardSource, resolve  # noqa: E402
 from reward.model import RewardModel, last_token_index  # noqa: E402
 
-WORDS = "what is one two three four five six seven eight nine plus the answer user assistant hello yes no".split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<bos> {{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+WORDS = (
+    "what is one two three four five six seven eight nine plus the answer user assistant hello yes no".split()
 )
+CHAT_TEMPLATE = "{% for m in messages %}<bos> {{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
 
 
 def make_tokenizer(pad_is_eos=False, chat_template=None):
@@ -99,7 +99,9 @@ def test_padded_batch_scores_equal_scoring_alone(rm_dir, side):
     assert not rm.model.training
     single = alone(rm)
     batched = rm(PROMPTS, COMPLETIONS)
-    assert len(set(len(rm._encode(rm.text(p, c))) for p, c in zip(PROMPTS, COMPLETIONS))) == 3  # padding happens
+    assert (
+        len(set(len(rm._encode(rm.text(p, c))) for p, c in zip(PROMPTS, COMPLETIONS))) == 3
+    )  # padding happens
     assert batched == pytest.approx(single, abs=1e-5)
     assert max(single) - min(single) > 1e-3  # distinct samples, distinct scores
 
@@ -139,8 +141,11 @@ def test_chat_template_is_used_when_present(rm_chat_dir):
 
 def test_conversational_prompt_keeps_the_whole_conversation(rm_chat_dir):
     rm = RewardModel(rm_chat_dir, device="cpu")
-    conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes"},
-                    {"role": "user", "content": "what is one plus one"}]
+    conversation = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "what is one plus one"},
+    ]
     completion = [{"role": "assistant", "content": "two"}]
     src = RewardSource(rm, name="rm")
     got = src([conversation], [completion])[0]
@@ -179,5 +184,7 @@ def test_source_wrapper_and_build_with_a_model_directory(rm_dir):
 
     combined = build([{"source": rm_dir, "name": "rm", "kwargs": {"device": "cpu"}}, "answer_match"])
     result = combined(PROMPTS, COMPLETIONS, answer=[3, 15, None])
-    assert result.per_source["rm"] == pytest.approx(RewardModel(rm_dir, device="cpu")(PROMPTS, COMPLETIONS), abs=1e-5)
+    assert result.per_source["rm"] == pytest.approx(
+        RewardModel(rm_dir, device="cpu")(PROMPTS, COMPLETIONS), abs=1e-5
+    )
     assert result.per_source["answer_match"] == [0.0, 0.0, None]

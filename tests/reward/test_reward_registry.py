@@ -21,7 +21,9 @@ def _run_from_repo_root(monkeypatch):
 
 
 def test_builtins_are_registered():
-    assert {"answer_match", "regex_match", "length_target", "repetition_penalty", "exact_match"} <= set(available())
+    assert {"answer_match", "regex_match", "length_target", "repetition_penalty", "exact_match"} <= set(
+        available()
+    )
     assert isinstance(resolve("answer_match"), AnswerMatch)
 
 
@@ -68,7 +70,9 @@ def test_file_async_function():
 def test_file_errors():
     with pytest.raises(RewardError, match="file not found"):
         resolve("tests/reward/fixtures/nope.py:f")
-    with pytest.raises(RewardError, match=r"'start_with_answer' not found.*Did you mean 'starts_with_answer'"):
+    with pytest.raises(
+        RewardError, match=r"'start_with_answer' not found.*Did you mean 'starts_with_answer'"
+    ):
         resolve(f"{FIXTURE}:start_with_answer")
     with pytest.raises(RewardError, match="name the function too"):
         resolve(FIXTURE)
@@ -93,8 +97,7 @@ def test_module_function_and_module_errors():
 def test_function_kwargs_are_bound_and_checked(tmp_path):
     mod = tmp_path / "fk.py"
     mod.write_text(
-        "def scaled(prompts, completions, factor=1.0):\n"
-        "    return [factor * len(c) for c in completions]\n"
+        "def scaled(prompts, completions, factor=1.0):\n    return [factor * len(c) for c in completions]\n"
     )
     fn = resolve(f"{mod}:scaled", factor=2.0)
     assert fn.__name__ == "scaled"

@@ -144,7 +144,9 @@ def test_timeout_is_retried_a_bounded_number_of_times(fake_server):
     rm = client(url, timeout=0.2, retries=2)
     script.actions["/score"] = [("sleep", 1.5)] * 5
     t0 = time.monotonic()
-    with pytest.raises(RewardError, match=r"/score: score gave up after 3 attempt\(s\); last error: timed out after 0.2 s"):
+    with pytest.raises(
+        RewardError, match=r"/score: score gave up after 3 attempt\(s\); last error: timed out after 0.2 s"
+    ):
         rm(P, C)
     assert script.count("/score") == 3
     assert time.monotonic() - t0 < 2.0
@@ -227,7 +229,9 @@ def test_nan_from_the_server_is_never_a_zero(fake_server):
 def test_health_check_failure_at_construction(fake_server):
     script, url = fake_server
     script.actions["/health"] = [("status", 503)] * 10
-    with pytest.raises(RewardError, match=r"/health: health check gave up after 3 attempt\(s\); last error: HTTP 503"):
+    with pytest.raises(
+        RewardError, match=r"/health: health check gave up after 3 attempt\(s\); last error: HTTP 503"
+    ):
         client(url, retries=2)
     assert script.count("/health") == 3
 
@@ -313,7 +317,10 @@ def test_reference_server_requires_the_token(reference_server):
 def test_reference_server_rejects_bad_requests_with_422(reference_server):
     url, _ = reference_server
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    assert httpx.post(f"{url}/score", json={"prompts": ["a"], "completions": []}, headers=auth).status_code == 422
+    assert (
+        httpx.post(f"{url}/score", json={"prompts": ["a"], "completions": []}, headers=auth).status_code
+        == 422
+    )
     r = httpx.post(f"{url}/score", json={"prompts": ["a"], "completions": ["b"], "colums": {}}, headers=auth)
     assert r.status_code == 422 and "colums" in r.json()["error"]
     r = httpx.post(f"{url}/score", content=b"{not json", headers=auth)
@@ -359,8 +366,9 @@ def test_serve_runs_a_source_string_in_a_subprocess():
         f"serve('tests/reward/fixtures/my_reward.py:starts_with_answer', port={port}, log_level='warning')"
     )
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         rm = RemoteReward(f"http://127.0.0.1:{port}", retries=40, backoff=0.05, max_backoff=0.25)
         assert rm(["q", "q"], ["12 apples", "7"], answer=[12, 12]) == [1.0, 0.0]

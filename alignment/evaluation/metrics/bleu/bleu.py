@@ -43,9 +43,14 @@ class Bleu(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=[
                 datasets.Features(
-                    {"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}
+                    {
+                        "predictions": datasets.Value("string"),
+                        "references": datasets.Sequence(datasets.Value("string")),
+                    }
                 ),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+                datasets.Features(
+                    {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+                ),
             ],
         )
 
@@ -53,7 +58,9 @@ class Bleu(evaluate.Metric):
         refs = [[r] if isinstance(r, str) else list(r) for r in references]
         counts = {len(r) for r in refs}
         if len(counts) != 1:
-            raise ValueError(f"bleu: every prediction needs the same number of references, got counts {sorted(counts)}")
+            raise ValueError(
+                f"bleu: every prediction needs the same number of references, got counts {sorted(counts)}"
+            )
         streams = [list(stream) for stream in zip(*refs)]  # sacrebleu wants one list per reference position
         result = sacrebleu.corpus_bleu(list(predictions), streams, tokenize=tokenize, lowercase=lowercase)
         return {
