@@ -53,6 +53,11 @@ def validate_file(path: Path) -> str:
         pipeline = load_pipeline(path)
         plan(pipeline)
         return f"pipeline of {len(pipeline.stages)} stages"
+    if "stage" not in data and "data" in data and not isinstance(data.get("data"), dict):
+        spec = recipes.coerce(data, recipes.EvalSpec, (), locations)
+        if spec.data and Path(spec.data).suffix in LOCAL_SUFFIXES and not Path(spec.data).is_file():
+            raise locations.error(("data",), f"no such data file {spec.data!r}")
+        return "eval spec"
     recipe = recipes.from_dict(data, locations)
     for keys, value in [(("data", "train"), recipe.data.train), (("data", "eval"), recipe.data.eval),
                         (("eval", "data"), recipe.eval.data if recipe.eval else None)]:
@@ -112,7 +117,7 @@ EXTRA_COMMANDS: list = []
 def _register_extra_commands() -> None:
     import importlib
 
-    for module_name in ("alignment.pipeline", "alignment.evaluation.cli", "reward.cli", "alignment.tools"):
+    for module_name in ("alignment.pipeline", "alignment.evaluation.runner", "reward.cli", "alignment.tools"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

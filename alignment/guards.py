@@ -94,3 +94,20 @@ def graceful_stop():
                                   "run again with --resume to continue")
 
     return GracefulStop()
+
+
+def time_budget(max_seconds: float):
+    """Stop training (after saving) once `max_seconds` of training have passed: for equal-time controls."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class TimeBudget(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.time() - self.started >= max_seconds:
+                control.should_training_stop = True
+
+    return TimeBudget()

@@ -101,6 +101,13 @@ class EvalSpec:
     sampled: bool = True
     seed: int = 0
     rewards: list = field(default_factory=lambda: [{"source": "answer_match"}])
+    # Used by `align eval` (ignored by the quick check at the end of a stage):
+    judge: Union[str, None] = None  # reward source that decides win rates (default: the first one)
+    perplexity: bool = True  # perplexity of the reference completions (`completion` column), when present
+    text_metrics: bool = True  # BLEU and ROUGE against the reference completions, when present
+    preference_data: Union[str, None] = None  # held-out pairs for reward-model checkpoints
+    report_samples: int = field(default=10, metadata=check(non_negative))
+    bootstrap_resamples: int = field(default=1000, metadata=check(positive))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,16 @@ STAGES: dict[str, StageSpec] = {
                   summary="group relative policy optimisation (trl's GRPOTrainer)"),
         StageSpec("rloo", "alignment.stages.online_rl", "trl:RLOOConfig", "prompt", needs_reward=True,
                   summary="REINFORCE leave-one-out (trl's RLOOTrainer)"),
+        StageSpec("dpo", "alignment.stages.dpo", "trl:DPOConfig", "preference",
+                  summary="direct preference optimisation and its loss family: IPO, robust, ... (trl's DPOTrainer)"),
+        StageSpec("kto", "alignment.stages.kto", "trl:KTOConfig", "unpaired",
+                  summary="Kahneman-Tversky optimisation on unpaired (or unpaired-from-pairs) data (trl's KTOTrainer)"),
+        StageSpec("orpo", "alignment.stages.preference_relatives", "trl.experimental.orpo:ORPOConfig", "preference",
+                  summary="odds-ratio preference optimisation, no reference model (trl.experimental)"),
+        StageSpec("cpo", "alignment.stages.preference_relatives", "trl.experimental.cpo:CPOConfig", "preference",
+                  summary="contrastive preference optimisation, no reference model (trl.experimental)"),
+        StageSpec("simpo", "alignment.stages.preference_relatives", "trl.experimental.cpo:CPOConfig", "preference",
+                  summary="SimPO: length-normalised reward with a margin, no reference model (trl.experimental CPO)"),
     ]
 }
 

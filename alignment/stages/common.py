@@ -203,17 +203,19 @@ def metrics_logger(run_dir: Path):
     return MetricsLog()
 
 
-def train(trainer, run_dir: Path, resume_from: str | None) -> None:
+def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | None = None) -> None:
     """trainer.train with the shared guards: metrics.jsonl, non-finite gradient skips, clean SIGINT/SIGTERM.
 
     A signal finishes the step, saves a checkpoint and raises `Interrupted`, so
     the run is never marked complete; `--resume` continues it.
     """
-    from alignment.guards import graceful_stop, nonfinite_guard
+    from alignment.guards import graceful_stop, nonfinite_guard, time_budget
 
     stopper = graceful_stop()
     for callback in (metrics_logger(run_dir), nonfinite_guard(), stopper):
         trainer.add_callback(callback)
+    if max_seconds is not None:
+        trainer.add_callback(time_budget(max_seconds))
     trainer.train(resume_from_checkpoint=resume_from)
     stopper.check(run_dir)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Union
 
 from alignment import data
 from alignment.checkpoint import save_run
@@ -22,6 +23,7 @@ class Options:
     """`options:` of an sft recipe."""
 
     evaluate_before: bool = True  # held-out metrics of the starting model, for the before/after table
+    max_train_seconds: Union[float, None] = None  # stop after this much training: equal-time controls
 
 
 def sft_defaults(recipe, run_dir) -> dict:
@@ -49,7 +51,7 @@ def run(recipe) -> dict:
         processing_class=tokenizer,
         peft_config=common.lora_config(recipe.model.lora),
     )
-    common.train(trainer, run_dir, resume_from)
+    common.train(trainer, run_dir, resume_from, max_seconds=recipe.options["max_train_seconds"])
     after = common.evaluate_policy(trainer.model, tokenizer, recipe.eval)
     metrics = {
         "stage": "sft",

@@ -7,6 +7,9 @@ import torch
 
 WORDS = ["a", "b", "c", "d", "e", "f", "g", "h"]
 
+# The models are tiny: one thread is fastest, and it keeps the tests quick on a shared, busy CPU.
+torch.set_num_threads(1)
+
 
 def make_tokenizer():
     """Word-level tokenizer: <pad>=0, </s>=1 (EOS), <s>=2 (BOS), then WORDS. Pad differs from EOS."""

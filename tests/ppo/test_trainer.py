@@ -188,7 +188,10 @@ def test_save_load_resume_gives_the_same_next_step(tokenizer, tmp_path):
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in tmp_path.rglob("*"))
     assert not (tmp_path / "ckpt.tmp").exists()
 
-    b = build(tokenizer, config, seed=7)  # different initial weights: the checkpoint must overwrite them
+    b = build(tokenizer, config)  # same reference model (it is not part of the checkpoint)
+    with torch.no_grad():  # scramble the trainable weights: the checkpoint must overwrite them
+        for p in [*b.policy.parameters(), *b.critic.parameters()]:
+            p.normal_()
     b.load(tmp_path / "ckpt")
     assert b.step_count == 1 and b.kl_ctl.value != config.kl_coef
     resumed = b.step()
