@@ -53,7 +53,7 @@ def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if not text.strip():
@@ -62,6 +62,8 @@ def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
             rows.append(row)
@@ -71,14 +73,44 @@ def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
 
 def read_rows(source: str, split: str = "train") -> tuple[list[dict], list[int] | None]:
     """Read a local file or a hub dataset into a list of dict rows (+ line numbers for JSONL)."""
+    if not isinstance(source, str) or not source:
+        raise DataError(f"data source must be a file path or a dataset name, got {source!r}")
     path = Path(source)
     if path.suffix in LOCAL_SUFFIXES:
         if not path.is_file():
             raise DataError(f"{source}: no such data file (paths are relative to {Path.cwd()})")
-        if path.suffix == ".jsonl":
-            return read_jsonl(path)
-        return _read_with_datasets(path), None
+        try:
+            if path.suffix == ".jsonl":
+                return read_jsonl(path)
+            return _read_with_datasets(path), None
+        except OSError as exc:
+            raise DataError(f"{source}: cannot read the data file: {exc.strerror or exc}") from None
     return _read_hub(source, split), None
+
+
+def first_row(source: str, split: str = "train") -> dict | None:
+    """The first row of a dataset (a JSONL file is read only up to it); None when empty or unreadable."""
+    path = Path(source)
+    try:
+        if path.suffix == ".jsonl" and path.is_file():
+            with path.open("rb") as handle:
+                for raw in handle:
+                    if raw.strip():
+                        row = json.loads(raw.decode("utf-8-sig"))
+                        return row if isinstance(row, dict) else None
+            return None
+        rows, _ = read_rows(source, split)
+        return rows[0] if rows else None
+    except (DataError, OSError, ValueError, RecursionError):
+        return None
+
+
+def is_conversational_row(row: dict | None) -> bool:
+    """True when a row holds a list of {"role", "content"} messages in any column."""
+    if not isinstance(row, dict):
+        return False
+    return any(isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]
+               for value in row.values())
 
 
 def _read_with_datasets(path: Path) -> list[dict]:
@@ -115,7 +147,8 @@ def _check_messages(value, where: str, name: str) -> None:
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise DataError(f"{where}: field {name!r} message {i} needs 'role' and 'content'")
         if message["role"] not in ROLES:
-            raise DataError(f"{where}: field {name!r} message {i} has role {message['role']!r}; expected one of {ROLES}")
+            raise DataError(f"{where}: field {name!r} message {i} has role {message['role']!r}; "
+                            f"expected one of {ROLES}")
         if not isinstance(message["content"], str):
             raise DataError(f"{where}: field {name!r} message {i} content must be a string")
 
@@ -124,7 +157,7 @@ def _check_text_or_messages(row: dict, name: str, where: str, required: bool = T
     """'standard' for a string, 'conversational' for messages; error naming the field otherwise."""
     if name not in row or row[name] is None:
         if required:
-            raise DataError(f"{where}: missing field {name!r} (columns present: {sorted(row)})")
+            raise DataError(f"{where}: missing field {name!r} (columns present: {_columns(row)})")
         return None
     value = row[name]
     if isinstance(value, str):
@@ -139,11 +172,17 @@ def _text_of(value) -> str:
     return "".join(m["content"] for m in value)
 
 
+def _columns(row: dict) -> list[str]:
+    return sorted(map(str, row))
+
+
 def validate_row(row: dict, fmt: str, where: str, report: LoadReport) -> bool:
     """Check one row in place; return False when the row is dropped (and counted)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a mapping of columns, got {type(row).__name__}")
     if fmt == "text":
         if not isinstance(row.get("text"), str):
-            raise DataError(f"{where}: field 'text' must be a string (columns present: {sorted(row)})")
+            raise DataError(f"{where}: field 'text' must be a string (columns present: {_columns(row)})")
         if not row["text"].strip():
             report.drop("empty text")
             return False
@@ -161,7 +200,7 @@ def validate_row(row: dict, fmt: str, where: str, report: LoadReport) -> bool:
         elif "text" in row:
             return validate_row(row, "text", where, report)
         else:
-            raise DataError(f"{where}: an SFT row needs 'messages', 'prompt'+'completion' or 'text'; got {sorted(row)}")
+            raise DataError(f"{where}: an SFT row needs 'messages', 'prompt'+'completion' or 'text'; got {_columns(row)}")
     elif fmt == "preference":
         _check_text_or_messages(row, "prompt", where, required=False)
         _check_text_or_messages(row, "chosen", where)
@@ -188,10 +227,14 @@ def validate_row(row: dict, fmt: str, where: str, report: LoadReport) -> bool:
     return True
 
 
-def _check_consistent_types(rows: list[dict], lines, origin: str) -> None:
-    """Arrow needs one type per column: name the first row whose column type differs."""
+def _check_consistent_types(rows: list[dict], positions, origin: str) -> None:
+    """Arrow needs one type per column: name the first row whose column type differs.
+
+    `positions` holds (row index in the file, line number or None) of each row.
+    """
     first: dict[str, tuple[type, int]] = {}
-    for index, row in enumerate(rows):
+    for position, row in enumerate(rows):
+        index, line = positions[position] if positions else (position, None)
         for name, value in row.items():
             kind = type(value)
             if value is None:
@@ -201,7 +244,7 @@ def _check_consistent_types(rows: list[dict], lines, origin: str) -> None:
             elif (kind is int and first[name][0] is float) or (kind is float and first[name][0] is int):
                 continue
             elif first[name][0] is not kind:
-                where = _where(origin, index, lines[index] if lines else None)
+                where = _where(origin, index, line)
                 raise DataError(
                     f"{where}: field {name!r} is {kind.__name__} but row {first[name][1]} has "
                     f"{first[name][0].__name__}; a column must have one type"
@@ -211,11 +254,12 @@ def _check_consistent_types(rows: list[dict], lines, origin: str) -> None:
 def validate_rows(rows: list[dict], lines, fmt: str, origin: str, max_dropped_fraction: float = 0.05):
     """Validate every row; return (kept rows, report).  Fails when empty or when too many are dropped."""
     report = LoadReport(source=origin, rows_read=len(rows))
-    kept = []
+    kept, kept_at = [], []
     for index, row in enumerate(rows):
         where = _where(origin, index, lines[index] if lines else None)
         if validate_row(row, fmt, where, report):
             kept.append(row)
+            kept_at.append((index, lines[index] if lines else None))
     report.rows_kept = len(kept)
     if not kept:
         raise DataError(f"{origin}: no usable rows ({report.rows_read} read, dropped: {report.dropped or 'none'})")
@@ -225,7 +269,7 @@ def validate_rows(rows: list[dict], lines, fmt: str, origin: str, max_dropped_fr
             f"{origin}: {dropped} of {report.rows_read} rows dropped ({report.dropped}), more than "
             f"data.max_dropped_fraction={max_dropped_fraction}; fix the data or raise the limit"
         )
-    _check_consistent_types(kept, None, origin)
+    _check_consistent_types(kept, kept_at, origin)
     return kept, report
 
 
@@ -262,12 +306,27 @@ def load(spec, fmt: str, seed: int = 42) -> Splits:
     if spec.eval:
         eval_rows, eval_report = load_rows(spec.eval, fmt, "test", None, spec.max_dropped_fraction)
         reports.append(eval_report)
-    train = datasets.Dataset.from_list(train_rows)
-    evaluation = datasets.Dataset.from_list(eval_rows) if eval_rows else None
+    train = _to_dataset(train_rows, spec.train)
+    evaluation = _to_dataset(eval_rows, spec.eval) if eval_rows else None
     if evaluation is None and spec.eval_fraction > 0:
-        parts = train.train_test_split(test_size=spec.eval_fraction, seed=seed, shuffle=True)
+        try:
+            parts = train.train_test_split(test_size=spec.eval_fraction, seed=seed, shuffle=True)
+        except ValueError as exc:
+            raise DataError(f"{spec.train}: cannot hold out data.eval_fraction={spec.eval_fraction} of "
+                            f"{len(train)} rows: {exc}") from None
         train, evaluation = parts["train"], parts["test"]
     return Splits(train=train, eval=evaluation, reports=reports)
+
+
+def _to_dataset(rows: list[dict], origin: str):
+    """A `datasets.Dataset` of validated rows; a column Arrow cannot store (mixed nested types) names the file."""
+    import datasets
+
+    try:
+        return datasets.Dataset.from_list(rows)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / ArrowTypeError / TypeError / ValueError
+        raise DataError(f"{origin}: the rows cannot form a table (a column holds values of different "
+                        f"nested types?): {type(exc).__name__}: {exc}") from None
 
 
 def data_fingerprint(path: str) -> str | None:

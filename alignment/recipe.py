@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -75,6 +78,9 @@ class DataSpec:
     max_samples: Union[int, None] = field(default=None, metadata=check(positive))
     max_prompt_tokens: Union[int, None] = field(default=None, metadata=check(positive))
     max_dropped_fraction: float = field(default=0.05, metadata=check(fraction))
+    # SFT: rows whose trained tokens hold no EOS / end-of-turn token are an error (the model would never learn
+    # to stop); set true only when the data is meant to be continued (e.g. truncated documents).
+    allow_missing_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,20 @@ class Recipe:
         """The recipe as run (overrides applied), with secret-looking values redacted."""
         return yaml.safe_dump(redact(_thaw(self.raw)), sort_keys=False)
 
+    def __repr__(self) -> str:
+        """Like the dataclass repr, with secret-looking values (tokens, API keys, URL passwords) redacted."""
+        parts = []
+        for f in dataclasses.fields(self):
+            if not f.repr:
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, (Mapping, tuple)):
+                value = redact(_thaw(value))
+            elif isinstance(value, str):
+                value = redact(value)
+            parts.append(f"{f.name}={value!r}")
+        return f"Recipe({', '.join(parts)})"
+
 
 TOP_LEVEL_KEYS = [f.name for f in dataclasses.fields(Recipe) if f.name not in ("source_path", "raw")]
 
@@ -178,19 +198,39 @@ def read_yaml(path: str | Path) -> tuple[dict, Locations]:
         raise RecipeError(f"{path}: no such recipe file") from None
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise RecipeError(f"{path}: cannot read the recipe file: {exc.strerror or exc}") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise RecipeError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: invalid YAML: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
-    _record_lines(node, (), locations)
+    try:
+        _check_plain(data)
+        _record_lines(node, (), locations)
+    except RecursionError:
+        raise RecipeError(f"{path}: invalid YAML: recursive (an alias inside itself) or nested too deeply") from None
     return data, locations
+
+
+def _check_plain(value, depth: int = 0) -> None:
+    """Refuse self-referencing anchors (`a: &x [*x]`) and absurd nesting, which no recipe needs."""
+    if depth > 100:
+        raise RecursionError
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_plain(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_plain(item, depth + 1)
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -244,6 +284,13 @@ def _yaml11_float(text: str):
         return text
 
 
+def _shown(value, keys: tuple) -> str:
+    """How a value appears in an error message: never the value of a secret-looking key."""
+    if keys and is_secret_key(keys[-1]):
+        return f"{type(value).__name__} '***'"
+    return f"{type(value).__name__} {value!r}"
+
+
 def coerce(value: Any, hint, keys: tuple, locations: Locations):
     """Check `value` against a type hint and convert it (int -> float, dict -> dataclass)."""
     origin = typing.get_origin(hint)
@@ -264,11 +311,12 @@ def coerce(value: Any, hint, keys: tuple, locations: Locations):
         if len(errors) == 1:
             raise errors[0]
         names = " or ".join(_type_name(o) for o in options)
-        raise locations.error(keys, f"expected {names}, got {type(value).__name__} {value!r}")
+        raise locations.error(keys, f"expected {names}, got {_shown(value, keys)}")
     if origin is Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
-            raise locations.error(keys, f"must be one of {list(choices)}, got {value!r}{did_you_mean(value, choices)}")
+        if not any(value == c and type(value) is type(c) for c in choices):
+            raise locations.error(keys, f"must be one of {list(choices)}, got {_shown(value, keys)}"
+                                  f"{did_you_mean(value, choices)}")
         return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
@@ -276,29 +324,35 @@ def coerce(value: Any, hint, keys: tuple, locations: Locations):
         return build_dataclass(hint, value, keys, locations)
     if origin in (list, tuple) or hint in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise locations.error(keys, f"expected a list, got {type(value).__name__} {value!r}")
+            raise locations.error(keys, f"expected a list, got {_shown(value, keys)}")
         return list(value)
     if origin is dict or hint is dict:
         if not isinstance(value, Mapping):
-            raise locations.error(keys, f"expected a mapping, got {type(value).__name__} {value!r}")
+            raise locations.error(keys, f"expected a mapping, got {_shown(value, keys)}")
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise locations.error(keys, f"expected true or false, got {value!r}")
+            raise locations.error(keys, f"expected true or false, got {_shown(value, keys)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise locations.error(keys, f"expected an integer, got {type(value).__name__} {value!r}")
+            raise locations.error(keys, f"expected an integer, got {_shown(value, keys)}")
         return value
     if hint is float:
         if isinstance(value, str):
             value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise locations.error(keys, f"expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
+            raise locations.error(keys, f"expected a number, got {_shown(value, keys)}")
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise locations.error(keys, f"must be a finite number, got {value!r}")
+        return value
     if hint is str:
         if not isinstance(value, str):
-            raise locations.error(keys, f"expected a string, got {type(value).__name__} {value!r}")
+            raise locations.error(keys, f"expected a string, got {_shown(value, keys)}")
         return value
     return value
 
@@ -387,7 +441,55 @@ def validate_train_section(train: Mapping, config_class, locations: Locations, k
             if problem:
                 raise locations.error(keys + (name,), f"{problem}, got {value!r}")
         checked[name] = value
+    check_generation_batch(checked, config_class, locations, keys)
     return checked
+
+
+def _config_default(config_class, name: str):
+    for f in dataclasses.fields(config_class):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return None
+
+
+def check_generation_batch(train: Mapping, config_class, locations: Locations, keys=("train",)) -> None:
+    """Group-based trainers (GRPO, RLOO): one generation batch must hold whole groups of `num_generations`.
+
+    The batch is per_device_train_batch_size x processes (WORLD_SIZE, 1 when not
+    launched) x steps_per_generation (default: gradient_accumulation_steps), or
+    `generation_batch_size` when set.
+    """
+    names = {f.name for f in dataclasses.fields(config_class)}
+    if "num_generations" not in names or "per_device_train_batch_size" not in names:
+        return
+
+    def get(name):
+        value = train.get(name, _config_default(config_class, name))
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    groups = get("num_generations")
+    if groups is None:
+        return
+    try:
+        processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        processes = 1
+    if get("generation_batch_size") is not None:
+        batch, how, key = get("generation_batch_size"), "generation_batch_size", "generation_batch_size"
+    else:
+        per_device = get("per_device_train_batch_size") or 1
+        steps_name = "steps_per_generation" if get("steps_per_generation") is not None else "gradient_accumulation_steps"
+        steps = get(steps_name) or 1
+        batch = per_device * processes * steps
+        how = (f"per_device_train_batch_size ({per_device}) x processes ({processes}) x {steps_name} ({steps})")
+        key = "per_device_train_batch_size"
+    if batch % groups:
+        raise locations.error(keys + (key,), f"{how} = {batch} completions per generation batch, which is not "
+                                             f"divisible by num_generations ({groups}): every prompt needs a whole "
+                                             "group of completions")
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -414,13 +516,24 @@ def is_secret_key(key: str) -> bool:
     return any(m in key for m in SECRET_MARKERS) and key not in SECRET_EXCEPTIONS and not key.endswith("_env")
 
 
+URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@/\s]+@")
+
+
 def redact(value):
-    """Replace the values of secret-looking keys (tokens, API keys, passwords) with '***'."""
+    """Replace the values of secret-looking keys (tokens, API keys, passwords) and URL passwords with '***'."""
     if isinstance(value, Mapping):
         return {k: ("***" if is_secret_key(k) and v not in (None, "") else redact(v)) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return URL_PASSWORD.sub(r"\g<head>***@", value)
     return value
+
+
+def _section(data: Mapping, name: str, empty):
+    """An optional section: absent or `null` is empty; anything else is type-checked by the caller."""
+    value = data.get(name)
+    return empty if value is None else value
 
 
 def from_dict(data: dict, locations: Locations) -> Recipe:
@@ -435,11 +548,15 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
     spec = stage_spec(stage, locations)
     model = coerce(data["model"], ModelSpec, ("model",), locations)
     data_spec = coerce(data["data"], DataSpec, ("data",), locations)
-    train_raw = coerce(data.get("train") or {}, dict, ("train",), locations)
-    train = validate_train_section(train_raw, spec.config_class(), locations)
-    options_raw = coerce(data.get("options") or {}, dict, ("options",), locations)
-    options = dataclasses.asdict(build_dataclass(spec.options_class(), options_raw, ("options",), locations))
-    rewards_raw = coerce(data.get("reward") or [], list, ("reward",), locations)
+    try:
+        config_class, options_class = spec.config_class(), spec.options_class()
+    except (ImportError, AttributeError) as exc:
+        raise locations.error(("stage",), f"stage {stage!r} is not available here: {exc}") from None
+    train_raw = coerce(_section(data, "train", {}), dict, ("train",), locations)
+    train = validate_train_section(train_raw, config_class, locations)
+    options_raw = coerce(_section(data, "options", {}), dict, ("options",), locations)
+    options = dataclasses.asdict(build_dataclass(options_class, options_raw, ("options",), locations))
+    rewards_raw = coerce(_section(data, "reward", []), list, ("reward",), locations)
     rewards = tuple(
         dataclasses.asdict(coerce({"source": r} if isinstance(r, str) else r, RewardSpec, ("reward", i), locations))
         for i, r in enumerate(rewards_raw)

@@ -90,7 +90,15 @@ class CausalLMWithValueHead(nn.Module):
     def config(self):
         return self.pretrained_model.config
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep: int = 0, **kwargs):
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        logits_to_keep: int = 0,
+        use_cache=False,
+        **kwargs,
+    ):
         """Logits and values; with ``logits_to_keep=k`` both cover only the last ``k`` positions."""
         out = self.pretrained_model(
             input_ids=input_ids,
@@ -98,7 +106,7 @@ class CausalLMWithValueHead(nn.Module):
             position_ids=position_ids,
             logits_to_keep=logits_to_keep,
             output_hidden_states=True,
-            use_cache=False,
+            use_cache=use_cache,
             **kwargs,
         )
         hidden = out.hidden_states[-1]
@@ -208,7 +216,9 @@ class SequenceCritic(nn.Module):
         config = copy.deepcopy(model.config)
         config.num_labels = 1
         param = next(model.parameters())
-        seq = AutoModelForSequenceClassification.from_config(config).to(device=param.device, dtype=param.dtype)
+        seq = AutoModelForSequenceClassification.from_config(config).to(
+            device=param.device, dtype=param.dtype
+        )
         src = getattr(model, model.base_model_prefix, model)
         getattr(seq, seq.base_model_prefix).load_state_dict(src.state_dict())
         head = _score_layer(seq)
@@ -245,7 +255,9 @@ def per_token_values(critic: nn.Module, input_ids, attention_mask=None, position
     """Per-token values ``(B, T)`` (or the last ``values_to_keep`` positions) from either critic kind."""
     if isinstance(critic, CausalLMWithValueHead):
         return critic(input_ids, attention_mask, position_ids, logits_to_keep=values_to_keep).values
-    return critic(input_ids, attention_mask=attention_mask, position_ids=position_ids, values_to_keep=values_to_keep)
+    return critic(
+        input_ids, attention_mask=attention_mask, position_ids=position_ids, values_to_keep=values_to_keep
+    )
 
 
 def load_safetensors_weights(model: nn.Module, directory) -> None:

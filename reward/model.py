@@ -33,10 +33,14 @@ class RewardModel:
             tokens (the completion's end, where the score is read), is counted in
             ``self.truncated`` and logged. Default: no limit.
         bias: subtracted from every score (centre the reward, e.g. on the SFT
-            policy's mean).
-        use_chat_template: None (default) = use the tokenizer's chat template
-            when it has one (prompt as the user message, completion as the
-            assistant message); False = always plain ``prompt + completion``.
+            policy's mean). None (default): the ``bias`` in the directory's
+            ``reward_config.json`` (written by the reward-model stage) when
+            present, else 0.0.
+        use_chat_template: None (default) = ``reward_config.json``'s
+            ``use_chat_template`` when present (the format the model was trained
+            on), else use the tokenizer's chat template when it has one (prompt
+            as the user message, completion as the assistant message); False =
+            always plain ``prompt + completion``.
         append_eos: on the plain-text path, append the eos token when the text
             does not end with it (as trl's RewardTrainer does for standard data).
         padding_side: "left" or "right"; default: the tokenizer's.
@@ -55,7 +59,7 @@ class RewardModel:
         device: str | None = None,
         batch_size: int = 16,
         max_length: int | None = None,
-        bias: float = 0.0,
+        bias: float | None = None,
         use_chat_template: bool | None = None,
         append_eos: bool = True,
         padding_side: str | None = None,
@@ -89,6 +93,11 @@ class RewardModel:
             )
 
         self.path = path
+        defaults = read_reward_config(path)
+        if bias is None:
+            bias = defaults.get("bias", 0.0)
+        if use_chat_template is None:
+            use_chat_template = defaults.get("use_chat_template")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = getattr(torch, dtype) if dtype else torch.float32
         try:
@@ -225,6 +234,43 @@ class RewardModel:
         else:  # encoder-style head (pools its own first token): padding-invariant already
             scores = output.logits[:, 0]
         return [float(s) - self.bias for s in scores.float().cpu()]
+
+
+REWARD_CONFIG = "reward_config.json"
+_REWARD_CONFIG_TYPES = {"bias": (int, float), "use_chat_template": (bool,)}
+
+
+def read_reward_config(path: str) -> dict[str, Any]:
+    """Scoring defaults saved beside a trained reward model (``reward_config.json``); {} when absent.
+
+    Keys read: ``bias`` (a finite number, subtracted from every score) and
+    ``use_chat_template`` (true/false: the format the model was trained on).
+    Other keys (provenance such as ``centered_on``) are ignored. Explicit
+    constructor arguments win over these defaults.
+    """
+    import math
+
+    file = os.path.join(path, REWARD_CONFIG)
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise RewardError(f"reward model '{path}': {REWARD_CONFIG} is not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise RewardError(f"reward model '{path}': {REWARD_CONFIG} must hold a JSON object")
+    out = {}
+    for key, kinds in _REWARD_CONFIG_TYPES.items():
+        if config.get(key) is None:
+            continue
+        value = config[key]
+        if not isinstance(value, kinds) or (kinds != (bool,) and isinstance(value, bool)):
+            raise RewardError(f"reward model '{path}': {REWARD_CONFIG}: {key} has the wrong type: {value!r}")
+        if key == "bias" and not math.isfinite(value):
+            raise RewardError(f"reward model '{path}': {REWARD_CONFIG}: bias must be finite, got {value!r}")
+        out[key] = value
+    return out
 
 
 def last_token_index(attention_mask: Any) -> Any:

@@ -71,8 +71,15 @@ class PPOConfig:
             "learning_rate", "adam_eps", "temperature", "cliprange", "cliprange_value", "target_kl"
         )
         self._check_positive_int(
-            "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
-            "total_steps", "max_new_tokens", "horizon", "logging_steps", "max_nonfinite_updates",
+            "batch_size",
+            "mini_batch_size",
+            "gradient_accumulation_steps",
+            "ppo_epochs",
+            "total_steps",
+            "max_new_tokens",
+            "horizon",
+            "logging_steps",
+            "max_nonfinite_updates",
         )
         self._check_non_negative("kl_coef", "vf_coef", "weight_decay")
         for key in ("critic_learning_rate", "max_grad_norm"):

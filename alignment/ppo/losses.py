@@ -52,7 +52,9 @@ __all__ = [
 # ---------------------------------------------------------------- log-probs
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def logprobs_from_logits(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """Log-probability of ``tokens`` under ``softmax(logits / T)``.
 
     ``log pi_T(y_t | s_t) = z_{y_t} / T - logsumexp_v(z_v / T)``: the same

@@ -56,7 +56,11 @@ class Rollout:
     entropy: torch.Tensor
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
 
 
 # ------------------------------------------------------------------ inputs
@@ -71,9 +75,7 @@ def left_pad_prompts(tokenizer, prompts: list[str], device=None) -> tuple[torch.
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one that is not the EOS token")
     bos = tokenizer.bos_token
-    rows = [
-        tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"] for p in prompts
-    ]
+    rows = [tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"] for p in prompts]
     if any(len(r) == 0 for r in rows):
         raise ValueError("a prompt tokenised to no tokens")
     width = max(len(r) for r in rows)
@@ -135,7 +137,9 @@ def _only_our_sampling_settings(model):
 
 
 @torch.no_grad()
-def generate_responses(model, query_ids, query_mask, *, max_new_tokens, temperature, eos_token_ids, pad_token_id):
+def generate_responses(
+    model, query_ids, query_mask, *, max_new_tokens, temperature, eos_token_ids, pad_token_id
+):
     """Sample responses ``(B, <= max_new_tokens)`` (the prompt stripped) by pure ancestral sampling at ``T``."""
     from transformers import GenerationConfig
 
@@ -167,7 +171,9 @@ def truncate_after_eos(response_ids: torch.Tensor, eos_token_ids, pad_token_id: 
     is_eos = torch.isin(response_ids, torch.as_tensor(list(eos_token_ids), device=response_ids.device))
     has_eos = is_eos.any(dim=-1)
     length = response_ids.shape[-1]
-    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=-1), torch.full_like(has_eos, length - 1, dtype=torch.long))
+    first_eos = torch.where(
+        has_eos, is_eos.int().argmax(dim=-1), torch.full_like(has_eos, length - 1, dtype=torch.long)
+    )
     positions = torch.arange(length, device=response_ids.device).expand_as(response_ids)
     mask = positions <= first_eos.unsqueeze(-1)
     ids = torch.where(mask, response_ids, torch.full_like(response_ids, pad_token_id))
@@ -187,7 +193,13 @@ def response_forward(model, query_ids, query_mask, response_ids, response_mask):
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
     keep = response_ids.shape[1] + 1
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=keep)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        logits_to_keep=keep,
+        use_cache=False,
+    )
     values = out.values[:, :-1] if isinstance(out, ValueHeadOutput) else None
     return out.logits[:, :-1], values
 
@@ -213,14 +225,18 @@ def reference_model(policy, ref_policy):
         return
     lm = _unwrap_lm(policy)
     if not hasattr(lm, "disable_adapter"):
-        raise ValueError("ref_policy=None needs a peft policy (the reference is the policy with its adapter disabled)")
+        raise ValueError(
+            "ref_policy=None needs a peft policy (the reference is the policy with its adapter disabled)"
+        )
     with lm.disable_adapter():
         yield lm
 
 
 @torch.no_grad()
 def _policy_pass(policy, critic, batch, mask, temperature):
-    logits, values = response_forward(policy, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask)
+    logits, values = response_forward(
+        policy, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask
+    )
     logp = logprobs_from_logits(logits, batch["response_ids"], temperature)
     entropy = entropy_from_logits(logits, temperature)
     if critic is not None:
@@ -231,13 +247,29 @@ def _policy_pass(policy, critic, batch, mask, temperature):
 @torch.no_grad()
 def _reference_pass(policy, ref_policy, batch, mask, temperature):
     with reference_model(policy, ref_policy) as ref:
-        logits, _ = response_forward(ref, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask)
+        logits, _ = response_forward(
+            ref, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask
+        )
     return logprobs_from_logits(logits, batch["response_ids"], temperature)
 
 
 def _chunks(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+def _token_statistics(policy, ref_policy, critic, batch, mask, temperature, chunk_size) -> dict:
+    """Log-probs, reference log-probs, values and entropy per response token, ``chunk_size`` rows at a time."""
+    parts = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    for rows in _chunks(len(mask), chunk_size):
+        sub = {k: v[rows] for k, v in batch.items()}
+        logp, entropy, values = _policy_pass(policy, critic, sub, mask[rows], temperature)
+        parts["logprobs"].append(logp)
+        parts["entropy"].append(entropy)
+        parts["values"].append(values)
+        parts["ref_logprobs"].append(_reference_pass(policy, ref_policy, sub, mask[rows], temperature))
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return {k: torch.where(mask, torch.cat(v).float(), zeros) for k, v in parts.items()}
 
 
 def collect_rollout(
@@ -264,27 +296,32 @@ def collect_rollout(
     eos_ids = stop_token_ids(tokenizer, _unwrap_lm(policy))
     query_ids, query_mask = left_pad_prompts(tokenizer, prompts, device)
     raw = generate_responses(
-        _unwrap_lm(policy), query_ids, query_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-        eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
+        _unwrap_lm(policy),
+        query_ids,
+        query_mask,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        eos_token_ids=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
     )
     response_ids, response_mask, has_eos = truncate_after_eos(raw, eos_ids, tokenizer.pad_token_id)
     batch = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids}
-    parts = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
-    for rows in _chunks(len(prompts), forward_batch_size):
-        sub = {k: v[rows] for k, v in batch.items()}
-        logp, entropy, values = _policy_pass(policy, critic, sub, response_mask[rows], temperature)
-        parts["logprobs"].append(logp)
-        parts["entropy"].append(entropy)
-        parts["values"].append(values)
-        parts["ref_logprobs"].append(_reference_pass(policy, ref_policy, sub, response_mask[rows], temperature))
-    zeros = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
-    merged = {k: torch.where(response_mask, torch.cat(v).float(), zeros) for k, v in parts.items()}
+    stats = _token_statistics(
+        policy, ref_policy, critic, batch, response_mask, temperature, forward_batch_size
+    )
     completions = [
-        tokenizer.decode(ids[m].tolist(), skip_special_tokens=True) for ids, m in zip(response_ids, response_mask)
+        tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
+        for ids, m in zip(response_ids, response_mask)
     ]
     return Rollout(
-        prompts=list(prompts), completions=completions, query_ids=query_ids, query_mask=query_mask,
-        response_ids=response_ids, response_mask=response_mask, has_eos=has_eos, **merged,
+        prompts=list(prompts),
+        completions=completions,
+        query_ids=query_ids,
+        query_mask=query_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        has_eos=has_eos,
+        **stats,
     )
 
 
@@ -295,14 +332,20 @@ def _as_score(value, index: int, source: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, (bool, str, bytes)) or not isinstance(value, (numbers.Real, torch.Tensor)):
-        raise RewardError(f"reward source {source!r} returned {value!r} for sample {index}: not a number or None")
+        raise RewardError(
+            f"reward source {source!r} returned {value!r} for sample {index}: not a number or None"
+        )
     score = float(value)
     if not math.isfinite(score):
-        raise RewardError(f"reward source {source!r} returned {score} for sample {index}; a score must be finite")
+        raise RewardError(
+            f"reward source {source!r} returned {score} for sample {index}; a score must be finite"
+        )
     return score
 
 
-def score_responses(reward_fn, prompts: list[str], completions: list[str], columns: dict) -> list[float | None]:
+def score_responses(
+    reward_fn, prompts: list[str], completions: list[str], columns: dict
+) -> list[float | None]:
     """Call ``reward_fn(prompts, completions, **columns)`` and validate what it returns.
 
     A wrong count, a NaN/inf, a non-number or an exception raises
@@ -316,6 +359,7 @@ def score_responses(reward_fn, prompts: list[str], completions: list[str], colum
     except Exception as exc:
         raise RewardError(f"reward source {source!r} failed: {type(exc).__name__}: {exc}") from exc
     if len(scores) != len(completions):
-        raise RewardError(f"reward source {source!r} returned {len(scores)} scores for {len(completions)} completions")
+        raise RewardError(
+            f"reward source {source!r} returned {len(scores)} scores for {len(completions)} completions"
+        )
     return [_as_score(s, i, source) for i, s in enumerate(scores)]
-

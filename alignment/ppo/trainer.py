@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -51,13 +52,21 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PPOTrainer"]
 
-STATE_DIR = "trainer_state"  # optimizer, scheduler, KL controller, counters, per-process RNG
+STATE_DIR = "ppo_state"  # optimizer, scheduler, KL controller, counters, per-process RNG
+SUMMARY_JSON = "trainer_state.json"  # what alignment.checkpoint.latest_checkpoint looks for
 CONFIG_JSON = "ppo_config.json"
 CRITIC_DIR = "critic"
 
 _TRAIN_KEYS = (
-    "query_ids", "query_mask", "response_ids", "response_mask", "loss_mask",
-    "old_logprobs", "old_values", "advantages", "returns",
+    "query_ids",
+    "query_mask",
+    "response_ids",
+    "response_mask",
+    "loss_mask",
+    "old_logprobs",
+    "old_values",
+    "advantages",
+    "returns",
 )
 
 
@@ -141,8 +150,10 @@ class PPOTrainer:
         train_stats = self._update(data)
         done = time.perf_counter()
         times = {
-            "time/generation": generated - start, "time/scoring": scored - generated,
-            "time/training": done - scored, "time/step": done - start,
+            "time/generation": generated - start,
+            "time/scoring": scored - generated,
+            "time/training": done - scored,
+            "time/step": done - start,
         }
         metrics = self._metrics(rollout, scores, keep, raw, reward_stats, train_stats, times)
         self.kl_ctl.update(metrics["objective/kl"], self.config.batch_size * self.accelerator.num_processes)
@@ -154,22 +165,33 @@ class PPOTrainer:
 
     def _batch_rows(self, step: int) -> list[dict]:
         """This process's prompts for ``step``: a fresh seeded permutation on every pass over the data."""
-        size, world, rank = self.config.batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        size, world, rank = (
+            self.config.batch_size,
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+        )
         n, orders = len(self.prompts), {}
         picked = []
         for j in range(rank * size, (rank + 1) * size):
             epoch, index = divmod(step * size * world + j, n)
             if epoch not in orders:
-                orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + epoch))
+                orders[epoch] = torch.randperm(
+                    n, generator=torch.Generator().manual_seed(self.config.seed + epoch)
+                )
             picked.append(self.prompts[int(orders[epoch][index])])
         return picked
 
     def _rollout(self, rows: list[dict]):
         unwrap = self.accelerator.unwrap_model
         rollout = collect_rollout(
-            unwrap(self.policy), self.ref_policy, unwrap(self.critic) if self.critic is not None else None,
-            self.tokenizer, [row["prompt"] for row in rows], max_new_tokens=self.config.max_new_tokens,
-            temperature=self.config.temperature, forward_batch_size=self.config.mini_batch_size,
+            unwrap(self.policy),
+            self.ref_policy,
+            unwrap(self.critic) if self.critic is not None else None,
+            self.tokenizer,
+            [row["prompt"] for row in rows],
+            max_new_tokens=self.config.max_new_tokens,
+            temperature=self.config.temperature,
+            forward_batch_size=self.config.mini_batch_size,
             device=self.accelerator.device,
         )
         self.last_rollout = rollout
@@ -177,7 +199,9 @@ class PPOTrainer:
 
     def _score(self, rollout, rows: list[dict]):
         """Scores (after the missing-EOS penalty), the keep mask (score not None) and the raw scores."""
-        columns = {key: [row.get(key) for row in rows] for key in sorted({k for r in rows for k in r} - {"prompt"})}
+        columns = {
+            key: [row.get(key) for row in rows] for key in sorted({k for r in rows for k in r} - {"prompt"})
+        }
         raw = score_responses(self.reward_fn, rollout.prompts, rollout.completions, columns)
         scores = [0.0 if s is None else s for s in raw]
         keep = [s is not None for s in raw]
@@ -199,9 +223,15 @@ class PPOTrainer:
         advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask)
         data = {
-            "query_ids": rollout.query_ids, "query_mask": rollout.query_mask,
-            "response_ids": rollout.response_ids, "response_mask": rollout.response_mask, "loss_mask": mask,
-            "old_logprobs": logp, "old_values": rollout.values, "advantages": advantages, "returns": returns,
+            "query_ids": rollout.query_ids,
+            "query_mask": rollout.query_mask,
+            "response_ids": rollout.response_ids,
+            "response_mask": rollout.response_mask,
+            "loss_mask": mask,
+            "old_logprobs": logp,
+            "old_values": rollout.values,
+            "advantages": advantages,
+            "returns": returns,
         }
         kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
         stats = {"non_score": masked_sum(-beta * kl, rollout.response_mask, dim=-1), "beta": beta}
@@ -257,9 +287,13 @@ class PPOTrainer:
             ratio = torch.exp(torch.where(mask, new_logp - batch["old_logprobs"], torch.zeros_like(new_logp)))
             deviation = torch.where(mask, (ratio - 1).abs(), torch.zeros_like(ratio))
         stats = {
-            "policy/loss": pg_loss.item(), "policy/clipfrac": clipfrac.item(), "policy/approx_kl": approx_kl.item(),
-            "value/loss": vf_loss.item(), "value/clipfrac": vf_clipfrac.item(),
-            "policy/ratio_mean": masked_mean(ratio, mask).item(), "ratio_max_dev": deviation.max().item(),
+            "policy/loss": pg_loss.item(),
+            "policy/clipfrac": clipfrac.item(),
+            "policy/approx_kl": approx_kl.item(),
+            "value/loss": vf_loss.item(),
+            "value/clipfrac": vf_clipfrac.item(),
+            "policy/ratio_mean": masked_mean(ratio, mask).item(),
+            "ratio_max_dev": deviation.max().item(),
         }
         return pg_loss + cfg.vf_coef * vf_loss, stats
 
@@ -269,17 +303,20 @@ class PPOTrainer:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
 
     def _optimizer_step(self) -> dict:
-        """Clip, step and zero the gradients, or skip a poisoned (non-finite) update."""
+        """Clip, step and zero the gradients; skip the update if its loss or gradient norm is not finite."""
         cfg, stats = self.config, {}
+        if not self._poisoned:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            norm = float(self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf))
+            stats["train/grad_norm"] = norm
+            self._poisoned = not math.isfinite(norm)
         if self._poisoned:
             self.skipped_updates += 1
             self.nonfinite_in_a_row += 1
-            logger.warning("non-finite loss: update skipped (%d in a row)", self.nonfinite_in_a_row)
+            logger.warning(
+                "non-finite loss or gradient: update skipped (%d in a row)", self.nonfinite_in_a_row
+            )
         else:
-            if cfg.max_grad_norm is not None:
-                params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                norm = self.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                stats["train/grad_norm"] = float(norm)
             self.optimizer.step()
             self.scheduler.step()
             self.nonfinite_in_a_row = 0
@@ -287,7 +324,7 @@ class PPOTrainer:
         self._poisoned = False
         if self.nonfinite_in_a_row >= cfg.max_nonfinite_updates:
             raise TrainingError(
-                f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss "
+                f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient "
                 f"(max_nonfinite_updates={cfg.max_nonfinite_updates}); stopping at step {self.step_count}"
             )
         return stats
@@ -310,19 +347,27 @@ class PPOTrainer:
             "val/eos_rate": rollout.has_eos.float().mean(),
             "val/response_length": mask.sum(-1).float().mean(),
             "val/dropped_rate": 1.0 - kept.mean(),
-            f"reward/{self.reward_name}": torch.tensor(sum(present) / len(present) if present else float("nan")),
+            f"reward/{self.reward_name}": torch.tensor(
+                sum(present) / len(present) if present else float("nan")
+            ),
             "value/mean": masked_mean(rollout.values, mask),
             **{k: torch.tensor(v) for k, v in train_stats.items() if k != "ratio_max_dev"},
         }
         names = list(local)
-        stacked = torch.stack([torch.as_tensor(local[k], dtype=torch.float32).to(self.accelerator.device) for k in names])
+        stacked = torch.stack(
+            [torch.as_tensor(local[k], dtype=torch.float32).to(self.accelerator.device) for k in names]
+        )
         reduced = self.accelerator.reduce(stacked, reduction="mean").tolist()
         metrics = dict(zip(names, reduced))
         metrics.update(times)
-        metrics.update({
-            "objective/kl_coef": reward_stats["beta"], "train/lr": self.scheduler.get_last_lr()[0],
-            "train/skipped_updates": self.skipped_updates, "step": self.step_count + 1,
-        })
+        metrics.update(
+            {
+                "objective/kl_coef": reward_stats["beta"],
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/skipped_updates": self.skipped_updates,
+                "step": self.step_count + 1,
+            }
+        )
         return metrics
 
     def _check_health(self, metrics: dict) -> None:
@@ -332,7 +377,12 @@ class PPOTrainer:
             ("objective/kl", cfg.max_kl, "above max_kl", lambda v, b: v <= b),
             ("objective/entropy", cfg.min_entropy, "below min_entropy", lambda v, b: v >= b),
             ("val/eos_rate", cfg.min_eos_rate, "below min_eos_rate", lambda v, b: v >= b),
-            ("val/response_length", cfg.min_response_length, "below min_response_length", lambda v, b: v >= b),
+            (
+                "val/response_length",
+                cfg.min_response_length,
+                "below min_response_length",
+                lambda v, b: v >= b,
+            ),
         ]
         problems = [
             f"{name} = {metrics[name]:.4g} is {what} ({bound})"
@@ -375,10 +425,12 @@ class PPOTrainer:
 
         Layout: the policy's ``save_pretrained`` output and the tokenizer at
         the top (plain transformers, or a peft adapter), ``critic/`` (a
-        separate critic), ``ppo_config.json`` and ``trainer_state/``
-        (optimizer, scheduler, KL controller, counters, RNG state of each
-        process), safetensors and JSON only. Written under a temporary name
-        and renamed when complete.
+        separate critic), ``ppo_config.json``, ``ppo_state/`` (optimizer,
+        scheduler, KL controller, counters, RNG state of each process) and a
+        ``trainer_state.json`` summary (the file
+        ``alignment.checkpoint.latest_checkpoint`` looks for); safetensors and
+        JSON only. Written under a temporary name and renamed when complete,
+        so a ``checkpoints/checkpoint-<step>`` directory is whole or absent.
         """
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".tmp")
@@ -396,10 +448,20 @@ class PPOTrainer:
         _write_tree(_rng_state(), tmp / STATE_DIR, f"rng_{acc.process_index}")
         acc.wait_for_everyone()
         if acc.is_main_process:
+            (tmp / SUMMARY_JSON).write_text(json.dumps(self._summary(), indent=2))
             shutil.rmtree(directory, ignore_errors=True)
             os.replace(tmp, directory)
         acc.wait_for_everyone()
         return directory
+
+    def _summary(self) -> dict:
+        return {
+            "trainer": "alignment.ppo.PPOTrainer",
+            "global_step": self.step_count,
+            "kl_coef": self.kl_ctl.value,
+            "skipped_updates": self.skipped_updates,
+            "num_processes": self.accelerator.num_processes,
+        }
 
     def load(self, directory) -> None:
         """Resume from a directory written by :meth:`save`: weights, optimizer, scheduler, KL, RNG, step."""
@@ -421,13 +483,19 @@ def _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts) -> Non
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
     if critic is None and not isinstance(policy, CausalLMWithValueHead):
-        raise ValueError("critic=None needs a policy with a value head (policies.value.CausalLMWithValueHead)")
+        raise ValueError(
+            "critic=None needs a policy with a value head (policies.value.CausalLMWithValueHead)"
+        )
     if critic is not None and isinstance(policy, CausalLMWithValueHead):
         raise ValueError("the policy has a value head and a separate critic was given: pass one critic")
+    if ref_policy is not None and ref_policy is policy:
+        raise ValueError("ref_policy is the policy itself: pass a frozen copy, or None with a peft policy")
     if ref_policy is None:
         lm = policy.pretrained_model if isinstance(policy, CausalLMWithValueHead) else policy
         if not hasattr(lm, "disable_adapter"):
-            raise ValueError("ref_policy=None needs a peft policy (reference = policy with the adapter disabled)")
+            raise ValueError(
+                "ref_policy=None needs a peft policy (reference = policy with the adapter disabled)"
+            )
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError("the tokenizer's pad token must be set and differ from its EOS token")
     if not prompts:

@@ -40,6 +40,8 @@ STAGES: dict[str, StageSpec] = {
                   summary="causal-LM training on plain text"),
         StageSpec("sft", "alignment.stages.sft", "trl:SFTConfig", "sft",
                   summary="supervised fine-tuning, loss on completions only"),
+        StageSpec("reward_model", "alignment.stages.reward_model", "trl:RewardConfig", "preference",
+                  summary="scalar reward model on preference pairs (trl's RewardTrainer), held-out pair accuracy"),
         StageSpec("grpo", "alignment.stages.online_rl", "trl:GRPOConfig", "prompt", needs_reward=True,
                   summary="group relative policy optimisation (trl's GRPOTrainer)"),
         StageSpec("rloo", "alignment.stages.online_rl", "trl:RLOOConfig", "prompt", needs_reward=True,

@@ -459,13 +459,12 @@ def sampled_kl(policy, reference, tokenizer, prompts: list, max_new_tokens: int,
 
 
 class HeldOut:
-    """The held-out pairs of a run, scored before and after training."""
+    """The held-out pairs of a run, scored under the starting model and again after training."""
 
-    def __init__(self, tokenizer, rows: list | None, batch_size: int = 128, max_pairs: int | None = None):
-        rows = list(rows or [])[:max_pairs] if max_pairs else list(rows or [])
+    def __init__(self, tokenizer, rows: list | None, batch_size: int = 128):
         self.tokenizer, self.batch_size = tokenizer, batch_size
-        self.rows = rows
-        self.pairs = tokenize_pairs(tokenizer, rows) if rows else []
+        self.rows = list(rows or [])
+        self.pairs = tokenize_pairs(tokenizer, self.rows) if self.rows else []
         self.start = None
 
     def __bool__(self) -> bool:
@@ -484,6 +483,7 @@ class HeldOut:
         return pair_metrics(chosen, rejected, start=self.start, beta=beta)
 
     def prompts(self, limit: int) -> list:
+        """Up to `limit` distinct held-out prompts, in file order."""
         seen, prompts = set(), []
         for row in self.rows:
             key = json.dumps(row["prompt"], sort_keys=True)
@@ -491,6 +491,53 @@ class HeldOut:
                 seen.add(key)
                 prompts.append(row["prompt"])
         return prompts[:limit]
+
+
+class Measurements:
+    """Every number a preference stage reports, taken the same way for each stage.
+
+    ``before(model)``: held-out task metrics (``common.evaluate_policy``) and the
+    held-out pairs under the starting model.  ``after(trainer)``: the same again,
+    plus drift, implicit rewards and the sampled KL to the starting model.
+    Both also go to metrics.jsonl (as ``heldout/...`` records).
+    """
+
+    def __init__(self, recipe, tokenizer, pairs: PairData, run_dir: Path):
+        self.recipe, self.tokenizer, self.run_dir = recipe, tokenizer, run_dir
+        self.heldout = HeldOut(tokenizer, pairs.eval_rows, recipe.options["heldout_batch_size"])
+        self.task_before = self.heldout_before = None
+
+    def before(self, model) -> None:
+        from alignment.stages import common
+
+        if self.recipe.options["evaluate_before"]:
+            self.task_before = common.evaluate_policy(model, self.tokenizer, self.recipe.eval)
+        self.heldout_before = self.heldout.score_start(model)
+        log_record(self.run_dir, 0, self.heldout_before, "heldout")
+
+    def after(self, trainer, beta: float | None = None) -> dict:
+        from alignment.stages import common
+
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        heldout_after = self.heldout.score(policy, beta=beta)
+        log_record(self.run_dir, trainer.state.global_step, heldout_after, "heldout")
+        kl = None
+        if self.heldout and self.recipe.options["kl_samples"]:
+            max_new_tokens = self.recipe.eval.max_new_tokens if self.recipe.eval else 16
+            with reference_model(trainer, self.recipe) as start_model:
+                kl = sampled_kl(policy, start_model, self.tokenizer,
+                                self.heldout.prompts(self.recipe.options["kl_samples"]),
+                                max_new_tokens=max_new_tokens, seed=self.recipe.seed)
+            log_record(self.run_dir, trainer.state.global_step, kl, "kl_to_start")
+        return {
+            "train_margin_first_last": logged_series(trainer, "rewards/margins"),
+            "train_accuracy_first_last": logged_series(trainer, "rewards/accuracies"),
+            "heldout_before": self.heldout_before,
+            "heldout_after": heldout_after,
+            "kl_to_start": kl,
+            "before": self.task_before,
+            "after": common.evaluate_policy(policy, self.tokenizer, self.recipe.eval),
+        }
 
 
 def log_record(run_dir: Path, step: int, record: dict, prefix: str) -> None:

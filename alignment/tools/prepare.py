@@ -197,7 +197,7 @@ class NearDuplicateIndex:
         from datasketch import MinHash
 
         sig = MinHash(num_perm=len(self._template.hashvalues), seed=self._template.seed,
-                      permutations=self._template.permutations)
+                      permutations=self._template.permutations, scheme=self._template.scheme)
         sig.update_batch([s.encode("utf-8") for s in sorted(shingles(text))])
         return sig
 

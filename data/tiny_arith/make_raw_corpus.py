@@ -74,8 +74,8 @@ def swap(rng: random.Random, a: int, b: int) -> str:
 
 
 def making_ten(rng: random.Random, a: int, b: int) -> str:
-    gap = (10 - a % 10) % 10 or 10
-    if gap >= b:
+    gap = 10 - a % 10
+    if a % 10 == 0 or gap >= b:
         return number_line(rng, a, b)
     return (f"Make a ten to add {b} to {a}: {a} + {gap} = {a + gap}, then add the remaining {b - gap} "
             f"to reach {a + b}.")
@@ -84,10 +84,11 @@ def making_ten(rng: random.Random, a: int, b: int) -> str:
 TEMPLATES = [word_problem, worked_sum, number_line, prices, swap, making_ten]
 
 JUNK = {
-    "empty": ["", "   ", "\t\n ", "\u200b\u200b"],
+    "empty": ["", "   ", "\t\n ", "\u3000\u3000 "],
     "too_short": ["ok", "2 + 2 = 4", "yes, 12", "What is 9?"],
     "low_alnum_share": ["!!! ??? ### $$$ %%% *** +++", "-- == ++ ;; :: <> {} [] || // ~~",
-                        "\U0001f600\U0001f603\U0001f604 \U0001f601\U0001f606\U0001f605 \U0001f923\U0001f602\U0001f642",
+                        "\U0001f600\U0001f603\U0001f604 \U0001f601\U0001f606\U0001f605 \U0001f923\U0001f602\U0001f642 "
+                        "\U0001f60a\U0001f607\U0001f643 \U0001f609\U0001f60c\U0001f60d \U0001f970\U0001f618 = 42",
                         "(((( )))) [[[ ]]] {{{ }}} <<< >>> ... ,,,"],
     "repeated_chars": ["Whaaaaaaaaaaaaaaat is 12 + 30? It is 42.", "zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz",
                        "The answer is 4444444444444444 and that is final.",
@@ -147,7 +148,8 @@ def build(seed: int = SEED) -> list[str]:
         planted.append((after, json.dumps({"id": f"p{len(planted):03d}", "planted": kind, "text": text},
                                           ensure_ascii=False)))
 
-    sources = rng.sample(range(CLEAN_ROWS // 2), 24)
+    long_rows = [i for i in range(CLEAN_ROWS // 2) if len(clean[i]) >= 100]
+    sources = rng.sample(long_rows, 24)
     for n, i in enumerate(sources[:12]):  # exact duplicates: verbatim, extra whitespace, full-width digits
         text = clean[i]
         variant = [text, "  " + text.replace(" ", "   ", 3) + " \t", text.translate(FULLWIDTH)][n % 3]

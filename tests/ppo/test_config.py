@@ -36,7 +36,9 @@ def test_invalid_values_name_the_key(kwargs, key):
 def test_defaults_and_derived_sizes():
     cfg = PPOConfig()
     assert cfg.ppo_epochs == 4 and cfg.gamma == 1.0 and cfg.lam == 0.95 and cfg.cliprange == 0.2
-    cfg = PPOConfig(batch_size=16, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=3, total_episodes=160)
+    cfg = PPOConfig(
+        batch_size=16, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=3, total_episodes=160
+    )
     assert cfg.updates_per_step == 3 * 16 // 8 and cfg.num_steps == 10
     assert PPOConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="clip_range"):

@@ -25,8 +25,12 @@ EOS, PAD = 1, 0
 def test_truncate_after_first_eos_mask_includes_eos():
     raw = torch.tensor([[5, EOS, 7, EOS], [5, 6, 7, 8], [EOS, 4, 4, 4], [9, 9, EOS, PAD]])
     ids, mask, has_eos = truncate_after_eos(raw, [EOS], PAD)
-    assert torch.equal(ids, torch.tensor([[5, EOS, PAD, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD], [9, 9, EOS, PAD]]))
-    assert torch.equal(mask.int(), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.int))
+    assert torch.equal(
+        ids, torch.tensor([[5, EOS, PAD, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD], [9, 9, EOS, PAD]])
+    )
+    assert torch.equal(
+        mask.int(), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.int)
+    )
     assert has_eos.tolist() == [True, False, True, True]
     # several stop tokens: the first of any of them ends the response
     ids, mask, has_eos = truncate_after_eos(torch.tensor([[5, 9, EOS, 7]]), [EOS, 9], PAD)
@@ -58,7 +62,9 @@ def _bos_tokenizer():
     from tokenizers import processors
 
     tok = make_tokenizer()
-    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 2)]
+    )
     return tok
 
 
@@ -86,7 +92,9 @@ def test_generation_ignores_the_models_own_sampling_settings(tokenizer):
 
     def sample():
         torch.manual_seed(0)
-        return generate_responses(lm, ids, mask, max_new_tokens=3, temperature=1.0, eos_token_ids=[EOS], pad_token_id=PAD)
+        return generate_responses(
+            lm, ids, mask, max_new_tokens=3, temperature=1.0, eos_token_ids=[EOS], pad_token_id=PAD
+        )
 
     before = sample()
     assert before.shape[1] <= 3
@@ -120,8 +128,14 @@ def test_collect_rollout_eval_mode_and_exact_reference(tokenizer):
     critic = make_seq_critic(tokenizer).train()
     torch.manual_seed(0)
     rollout = collect_rollout(
-        policy, ref, critic, tokenizer, ["a b", "c", "d e f", "g"] * 2,
-        max_new_tokens=5, temperature=0.7, forward_batch_size=3,
+        policy,
+        ref,
+        critic,
+        tokenizer,
+        ["a b", "c", "d e f", "g"] * 2,
+        max_new_tokens=5,
+        temperature=0.7,
+        forward_batch_size=3,
     )
     assert not policy.training and not ref.training and not critic.training
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs)  # KL exactly 0
@@ -131,7 +145,9 @@ def test_collect_rollout_eval_mode_and_exact_reference(tokenizer):
         assert torch.isfinite(tensor).all() and (tensor[~rollout.response_mask] == 0).all(), name
     assert (rollout.logprobs[rollout.response_mask] < 0).all()
     # log-probs at temperature 0.7 match a full forward pass divided by 0.7
-    logits, _ = response_forward(policy, rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+    logits, _ = response_forward(
+        policy, rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask
+    )
     expected = logprobs_from_logits(logits, rollout.response_ids, 0.7)
     assert torch.allclose(rollout.logprobs, torch.where(rollout.response_mask, expected, 0.0), atol=1e-6)
     for text, ids, mask in zip(rollout.completions, rollout.response_ids, rollout.response_mask):

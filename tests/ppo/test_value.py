@@ -34,9 +34,13 @@ def test_value_head_wrapper_shapes_and_logits_to_keep(tokenizer):
     assert full.values.dtype == torch.float32
     kept = model(ids, torch.ones_like(ids), logits_to_keep=3)
     # the kept positions are exactly the last three of the full pass
-    assert torch.allclose(kept.logits, full.logits[:, -3:]) and torch.allclose(kept.values, full.values[:, -3:])
+    assert torch.allclose(kept.logits, full.logits[:, -3:]) and torch.allclose(
+        kept.values, full.values[:, -3:]
+    )
     assert torch.allclose(full.logits, lm(ids).logits)  # the head does not change the LM's output
-    assert torch.allclose(per_token_values(model, ids, torch.ones_like(ids), values_to_keep=2), full.values[:, -2:], atol=1e-6)
+    assert torch.allclose(
+        per_token_values(model, ids, torch.ones_like(ids), values_to_keep=2), full.values[:, -2:], atol=1e-6
+    )
 
 
 def test_value_head_save_and_load(tokenizer, tmp_path):

@@ -1,0 +1,78 @@
+"""Stage `kto`: Kahneman-Tversky optimisation with trl's KTOTrainer.
+
+    align run recipes/tiny/kto.yaml
+
+KTO learns from unpaired judgements: rows of prompt + completion + label
+(true = desirable).  With `options.unpair: true` a paired file is turned into
+such rows (chosen -> true, rejected -> false) after the pair checks
+(implicit prompts, duplicates, lengths), and the rows are shuffled with the
+recipe seed: KTO's KL term pairs each completion with a neighbour's prompt,
+which must not be the same prompt.  Held-out pairs (`data.eval`, paired) are
+scored as in DPO.  `options.reference` works as in DPO.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from alignment.checkpoint import save_run
+from alignment.stages import common
+from alignment.stages import preference_common as pref
+
+
+@dataclass(frozen=True)
+class Options(pref.Options):
+    """`options:` of a kto recipe: the DPO options plus `unpair`."""
+
+    unpair: bool = False  # the data is paired (prompt/chosen/rejected): split each pair into a true and a false row
+
+
+def run(recipe) -> dict:
+    from trl import KTOConfig, KTOTrainer
+
+    started = time.time()
+    common.offline_defaults()
+    common.seed_everything(recipe.seed)
+    reference = pref.resolve_reference(recipe)
+    run_dir, resume_from = common.prepare_run_dir(recipe)
+    model, tokenizer = common.load_policy(recipe)
+    ref_kwargs, ref_config = pref.reference_kwargs(reference, model)
+    args = common.build_trainer_config(recipe, KTOConfig, {**common.trainer_defaults(recipe, run_dir), **ref_config})
+    unpair = recipe.options["unpair"]
+    pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length, fmt="preference" if unpair else "unpaired",
+                               unpair_rows=unpair, seed=recipe.seed)
+    measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
+    measure.before(model)
+    trainer = KTOTrainer(
+        model=model,
+        args=args,
+        train_dataset=pairs.train,
+        eval_dataset=pairs.eval if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=common.lora_config(recipe.model.lora),
+        callbacks=[common.metrics_logger(run_dir)],
+        **ref_kwargs,
+    )
+    train_started = time.time()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.time() - train_started
+    labels = pairs.train["label"]
+    metrics = {
+        "stage": "kto",
+        "loss_type": args.loss_type,
+        "beta": args.beta,
+        "reference": reference,
+        "desirable_rows": sum(labels),
+        "undesirable_rows": len(labels) - sum(labels),
+        "train_loss": common.final_train_loss(trainer) or output.training_loss,
+        "train_steps": trainer.state.global_step,
+        "train_seconds": round(train_seconds, 1),
+        **measure.after(trainer, beta=args.beta),
+        "data": pairs.reports,
+    }
+    metrics["total_seconds"] = round(time.time() - started, 1)
+    save_run(run_dir, model=trainer.model, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
+             metrics=metrics)
+    metrics["summary"] = common.summary_line("kto", run_dir, metrics, started)
+    return metrics

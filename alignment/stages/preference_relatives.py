@@ -1,0 +1,96 @@
+"""Stages `orpo`, `cpo` and `simpo`: reference-free preference optimisation with trl.experimental trainers.
+
+    align run recipes/tiny/orpo.yaml
+
+These trainers live in ``trl.experimental`` (ORPOTrainer; CPOTrainer, which
+also runs SimPO): their API may change between trl releases without a
+deprecation period.  They keep no reference model, so the recipe has no
+`options.reference`; the held-out drift and KL are measured against the
+starting model, loaded again after training.
+
+* `orpo`: NLL of the chosen answer + beta * odds-ratio term (`train.beta` is ORPO's lambda).
+* `cpo`: `train.loss_type` sigmoid | hinge | ipo | simpo | alphapo, plus `cpo_alpha` x NLL of the chosen answer.
+* `simpo`: CPOTrainer with `loss_type: simpo` and `cpo_alpha: 0` unless the recipe says otherwise: the
+  length-normalised log-probability as the reward, with target margin `simpo_gamma`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from alignment.checkpoint import save_run
+from alignment.errors import RecipeError
+from alignment.stages import common
+from alignment.stages import preference_common as pref
+
+TRAINERS = {
+    "orpo": ("trl.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
+    "cpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
+    "simpo": ("trl.experimental.cpo", "CPOConfig", "CPOTrainer"),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    """`options:` of an orpo / cpo / simpo recipe (no reference model to choose)."""
+
+    evaluate_before: bool = True  # held-out task metrics of the starting model, for the before/after table
+    drop_duplicates: bool = True  # identical (prompt, chosen, rejected) rows are kept once, and counted
+    kl_samples: int = 200  # held-out prompts sampled for KL(policy || start) after training; 0 = off
+    heldout_batch_size: int = 128  # batch size of the held-out log-prob passes
+
+
+def stage_defaults(recipe) -> dict:
+    """SimPO is CPOTrainer with the SimPO loss and no behaviour-cloning term (SimPO paper, eq. 6)."""
+    if recipe.stage != "simpo":
+        return {}
+    if recipe.train.get("loss_type", "simpo") != "simpo":
+        raise RecipeError(f"{recipe.source_path}: train.loss_type: stage simpo uses loss_type simpo; "
+                          "use stage cpo for the other CPO losses")
+    return {"loss_type": "simpo", "cpo_alpha": 0.0}
+
+
+def run(recipe) -> dict:
+    import importlib
+
+    module_name, config_name, trainer_name = TRAINERS[recipe.stage]
+    trl_module = importlib.import_module(module_name)
+    started = time.time()
+    common.offline_defaults()
+    common.seed_everything(recipe.seed)
+    run_dir, resume_from = common.prepare_run_dir(recipe)
+    model, tokenizer = common.load_policy(recipe)
+    defaults = {**common.trainer_defaults(recipe, run_dir), **stage_defaults(recipe)}
+    args = common.build_trainer_config(recipe, getattr(trl_module, config_name), defaults)
+    pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length)
+    measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
+    measure.before(model)
+    trainer = getattr(trl_module, trainer_name)(
+        model=model,
+        args=args,
+        train_dataset=pairs.train,
+        eval_dataset=pairs.eval if args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        peft_config=common.lora_config(recipe.model.lora),
+        callbacks=[common.metrics_logger(run_dir)],
+    )
+    train_started = time.time()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.time() - train_started
+    metrics = {
+        "stage": recipe.stage,
+        "experimental_trainer": f"{module_name}.{trainer_name}",
+        "loss_type": getattr(args, "loss_type", "orpo"),
+        "beta": args.beta,
+        "train_loss": common.final_train_loss(trainer) or output.training_loss,
+        "train_steps": trainer.state.global_step,
+        "train_seconds": round(train_seconds, 1),
+        **measure.after(trainer),  # no reference model: drift is in nats against the starting model
+        "data": pairs.reports,
+    }
+    metrics["total_seconds"] = round(time.time() - started, 1)
+    save_run(run_dir, model=trainer.model, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
+             metrics=metrics)
+    metrics["summary"] = common.summary_line(recipe.stage, run_dir, metrics, started)
+    return metrics

@@ -1,0 +1,61 @@
+"""`align serve-reward`: serve any reward source over HTTP (the protocol in docs/rewards.md).
+
+    align serve-reward runs/tiny/reward_model                       # loopback, no token
+    align serve-reward examples/rewards/brevity.py:brevity --port 8001
+    REWARD_TOKEN=... align serve-reward runs/tiny/reward_model --host 0.0.0.0 --token-env REWARD_TOKEN
+
+A host other than loopback (127.0.0.0/8, ::1, localhost) needs ``--token-env``
+naming an environment variable that holds a bearer token; without one the
+command refuses before loading the source or opening a socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from alignment.errors import RewardError
+
+EXAMPLES = """examples:
+  align serve-reward runs/tiny/reward_model                 a trained reward model, on 127.0.0.1:8000
+  align serve-reward examples/rewards/brevity.py:brevity    a Python function
+  REWARD_TOKEN=secret align serve-reward runs/tiny/reward_model --host 0.0.0.0 --token-env REWARD_TOKEN
+"""
+
+
+def check_exposure(host: str, token_env: str | None) -> None:
+    """Refuse a non-loopback host unless `token_env` names a set environment variable (the token)."""
+    from reward.remote import is_loopback
+
+    if token_env and not os.environ.get(token_env):
+        raise RewardError(f"serve-reward: --token-env {token_env}: that environment variable is not set "
+                          "(it must hold the bearer token)")
+    if not is_loopback(host) and not token_env:
+        raise RewardError(f"serve-reward: refusing to serve on non-loopback host {host!r} without a token: "
+                          "anyone who can reach it could call the scorer. Put a token in an environment "
+                          "variable and pass --token-env NAME, or bind to 127.0.0.1")
+
+
+def cmd_serve_reward(args) -> int:
+    from reward.remote import serve
+
+    check_exposure(args.host, args.token_env)
+    serve(args.source, host=args.host, port=args.port, token_env=args.token_env)
+    return 0
+
+
+def add_command(commands) -> None:
+    parser = commands.add_parser(
+        "serve-reward", help="serve a reward source over HTTP (POST /score, GET /health)",
+        description="Serve any reward source (a registered name, module:function, file.py:function, a "
+        "reward-model directory or a URL) with the reference HTTP server, for trainers on other machines "
+        "or processes. Protocol: docs/rewards.md.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", metavar="SOURCE", help="reward source string, e.g. runs/tiny/reward_model")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1; any other needs --token-env)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--token-env", default=None, metavar="NAME",
+                        help="environment variable holding the bearer token clients must send")
+    parser.set_defaults(func=cmd_serve_reward)
