@@ -14,6 +14,7 @@ with ``"complete": false``) is an unfinished run, whatever else it holds.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,11 +35,22 @@ def write_atomic(path: Path, text: str) -> None:
     """Write a file so that a reader sees the old content or the new, never half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no stray temporary file; the old file is untouched
+        raise
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A one-line reason for a failed write, calling a full disk (or quota) by its name."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"disk full ({exc.strerror or exc})"
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -95,7 +107,7 @@ def mark_incomplete(run_dir: Path) -> None:
     """Before a stage writes into a directory, it stops looking finished."""
     info = Path(run_dir) / RUN_INFO
     if info.exists():
-        info.unlink()
+        info.unlink(missing_ok=True)
 
 
 def parent_info(model_spec: str) -> dict | None:
@@ -114,27 +126,44 @@ def save_run(run_dir: str | Path, *, model, tokenizer, recipe, run_info: dict, m
     file by file, so a crash mid-save never leaves a half-written weight file
     under its final name; run_info.json (the "complete" marker) comes last.
     """
+    from alignment.distributed import is_main_process, wait_for_everyone
+
     run_dir = Path(run_dir)
+    if not is_main_process():  # one writer; the others wait until the directory is whole
+        wait_for_everyone()
+        return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     staging = run_dir / f".staging-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    model_to_save = model
-    if hasattr(model_to_save, "merge_and_unload") and getattr(recipe.model, "lora", None) is not None:
-        model_to_save = model_to_save.merge_and_unload()
-    model_to_save.save_pretrained(str(staging), safe_serialization=True)
-    tokenizer.save_pretrained(str(staging))
-    for item in staging.iterdir():
-        target = run_dir / item.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    staging.rmdir()
-    write_atomic(run_dir / "recipe.yaml", recipe.resolved_yaml())
-    write_json(run_dir / "metrics.json", metrics)
-    info = dict(run_info, complete=True, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    info.update(tokenizer_hashes(tokenizer))
-    write_json(run_dir / RUN_INFO, info)
+    try:
+        if staging.exists():
+            shutil.rmtree(staging)
+        model_to_save = model
+        if hasattr(model_to_save, "merge_and_unload") and getattr(recipe.model, "lora", None) is not None:
+            model_to_save = model_to_save.merge_and_unload()
+        model_to_save.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        # Every byte is on disk now; the moves below are renames, which need no space.
+        for item in staging.iterdir():
+            target = run_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        staging.rmdir()
+        write_atomic(run_dir / "recipe.yaml", recipe.resolved_yaml())
+        write_json(run_dir / "metrics.json", metrics)
+        info = dict(run_info, complete=True, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        info.update(tokenizer_hashes(tokenizer))
+        write_json(run_dir / RUN_INFO, info)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        checkpoint = latest_checkpoint(run_dir)
+        kept = f"; the trainer checkpoint {checkpoint} is kept" if checkpoint else ""
+        raise CheckpointError(
+            f"could not save the run to {run_dir}: {describe_os_error(exc)}. The weights already there are "
+            f"untouched and the run is not marked complete{kept}; free some space and run again with "
+            "resume=true"
+        ) from exc
+    wait_for_everyone()
     return run_dir
 
 
@@ -164,17 +193,55 @@ def _readable_json(path: Path) -> bool:
         return False
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete trainer checkpoint (`checkpoints/checkpoint-N` with its trainer state)."""
+def _numbered_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
-        return None
-    candidates = []
+        return []
+    found = []
     for path in root.glob("checkpoint-*"):
         suffix = path.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and _readable_json(path / "trainer_state.json"):
-            candidates.append((int(suffix), path))
+        if suffix.isdigit() and path.is_dir():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete trainer checkpoint (`checkpoints/checkpoint-N` with its trainer state)."""
+    candidates = [(n, p) for n, p in _numbered_checkpoints(run_dir) if _readable_json(p / "trainer_state.json")]
     return max(candidates)[1] if candidates else None
+
+
+def partial_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders a kill left half-written (no whole trainer_state.json, which the trainer writes last)."""
+    return [p for _, p in _numbered_checkpoints(run_dir) if not _readable_json(p / "trainer_state.json")]
+
+
+def drop_partial_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Delete the checkpoint folders a kill left half-written, so a resumed run neither loads nor keeps them.
+
+    (The trainer would otherwise count them when it rotates old checkpoints
+    and could delete the last complete one in their favour.)
+    """
+    removed = partial_checkpoints(run_dir)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
+    """A fresh start moves an earlier run's checkpoints to `checkpoints.previous/` (replacing an older one there).
+
+    Left in place, a later resume of the new run could pick a checkpoint of the
+    old one (a higher step number), silently mixing two runs.
+    """
+    root = Path(run_dir) / CHECKPOINTS
+    if not _numbered_checkpoints(run_dir):
+        return None
+    previous = Path(run_dir) / f"{CHECKPOINTS}.previous"
+    if previous.exists():
+        shutil.rmtree(previous)
+    os.replace(root, previous)
+    return previous
 
 
 def resume_checkpoint(run_dir: str | Path, resume: bool) -> str | None:

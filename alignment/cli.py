@@ -34,6 +34,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def validate_accelerate_config(data: dict, locations) -> str:
+    """Keys and distributed type of an `accelerate launch --config_file` YAML."""
+    import dataclasses
+
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    from alignment import recipe as recipes
+
+    fields = [f.name for f in dataclasses.fields(ClusterConfig)]
+    recipes.check_unknown_keys(data, fields, (), locations, "the accelerate config")
+    kinds = [k.value for k in DistributedType]
+    if data.get("distributed_type") not in kinds:
+        raise locations.error(("distributed_type",), f"must be one of {kinds}")
+    return f"accelerate config ({data['distributed_type']})"
+
+
 def validate_file(path: Path) -> str:
     """Validate one YAML file; return a one-line description of what it is."""
     from alignment import recipe as recipes
@@ -43,7 +60,7 @@ def validate_file(path: Path) -> str:
     data, locations = recipes.read_yaml(path)
     first_line = path.read_text(encoding="utf-8").splitlines()[:1]
     if "compute_environment" in data or "distributed_type" in data:
-        return "accelerate config"
+        return validate_accelerate_config(data, locations)
     if not first_line or not first_line[0].startswith("#") or "align " not in first_line[0]:
         raise RecipeError(f"{path}:1: a recipe starts with a comment giving the command that runs it, "
                           f"e.g. '# align run {path}'")

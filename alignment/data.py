@@ -166,6 +166,15 @@ def _check_text_or_messages(row: dict, name: str, where: str, required: bool = T
     return "conversational"
 
 
+def _same_kind(where: str, **kinds) -> None:
+    """The text fields of one row are all strings or all message lists (trl cannot mix them)."""
+    present = {name: kind for name, kind in kinds.items() if kind is not None}
+    if len(set(present.values())) > 1:
+        described = ", ".join(f"{name!r} is {'a string' if kind == 'standard' else 'a message list'}"
+                              for name, kind in present.items())
+        raise DataError(f"{where}: {described}; use strings for all of them or message lists for all of them")
+
+
 def _text_of(value) -> str:
     if isinstance(value, str):
         return value
@@ -192,8 +201,8 @@ def validate_row(row: dict, fmt: str, where: str, report: LoadReport) -> bool:
             if not any(m["role"] == "assistant" for m in row["messages"]):
                 raise DataError(f"{where}: field 'messages' has no assistant message to train on")
         elif "prompt" in row or "completion" in row:
-            _check_text_or_messages(row, "prompt", where)
-            _check_text_or_messages(row, "completion", where)
+            _same_kind(where, prompt=_check_text_or_messages(row, "prompt", where),
+                       completion=_check_text_or_messages(row, "completion", where))
             if not _text_of(row["completion"]).strip():
                 report.drop("empty completion")
                 return False
@@ -202,9 +211,9 @@ def validate_row(row: dict, fmt: str, where: str, report: LoadReport) -> bool:
         else:
             raise DataError(f"{where}: an SFT row needs 'messages', 'prompt'+'completion' or 'text'; got {_columns(row)}")
     elif fmt == "preference":
-        _check_text_or_messages(row, "prompt", where, required=False)
-        _check_text_or_messages(row, "chosen", where)
-        _check_text_or_messages(row, "rejected", where)
+        _same_kind(where, prompt=_check_text_or_messages(row, "prompt", where, required=False),
+                   chosen=_check_text_or_messages(row, "chosen", where),
+                   rejected=_check_text_or_messages(row, "rejected", where))
         chosen, rejected = _text_of(row["chosen"]), _text_of(row["rejected"])
         if not chosen.strip() or not rejected.strip():
             report.drop("empty chosen or rejected")
@@ -218,8 +227,8 @@ def validate_row(row: dict, fmt: str, where: str, report: LoadReport) -> bool:
             report.drop("empty prompt")
             return False
     elif fmt == "unpaired":
-        _check_text_or_messages(row, "prompt", where)
-        _check_text_or_messages(row, "completion", where)
+        _same_kind(where, prompt=_check_text_or_messages(row, "prompt", where),
+                   completion=_check_text_or_messages(row, "completion", where))
         if not isinstance(row.get("label"), bool):
             raise DataError(f"{where}: field 'label' must be true or false")
     else:
@@ -298,7 +307,6 @@ def load(spec, fmt: str, seed: int = 42) -> Splits:
     The eval split is `spec.eval` when given, else a deterministic `eval_fraction`
     of the training rows (seeded shuffle), else None.
     """
-    import datasets
 
     train_rows, train_report = load_rows(spec.train, fmt, spec.split, spec.max_samples, spec.max_dropped_fraction)
     reports = [train_report]

@@ -22,7 +22,6 @@ identity) is validated before anything trains.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

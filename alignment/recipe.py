@@ -253,8 +253,9 @@ def apply_overrides(data: dict, overrides: list[str], locations: Locations) -> d
                 target[key] = {}
             target = target[key]
         target[keys[-1]] = value
+        shown = f"{dotted}=***" if any(is_secret_key(k) for k in keys) else override
         for depth in range(1, len(keys) + 1):
-            locations.lines[keys[:depth]] = f"command-line override {override!r}"
+            locations.lines[keys[:depth]] = f"command-line override {shown!r}"
     return data
 
 
@@ -485,7 +486,7 @@ def check_generation_batch(train: Mapping, config_class, locations: Locations, k
         steps = get(steps_name) or 1
         batch = per_device * processes * steps
         how = (f"per_device_train_batch_size ({per_device}) x processes ({processes}) x {steps_name} ({steps})")
-        key = "per_device_train_batch_size"
+        key = "num_generations" if "num_generations" in train else "per_device_train_batch_size"
     if batch % groups:
         raise locations.error(keys + (key,), f"{how} = {batch} completions per generation batch, which is not "
                                              f"divisible by num_generations ({groups}): every prompt needs a whole "
@@ -522,7 +523,7 @@ URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@/\s
 def redact(value):
     """Replace the values of secret-looking keys (tokens, API keys, passwords) and URL passwords with '***'."""
     if isinstance(value, Mapping):
-        return {k: ("***" if is_secret_key(k) and v not in (None, "") else redact(v)) for k, v in value.items()}
+        return {k: ("***" if is_secret_key(k) and isinstance(v, str) and v else redact(v)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
     if isinstance(value, str):

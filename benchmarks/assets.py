@@ -23,7 +23,7 @@ def build(preset: str, folder: str | Path, seed: int = SEED) -> dict:
     from transformers import AutoModelForSequenceClassification
 
     from benchmarks.measure import matmul_parameters
-    from policies.tiny import PRESETS, build_tiny_model, load_tiny_tokenizer
+    from policies.tiny import PRESETS, build_tiny_model, load_tiny_tokenizer, tiny_config
 
     folder = Path(folder)
     marker = folder / MARKER
@@ -33,7 +33,7 @@ def build(preset: str, folder: str | Path, seed: int = SEED) -> dict:
             return info
     tokenizer = load_tiny_tokenizer()
     policy = build_tiny_model(preset, tokenizer, seed=seed)
-    reward = build_tiny_model(preset, tokenizer, seed=seed, model_class=AutoModelForSequenceClassification)
+    reward = _sequence_classifier(preset, tokenizer, seed, tiny_config, AutoModelForSequenceClassification)
     for name, model in (("policy", policy), ("reward", reward)):
         model.save_pretrained(str(folder / name), safe_serialization=True)
         tokenizer.save_pretrained(str(folder / name))
@@ -51,3 +51,14 @@ def build(preset: str, folder: str | Path, seed: int = SEED) -> dict:
     }
     marker.write_text(json.dumps(info, indent=1))
     return info
+
+
+def _sequence_classifier(preset, tokenizer, seed, tiny_config, model_class):
+    """A one-label sequence classifier of the preset's shape, seeded (policies.tiny builds causal LMs only)."""
+    import torch
+
+    config = tiny_config(preset, tokenizer)
+    config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class.from_config(config)

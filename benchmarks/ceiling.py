@@ -38,7 +38,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, trials: int = 5, dtype: str =
             "best_gflops": round(best, 2), "trials_gflops": all_trials}
 
 
-def measure(n: int = 2048, repeats: int = 5, trials: int = 5) -> dict:
+def measure(n: int = 2048, repeats: int = 2, trials: int = 10) -> dict:
     """fp32 CPU ceiling (always) and bf16 GPU ceiling (when a CUDA device is present)."""
     import torch
 
@@ -54,7 +54,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="measure the matmul ceiling")
     parser.add_argument("--n", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=10)
     args = parser.parse_args()
     print(json.dumps(measure(args.n, args.repeats, args.trials)))

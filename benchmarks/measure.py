@@ -168,9 +168,22 @@ def instrument_trainers(meter: TrainMeter = METER) -> TrainMeter:
         self.add_callback(_Timing())
         return original(self, *args, **kwargs)
 
+    train._benchmark_original = original
     Trainer.train = train
     _INSTRUMENTED = True
     return meter
+
+
+def uninstrument_trainers() -> None:
+    """Undo :func:`instrument_trainers` and reset the meter (tests run several workloads in one process)."""
+    global _INSTRUMENTED, METER
+    from transformers import Trainer
+
+    original = getattr(Trainer.train, "_benchmark_original", None)
+    if original is not None:
+        Trainer.train = original
+    _INSTRUMENTED = False
+    METER.__init__()
 
 
 def trainer_settings(trainer) -> dict:

@@ -82,7 +82,7 @@ def ensure(venv: Path = PEER_VENV, log=print) -> Path:
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([str(peer_python(venv)), "-c", probe], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise PeerEnvError(f"trl 1.12.0 installed but `from trl.experimental.ppo import PPOTrainer` fails:\n"
+        raise PeerEnvError("trl 1.12.0 installed but `from trl.experimental.ppo import PPOTrainer` fails:\n"
                            + "\n".join(proc.stderr.strip().splitlines()[-15:]))
     versions = json.loads(proc.stdout.strip().splitlines()[-1])
     (venv / MARKER).write_text(json.dumps({"requirements": PEER_REQUIREMENTS, "versions": versions}, indent=1))

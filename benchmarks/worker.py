@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--logging-steps", type=int, default=None)
+    parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--result", required=True)
     parser.add_argument("--ours-set", action="append", default=[])
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     spec = workloads.Spec(
         stage=args.stage, side=args.side, assets=json.loads(Path(args.assets_json).read_text()),
         steps=args.steps, workdir=args.workdir, batch=args.batch, logging_steps=args.logging_steps,
+        max_samples=args.max_samples,
         ours_set=tuple(args.ours_set), peer_set=tuple(args.peer_set),
     )
     try:

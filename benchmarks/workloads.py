@@ -86,6 +86,7 @@ class Spec:
     workdir: str
     batch: int | None = None
     logging_steps: int | None = None
+    max_samples: int | None = None  # first N rows of the training file, on both sides (None: all)
     ours_set: tuple = ()  # extra recipe overrides for our side (speed-lever experiments)
     peer_set: tuple = ()  # extra trainer-config settings for the peer (key=value, YAML values)
 
@@ -115,10 +116,12 @@ def our_overrides(spec: Spec, with_ours_set: bool = True) -> list[str]:
         "data.eval_fraction=0.0",
         f"train.max_steps={spec.steps}",
         f"train.logging_steps={logging_steps(spec)}",
-        "train.save_strategy=no",
+        "train.save_strategy='no'",
     ]
     if spec.batch:
         overrides.append(f"train.per_device_train_batch_size={spec.batch}")
+    if spec.max_samples:
+        overrides.append(f"data.max_samples={spec.max_samples}")
     try:
         options = {f.name for f in dataclasses.fields(stage_spec(spec.stage).options_class())}
     except Exception as exc:  # the stage module is not there yet
@@ -127,6 +130,8 @@ def our_overrides(spec: Spec, with_ours_set: bool = True) -> list[str]:
         overrides.append("options.evaluate_before=false")
     if "kl_samples" in options:
         overrides.append("options.kl_samples=0")
+    if "center" in options:  # reward model: the bias measurement after training samples 256 completions
+        overrides.append("options.center=false")
     return overrides + (list(spec.ours_set) if with_ours_set else [])
 
 
@@ -283,7 +288,6 @@ def ppo_prompts(tokenizer, limit: int | None = None) -> list[dict]:
 
 
 def run_ours_ppo(spec: Spec) -> dict:
-    import time
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed

@@ -52,6 +52,24 @@ def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
         )
 
 
+class _remote_code_refused:
+    """Turn transformers' "contains custom code ... trust_remote_code=True" refusal into a CheckpointError."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        if isinstance(exc, ValueError) and "trust_remote_code" in str(exc):
+            raise CheckpointError(
+                f"{self.spec} ships its own Python code (auto_map in its config), which runs when loaded; it was "
+                "not run. Read it, and set model.trust_remote_code: true in the recipe if you trust it"
+            ) from exc
+        return False
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     """The tokenizer for a model spec; pad is set (to a token other than EOS when possible)."""
     from transformers import AutoTokenizer
@@ -60,7 +78,8 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
         from policies.tiny import load_tiny_tokenizer
 
         return load_tiny_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    with _remote_code_refused(spec):
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # pad == EOS would mask the EOS label and the model would never learn to stop,
         # so prefer a dedicated token the vocabulary already has.
@@ -112,7 +131,8 @@ def load(
             kwargs["attn_implementation"] = attn_implementation
         if task != "causal_lm":
             kwargs["num_labels"] = 1
-        model = model_class.from_pretrained(spec, **kwargs)
+        with _remote_code_refused(spec):
+            model = model_class.from_pretrained(spec, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer

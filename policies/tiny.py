@@ -61,7 +61,6 @@ def train_tokenizer(texts, vocab_size: int = 320):
     `transformers.PreTrainedTokenizerFast` with pad != eos and a chat template.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(

@@ -135,7 +135,7 @@ def evaluate_policy_checkpoint(path: str, spec, rows: list[dict], reward) -> dic
 def add_kl(results: dict, reference: str, spec) -> None:
     """KL(policy || reference) estimated on each policy's own sampled completions, at the sampling temperature."""
     ref = results[reference]
-    for name, entry in results.items():
+    for entry in results.values():
         prompts = [s["prompt_text"] for s in entry["_sampled"]]
         token_ids = [s["token_ids"] for s in entry["_sampled"]]
         own = sequence_logprobs(entry["_model"], entry["_tokenizer"], prompts, token_ids, spec.temperature,

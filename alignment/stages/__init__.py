@@ -50,12 +50,19 @@ STAGES: dict[str, StageSpec] = {
                   summary="direct preference optimisation and its loss family: IPO, robust, ... (trl's DPOTrainer)"),
         StageSpec("kto", "alignment.stages.kto", "trl:KTOConfig", "unpaired",
                   summary="Kahneman-Tversky optimisation on unpaired (or unpaired-from-pairs) data (trl's KTOTrainer)"),
-        StageSpec("orpo", "alignment.stages.preference_relatives", "trl.experimental.orpo:ORPOConfig", "preference",
+        StageSpec("orpo", "alignment.stages.preference_relatives",
+                  "alignment.stages.preference_relatives:ORPOConfig", "preference",
                   summary="odds-ratio preference optimisation, no reference model (trl.experimental)"),
-        StageSpec("cpo", "alignment.stages.preference_relatives", "trl.experimental.cpo:CPOConfig", "preference",
+        StageSpec("cpo", "alignment.stages.preference_relatives",
+                  "alignment.stages.preference_relatives:CPOConfig", "preference",
                   summary="contrastive preference optimisation, no reference model (trl.experimental)"),
-        StageSpec("simpo", "alignment.stages.preference_relatives", "trl.experimental.cpo:CPOConfig", "preference",
+        StageSpec("simpo", "alignment.stages.preference_relatives",
+                  "alignment.stages.preference_relatives:CPOConfig", "preference",
                   summary="SimPO: length-normalised reward with a margin, no reference model (trl.experimental CPO)"),
+        StageSpec("ppo", "alignment.stages.ppo", "alignment.ppo.config:PPOConfig", "prompt", needs_reward=True,
+                  summary="PPO with a learned critic (value head or separate), KL to a reference (ours: alignment.ppo)"),
+        StageSpec("best_of_n", "alignment.stages.best_of_n", "trl:SFTConfig", "prompt", needs_reward=True,
+                  summary="rejection sampling: N samples per prompt, keep the best (and worst as pairs), optional SFT"),
     ]
 }
 

@@ -8,7 +8,10 @@ import time
 from pathlib import Path
 
 from alignment.checkpoint import CHECKPOINTS, base_run_info, mark_incomplete, resume_checkpoint
-from alignment.errors import RecipeError
+from alignment.errors import CheckpointError, DataError, RecipeError, TrainingError
+
+# The recipe of each run directory prepared in this process, so `train` can apply the recipe's data limits.
+_RECIPES: dict[str, object] = {}
 
 
 def offline_defaults() -> None:
@@ -71,6 +74,8 @@ def check_resume_matches(recipe, run_dir: Path) -> None:
 def check_output_dir(recipe) -> Path:
     """A relative output_dir must stay under the current folder (no `..` or symlink escape)."""
     raw = Path(recipe.output_dir)
+    if not recipe.output_dir or "\x00" in recipe.output_dir:
+        raise RecipeError(f"{recipe.source_path}: output_dir {recipe.output_dir!r} is not a usable path")
     if raw.is_absolute():
         return raw
     root = Path.cwd().resolve()
@@ -86,11 +91,21 @@ def prepare_run_dir(recipe) -> tuple[Path, str | None]:
     from alignment.checkpoint import write_atomic
     from alignment.data import data_fingerprint
 
+    from alignment.checkpoint import drop_partial_checkpoints, set_aside_checkpoints
+
     run_dir = check_output_dir(recipe)
     resume_from = resume_checkpoint(run_dir, bool(recipe.resume))
     if resume_from:
         check_resume_matches(recipe, run_dir)
+        for partial in drop_partial_checkpoints(run_dir):
+            print(f"ignoring {partial}: half-written (no trainer_state.json), removed; resuming from {resume_from}",
+                  flush=True)
+    else:
+        previous = set_aside_checkpoints(run_dir)
+        if previous is not None:
+            print(f"fresh start: the earlier run's checkpoints were moved to {previous}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _RECIPES[str(run_dir.resolve())] = recipe
     mark_incomplete(run_dir)
     write_atomic(run_dir / "recipe.yaml", recipe.resolved_yaml())
     fingerprints = {path: data_fingerprint(path) for path in data_files(recipe)}
@@ -98,7 +113,7 @@ def prepare_run_dir(recipe) -> tuple[Path, str | None]:
     if not recipe.resume:
         metrics_log = run_dir / "metrics.jsonl"
         if metrics_log.exists():
-            metrics_log.unlink()
+            metrics_log.unlink(missing_ok=True)
     return run_dir, resume_from
 
 
@@ -124,6 +139,7 @@ def trainer_defaults(recipe, run_dir: Path) -> dict:
         "logging_steps": 20,
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
+        "logging_nan_inf_filter": False,  # a NaN/inf loss is logged as it is, never replaced by the running mean
     }
     defaults.update(precision_defaults())
     return defaults
@@ -161,7 +177,7 @@ def load_policy(recipe, task: str = "causal_lm"):
     import policies
 
     spec = recipe.model
-    return policies.load(
+    model, tokenizer = policies.load(
         spec.name_or_path,
         dtype=spec.dtype,
         seed=recipe.seed,
@@ -170,6 +186,24 @@ def load_policy(recipe, task: str = "causal_lm"):
         allow_pickle=spec.allow_pickle,
         attn_implementation=spec.attn_implementation,
     )
+    check_chat_template(recipe, tokenizer)
+    return model, tokenizer
+
+
+def check_chat_template(recipe, tokenizer) -> None:
+    """Conversational data needs the tokenizer's chat template: without one it is an error, never a fallback."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    from alignment import data
+
+    for source in (recipe.data.train, recipe.data.eval):
+        if source and data.is_conversational_row(data.first_row(source, recipe.data.split)):
+            raise DataError(
+                f"{source}: rows are conversations (lists of messages) but the tokenizer of "
+                f"{recipe.model.name_or_path} has no chat template to render them; start from a chat model, "
+                "give the tokenizer a chat template (tokenizer_config.json / chat_template.jinja), "
+                "or write the data as plain strings"
+            )
 
 
 def ensure_loadable_path(model, tokenizer, run_dir: Path) -> None:
@@ -193,10 +227,12 @@ def metrics_logger(run_dir: Path):
 
     path = Path(run_dir) / "metrics.jsonl"
 
+    from alignment.recipe import redact
+
     class MetricsLog(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
-                record = {"step": state.global_step, "time": round(time.time(), 3), **logs}
+                record = redact({"step": state.global_step, "time": round(time.time(), 3), **logs})
                 with path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(record, default=float) + "\n")
 
@@ -211,13 +247,188 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
     """
     from alignment.guards import graceful_stop, nonfinite_guard, time_budget
 
+    recipe = _RECIPES.get(str(Path(run_dir).resolve()))
+    if recipe is not None and recipe.stage == "sft":
+        audit_sft_tokens(trainer, recipe, run_dir)
     stopper = graceful_stop()
-    for callback in (metrics_logger(run_dir), nonfinite_guard(), stopper):
+    # the guard first: its on_log adds the skipped-step count that metrics_logger then writes
+    for callback in (nonfinite_guard(), metrics_logger(run_dir), stopper, redact_saved_args()):
         trainer.add_callback(callback)
     if max_seconds is not None:
         trainer.add_callback(time_budget(max_seconds))
-    trainer.train(resume_from_checkpoint=resume_from)
+    _test_hook_slow_saves(trainer)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise TrainingError(out_of_memory_message(trainer, exc)) from exc
+        if isinstance(exc, OSError):
+            raise disk_error(exc, run_dir) from exc
+        raise
     stopper.check(run_dir)
+
+
+def redact_saved_args():
+    """transformers pickles its arguments (hub_token included) into each checkpoint: re-save them redacted."""
+    import copy
+    import dataclasses
+
+    from transformers import TrainerCallback
+
+    from alignment.recipe import is_secret_key
+
+    class RedactSavedArgs(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            secrets = [f.name for f in dataclasses.fields(args)
+                       if is_secret_key(f.name) and isinstance(getattr(args, f.name, None), str) and getattr(args, f.name)]
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin"
+            if not secrets or not saved.is_file() or not state.is_world_process_zero:
+                return
+            import torch
+
+            clean = copy.copy(args)
+            for name in secrets:
+                setattr(clean, name, None)
+            torch.save(clean, saved)
+
+    return RedactSavedArgs()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or the RuntimeError some backends raise ("... out of memory ...")."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def out_of_memory_message(trainer, exc: BaseException) -> str:
+    """Name the settings that decide memory: batch size, accumulation and sequence length."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    args = trainer.args
+    batch = getattr(args, "per_device_train_batch_size", None)
+    accumulation = getattr(args, "gradient_accumulation_steps", None)
+    lengths = [f"{name}={getattr(args, name)}" for name in ("max_length", "max_prompt_length", "max_completion_length")
+               if getattr(args, name, None) is not None]
+    step = getattr(getattr(trainer, "state", None), "global_step", 0) + 1
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"out of memory at training step {step} with per_device_train_batch_size={batch}, "
+            f"gradient_accumulation_steps={accumulation}, {', '.join(lengths) or 'max_length=None (no limit)'}. "
+            f"Lower train.per_device_train_batch_size (raising train.gradient_accumulation_steps keeps the "
+            f"effective batch of {batch * accumulation if batch and accumulation else '?'}) or lower the sequence "
+            f"length; train.gradient_checkpointing=true also saves memory. ({first_line})")
+
+
+def disk_error(exc: OSError, run_dir: Path) -> Exception:
+    """A failed write while training (a checkpoint save): keep the last whole checkpoint, drop the partial one."""
+    from alignment.checkpoint import describe_os_error, drop_partial_checkpoints, latest_checkpoint
+
+    if exc.errno is None:
+        return exc
+    dropped = drop_partial_checkpoints(run_dir)
+    kept = latest_checkpoint(run_dir)
+    return CheckpointError(
+        f"writing under {run_dir} failed: {describe_os_error(exc)}. "
+        + (f"The half-written {', '.join(p.name for p in dropped)} was removed; " if dropped else "")
+        + (f"the last complete checkpoint {kept} is kept; " if kept else "no complete checkpoint exists yet; ")
+        + "the run is not marked complete. Free some space and run again"
+        + (" with resume=true" if kept else "")
+    )
+
+
+def _test_hook_slow_saves(trainer) -> None:
+    """ALIGNMENT_TEST_SAVE_DELAY=<seconds>[@<step>]: pause inside a checkpoint write (tests kill the run there).
+
+    The pause comes after the weights, optimizer and scheduler are written and
+    before the RNG state and trainer_state.json, and is announced on stdout;
+    with @<step> only the save at that step pauses.
+    """
+    setting = os.environ.get("ALIGNMENT_TEST_SAVE_DELAY")
+    original = getattr(trainer, "_save_rng_state", None)
+    if not setting or original is None:
+        return
+    seconds, _, step = setting.partition("@")
+
+    def slow_save_rng_state(output_dir, *args, **kwargs):
+        if not step or Path(output_dir).name == f"checkpoint-{step}":
+            print(f"ALIGNMENT_TEST_SAVE_DELAY: writing {output_dir}", flush=True)
+            time.sleep(float(seconds))
+        return original(output_dir, *args, **kwargs)
+
+    trainer._save_rng_state = slow_save_rng_state
+
+
+# Tokens that close an assistant turn in common chat templates (besides the tokenizer's EOS).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>",
+                      "<|end_of_text|>")
+
+
+def end_token_ids(tokenizer, model=None) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    generation = getattr(model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
+    return ids
+
+
+def audit_sft_tokens(trainer, recipe, run_dir: Path) -> dict:
+    """Count, report and police what tokenizing did to the SFT rows, before any step is taken.
+
+    * rows trl dropped because no token was left to train on (a prompt filling max_length);
+    * rows cut at max_length;
+    * rows whose trained tokens hold no EOS / end-of-turn token (the model would never learn to stop).
+
+    Dropped + cut above data.max_dropped_fraction is an error, and so is any row without a trained
+    EOS unless data.allow_missing_eos; the counts go to stdout and metrics.jsonl.
+    """
+    dataset = trainer.train_dataset
+    names = getattr(dataset, "column_names", None) or []
+    if "labels" not in names or "input_ids" not in names:
+        return {}
+    tokenizer = getattr(trainer, "processing_class", None)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    ends = end_token_ids(tokenizer, getattr(trainer, "model", None))
+    max_length = getattr(trainer.args, "max_length", None)
+    kept = len(dataset)
+    table_rows = getattr(getattr(dataset, "data", None), "num_rows", kept)
+    counts = {"rows": table_rows, "no_trainable_tokens": max(0, table_rows - kept), "truncated": 0,
+              "no_eos_in_loss": 0}
+    example = None
+    for batch in dataset.select_columns(["input_ids", "labels"]).iter(batch_size=1024):
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            trained_end = any(label != -100 and label in ends for label in labels)
+            if max_length is not None and len(ids) >= max_length and not trained_end:
+                counts["truncated"] += 1
+            elif not trained_end:
+                counts["no_eos_in_loss"] += 1
+                if example is None:
+                    example = tokenizer.decode(ids)[:160]
+    lost = counts["no_trainable_tokens"] + counts["truncated"]
+    print(f"sft data: {counts['rows']} rows tokenized; {counts['no_trainable_tokens']} dropped with no token left "
+          f"to train on, {counts['truncated']} cut at max_length={max_length}, {counts['no_eos_in_loss']} without "
+          "a trained EOS", flush=True)
+    record = {"step": 0, "time": round(time.time(), 3), **{f"data/{k}": v for k, v in counts.items()}}
+    with (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    limit = recipe.data.max_dropped_fraction
+    if counts["rows"] and lost / counts["rows"] > limit:
+        raise DataError(
+            f"{recipe.data.train}: {lost} of {counts['rows']} rows are too long for max_length={max_length} "
+            f"({counts['no_trainable_tokens']} dropped: the prompt fills it; {counts['truncated']} cut before their "
+            f"end), more than data.max_dropped_fraction={limit}; raise train.max_length, shorten the data, "
+            "or raise the limit")
+    if counts["no_eos_in_loss"] and not getattr(recipe.data, "allow_missing_eos", False):
+        raise DataError(
+            f"{recipe.data.train}: {counts['no_eos_in_loss']} of {counts['rows']} rows have no EOS / end-of-turn "
+            f"token among their trained tokens, so the model would never learn to stop (e.g. {example!r}); check "
+            "the chat template and the pad token (pad == EOS masks EOS with some collators), or set "
+            "data.allow_missing_eos: true if the rows are meant to be continued")
+    return counts
 
 
 def data_files(recipe) -> list[str]:
@@ -239,7 +450,9 @@ def final_train_loss(trainer) -> float | None:
 
 def evaluate_policy(model, tokenizer, eval_spec) -> dict | None:
     """Held-out task metrics of a policy: greedy (what a user sees) and sampled accuracy/reward."""
-    if eval_spec is None or not eval_spec.data:
+    from alignment.distributed import is_main_process
+
+    if eval_spec is None or not eval_spec.data or not is_main_process():
         return None
     from alignment.evaluation.quick import policy_task_metrics
 
@@ -251,6 +464,8 @@ def summary_line(stage: str, run_dir: Path, metrics: dict, started: float) -> st
     if metrics.get("train_loss") is not None:
         parts.append(f"final loss {metrics['train_loss']:.4f}")
     before, after = metrics.get("before") or {}, metrics.get("after") or {}
-    if "greedy_accuracy" in after:
-        parts.append(f"held-out accuracy {before.get('greedy_accuracy', float('nan')):.1%} -> {after['greedy_accuracy']:.1%}")
+    if "greedy_accuracy" in after and "greedy_accuracy" in before:
+        parts.append(f"held-out accuracy {before['greedy_accuracy']:.1%} -> {after['greedy_accuracy']:.1%}")
+    elif "greedy_accuracy" in after:
+        parts.append(f"held-out accuracy {after['greedy_accuracy']:.1%}")
     return " | ".join(parts)

@@ -35,6 +35,7 @@ def run(recipe) -> dict:
     pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length)
     measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
     measure.before(model)
+    train_started = time.time()  # trainer set-up included: it tokenizes, and may precompute the reference
     trainer = DPOTrainer(
         model=model,
         args=args,
@@ -45,7 +46,6 @@ def run(recipe) -> dict:
         callbacks=[common.metrics_logger(run_dir)],
         **ref_kwargs,
     )
-    train_started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - train_started
     metrics = {

@@ -44,6 +44,7 @@ def run(recipe) -> dict:
                                unpair_rows=unpair, seed=recipe.seed)
     measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
     measure.before(model)
+    train_started = time.time()  # trainer set-up included: it tokenizes, and may precompute the reference
     trainer = KTOTrainer(
         model=model,
         args=args,
@@ -54,7 +55,6 @@ def run(recipe) -> dict:
         callbacks=[common.metrics_logger(run_dir)],
         **ref_kwargs,
     )
-    train_started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - train_started
     labels = pairs.train["label"]

@@ -247,10 +247,15 @@ class PairData:
 
 
 def _split_report(load_report, rows_kept: int, extra: dict) -> dict:
+    """The loader's report with our drops added: rows read, rows kept, dropped by reason, truncated."""
     report = dict(vars(load_report))
     report["dropped"] = dict(report["dropped"], **extra["dropped"])
     report["truncated_to_max_length"] = extra.get("truncated", 0)
-    report["rows_kept"] = rows_kept
+    if "pairs_kept" in extra:
+        report["rows_kept"] = extra["pairs_kept"]
+        report["unpaired_rows"] = rows_kept
+    else:
+        report["rows_kept"] = rows_kept
     return report
 
 
@@ -279,6 +284,7 @@ def prepare_pairs(recipe, tokenizer, max_length: int | None, *, fmt: str = "pref
             if name == "eval":
                 eval_rows = rows
             if unpair_rows:
+                extra["pairs_kept"] = len(rows)
                 rows = unpair(rows)
                 # chosen and rejected of one prompt must not sit side by side: KTO's KL term pairs each
                 # completion with its neighbour's prompt, which must be a different prompt

@@ -31,6 +31,19 @@ TRAINERS = {
 }
 
 
+def __getattr__(name: str):
+    """`ORPOConfig` / `CPOConfig` for the stage registry, imported on first use with trl's experimental warning off
+    (the warning is this module's docstring; `align validate` should not print it for every recipe)."""
+    for module_name, config_name, _ in TRAINERS.values():
+        if name == config_name:
+            import importlib
+            import os
+
+            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+            return getattr(importlib.import_module(module_name), config_name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @dataclass(frozen=True)
 class Options:
     """`options:` of an orpo / cpo / simpo recipe (no reference model to choose)."""
@@ -42,22 +55,23 @@ class Options:
 
 
 def stage_defaults(recipe) -> dict:
-    """SimPO is CPOTrainer with the SimPO loss and no behaviour-cloning term (SimPO paper, eq. 6)."""
+    """Config values of the stage; SimPO is CPOTrainer with the SimPO loss and no behaviour-cloning term."""
+    defaults = {"remove_unused_columns": False}  # these trainers' collators read the raw columns
     if recipe.stage != "simpo":
-        return {}
+        return defaults
     if recipe.train.get("loss_type", "simpo") != "simpo":
         raise RecipeError(f"{recipe.source_path}: train.loss_type: stage simpo uses loss_type simpo; "
                           "use stage cpo for the other CPO losses")
-    return {"loss_type": "simpo", "cpo_alpha": 0.0}
+    return {**defaults, "loss_type": "simpo", "cpo_alpha": 0.0}
 
 
 def run(recipe) -> dict:
     import importlib
 
-    module_name, config_name, trainer_name = TRAINERS[recipe.stage]
-    trl_module = importlib.import_module(module_name)
     started = time.time()
     common.offline_defaults()
+    module_name, config_name, trainer_name = TRAINERS[recipe.stage]
+    trl_module = importlib.import_module(module_name)
     common.seed_everything(recipe.seed)
     run_dir, resume_from = common.prepare_run_dir(recipe)
     model, tokenizer = common.load_policy(recipe)
@@ -66,6 +80,7 @@ def run(recipe) -> dict:
     pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length)
     measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
     measure.before(model)
+    train_started = time.time()  # trainer set-up included: it tokenizes, and may precompute the reference
     trainer = getattr(trl_module, trainer_name)(
         model=model,
         args=args,
@@ -75,7 +90,6 @@ def run(recipe) -> dict:
         peft_config=common.lora_config(recipe.model.lora),
         callbacks=[common.metrics_logger(run_dir)],
     )
-    train_started = time.time()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - train_started
     metrics = {

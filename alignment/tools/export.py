@@ -83,8 +83,9 @@ def load_source(spec: str, *, merge_lora: bool = False, base: str | None = None)
 
 def merge_adapter(adapter_dir: Path, base: str | None):
     """Load the adapter's base model, apply the adapter, merge it into the weights (peft merge_and_unload)."""
-    import policies
     from peft import PeftConfig, PeftModel
+
+    import policies
 
     config = PeftConfig.from_pretrained(str(adapter_dir))
     base_spec = base or config.base_model_name_or_path
@@ -387,8 +388,7 @@ def accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size
     return (sum(applied) / len(applied) if applied else float("nan")), completions
 
 
-def generation_speed(models: dict, prompts: list, new_tokens: int = 32, repeats: int = 3,
-                     threads: int | None = None) -> dict:
+def generation_speed(models: dict, prompts: list, new_tokens: int = 32, repeats: int = 3) -> dict:
     """CPU tokens/s of each model: greedy, batch 1, exactly `new_tokens` per prompt (EOS suppressed until then).
 
     `models` maps a name to (model, tokenizer).  After one warm-up generation each,
@@ -415,17 +415,12 @@ def generation_speed(models: dict, prompts: list, new_tokens: int = 32, repeats:
 
     inputs = {name: encode(tokenizer) for name, (_, tokenizer) in models.items()}
     timings: dict[str, list[float]] = {name: [] for name in models}
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or previous_threads)
-    try:
+    for name, (model, tokenizer) in models.items():
+        model.eval()
+        run(model, tokenizer, inputs[name][:1])  # warm-up
+    for _ in range(repeats):
         for name, (model, tokenizer) in models.items():
-            model.eval()
-            run(model, tokenizer, inputs[name][:1])  # warm-up
-        for _ in range(repeats):
-            for name, (model, tokenizer) in models.items():
-                timings[name].append(run(model, tokenizer, inputs[name]))
-    finally:
-        torch.set_num_threads(previous_threads)
+            timings[name].append(run(model, tokenizer, inputs[name]))
     out = {}
     for name, seconds in timings.items():
         median = statistics.median(seconds)
@@ -452,10 +447,30 @@ def export(
     speed_prompts: int = 8,
     speed_tokens: int = 32,
     speed_repeats: int = 3,
-    speed_threads: int | None = None,
+    threads: int | None = 1,
     tolerance: float = 0.05,
 ) -> dict:
-    """Write the fp32 export and the asked-for variants into `output`, measure each, write the report."""
+    """Write the fp32 export and the asked-for variants into `output`, measure each, write the report.
+
+    Everything runs with `threads` torch threads (default 1: single-threaded timings are
+    comparable between machines, and several threads on a busy CPU can run many times
+    slower); None keeps torch's setting.
+    """
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or previous_threads)
+    try:
+        return _export(checkpoint, output, merge_lora=merge_lora, base=base, int8=int8, prune=prune, gguf=gguf,
+                       eval_data=eval_data, eval_samples=eval_samples, max_new_tokens=max_new_tokens,
+                       speed_prompts=speed_prompts, speed_tokens=speed_tokens, speed_repeats=speed_repeats,
+                       tolerance=tolerance)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _export(checkpoint, output, *, merge_lora, base, int8, prune, gguf, eval_data, eval_samples, max_new_tokens,
+            speed_prompts, speed_tokens, speed_repeats, tolerance) -> dict:
     import torch
 
     from alignment.checkpoint import write_atomic, write_json
@@ -502,7 +517,7 @@ def export(
         directory = Path(variant["path"])
         variant["file_bytes"] = file_bytes(directory / f for f in variant["files"])
         loaded[name] = load_int8(directory) if name == "int8" else _load_dir(directory)
-    for name, speed in generation_speed(loaded, speed_set, speed_tokens, speed_repeats, speed_threads).items():
+    for name, speed in generation_speed(loaded, speed_set, speed_tokens, speed_repeats).items():
         variants[name]["speed"] = speed
     baseline_completions = None
     for name, (model, model_tokenizer) in loaded.items():
@@ -537,7 +552,7 @@ def export(
                            "repeats": speed_repeats, "decoding": "greedy, EOS suppressed until new_tokens",
                            "order": "variants timed in turns, median round reported"},
         "environment": {"torch": torch.__version__, "quantized_engine": torch.backends.quantized.engine,
-                        "threads": speed_threads or torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "variants": variants,
         "seconds": round(time.time() - started, 1),
@@ -615,7 +630,7 @@ def cmd_export(args) -> int:
         args.checkpoint, args.output, merge_lora=args.merge_lora, base=args.base, int8=args.int8, prune=args.prune,
         gguf=args.gguf, eval_data=None if args.no_eval else args.eval_data, eval_samples=args.eval_samples,
         max_new_tokens=args.max_new_tokens, speed_prompts=args.speed_prompts, speed_tokens=args.speed_tokens,
-        speed_repeats=args.speed_repeats, speed_threads=args.speed_threads, tolerance=args.tolerance,
+        speed_repeats=args.speed_repeats, threads=args.threads or None, tolerance=args.tolerance,
     )
     print(report_markdown(report))
     print(f"report: {Path(args.output) / 'export_report.md'}")
@@ -647,7 +662,8 @@ def add_parser(commands) -> None:
     p.add_argument("--speed-prompts", type=int, default=8, help="prompts timed for tokens/s (default 8)")
     p.add_argument("--speed-tokens", type=int, default=32, help="new tokens per timed prompt (default 32)")
     p.add_argument("--speed-repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
-    p.add_argument("--speed-threads", type=int, help="torch threads while timing (default: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the whole export and its timings (default 1; 0 = torch's default)")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="largest accuracy drop vs fp32 (absolute, 0.05 = 5 points) a variant may show (default 0.05)")
     p.add_argument("--fail-outside-tolerance", action="store_true", help="exit with status 3 if a variant is outside")

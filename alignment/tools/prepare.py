@@ -196,8 +196,9 @@ class NearDuplicateIndex:
     def signature(self, text: str):
         from datasketch import MinHash
 
+        extra = {"scheme": self._template.scheme} if hasattr(self._template, "scheme") else {}  # datasketch >= 2
         sig = MinHash(num_perm=len(self._template.hashvalues), seed=self._template.seed,
-                      permutations=self._template.permutations, scheme=self._template.scheme)
+                      permutations=self._template.permutations, **extra)
         sig.update_batch([s.encode("utf-8") for s in sorted(shingles(text))])
         return sig
 

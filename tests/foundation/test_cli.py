@@ -23,7 +23,7 @@ def test_validate_misspelt_key_names_file_line_and_fix(repo_root, tmp_path):
     text = (repo_root / "recipes/tiny/sft.yaml").read_text().replace("learning_rate:", "learnin_rate:")
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
-    line = next(i for i, l in enumerate(text.splitlines(), 1) if "learnin_rate" in l)
+    line = next(i for i, text_line in enumerate(text.splitlines(), 1) if "learnin_rate" in text_line)
     out = run_cli("validate", str(bad), cwd=repo_root)
     assert out.returncode == 1
     assert f"bad.yaml:{line}" in out.stdout and "did you mean 'learning_rate'" in out.stdout

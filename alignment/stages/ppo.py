@@ -1,0 +1,350 @@
+"""Stage `ppo`: our PPO trainer (alignment.ppo) with a learned critic, on the shared reward sources.
+
+    align run recipes/tiny/ppo_rule.yaml     # the verifiable answer rule as the reward
+    align run recipes/tiny/ppo.yaml          # a learned reward model (runs/tiny/reward_model)
+
+Models: the policy is ``model.name_or_path`` (every weight trained, or a LoRA
+adapter with ``model.lora``); the reference is a frozen copy of the starting
+policy, or, with LoRA, the same network with the adapter disabled (no second
+copy in memory).  The critic is ``options.critic``: ``value_head`` (one linear
+layer on the policy's last hidden state) or ``separate`` (its own network,
+initialised from ``options.critic_init`` - a reward-model directory, as the
+reference recipe of Huang et al. 2024 does - or from a copy of the policy).
+
+Rewards: the recipe's ``reward:`` list (``reward.build``: rules, Python
+functions, reward-model directories, URLs) with its weights; conversational
+prompts reach the sources as messages and completions as assistant messages
+(trl's convention, so a GRPO reward function works unchanged); dataset columns
+besides ``prompt`` (e.g. ``answer``) arrive as keyword arguments.
+
+Run directory: the policy as a plain transformers directory (LoRA merged), the
+critic beside it (``value_head.safetensors`` or ``critic/``), ``metrics.jsonl``
+(one JSON object per PPO step: ``step`` and the trainer's metric names),
+``metrics.json`` (held-out before/after, train reward first/last, KL, time
+split) and ``checkpoints/checkpoint-<step>`` (every ``options.save_steps``,
+the last ``options.save_total_limit`` kept).  SIGINT/SIGTERM finishes the
+step, saves a checkpoint and stops; ``--resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+from alignment import data
+from alignment.checkpoint import CHECKPOINTS, save_run
+from alignment.errors import RecipeError
+from alignment.recipe import check, non_negative, positive
+from alignment.stages import common
+
+ORIGINAL_PROMPT = "_original_prompt"  # the row's prompt as written (messages), handed to the reward sources
+
+
+@dataclass(frozen=True)
+class Options:
+    """`options:` of a ppo recipe."""
+
+    critic: Literal["value_head", "separate"] = "value_head"  # value head on the policy, or its own network
+    critic_init: Union[str, None] = None  # separate critic: start from this reward-model dir; null = the policy
+    evaluate_before: bool = True  # held-out metrics of the starting policy, for the before/after table
+    save_steps: int = field(default=50, metadata=check(positive))  # checkpoint every this many PPO steps
+    save_total_limit: int = field(default=2, metadata=check(positive))  # checkpoints kept (the newest)
+    max_train_seconds: Union[float, None] = field(default=None, metadata=check(positive))  # stop early: controls
+    progress_bar: bool = True  # tqdm bar with reward and KL
+
+
+# ------------------------------------------------------------------ set-up
+
+
+def build_config(recipe):
+    """PPOConfig from the recipe's `train:` section (the recipe's seed unless `train.seed` is set)."""
+    from alignment.ppo import PPOConfig
+
+    values = {"seed": recipe.seed, **dict(recipe.train)}
+    try:
+        return PPOConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{recipe.source_path}: train: PPOConfig rejected the settings: {exc}") from None
+
+
+def check_options(recipe) -> None:
+    """Settings that cannot work, refused before any model is loaded."""
+    options, where = recipe.options, recipe.source_path
+    if options["critic_init"] is not None:
+        if options["critic"] != "separate":
+            raise RecipeError(f"{where}: options.critic_init is set but options.critic is "
+                              f"{options['critic']!r}; the value head starts small and fresh: set critic: separate")
+        if not (Path(options["critic_init"]) / "config.json").is_file():
+            raise RecipeError(f"{where}: options.critic_init: {options['critic_init']} is not a model directory "
+                              "(no config.json); train one with the reward_model stage")
+
+
+def build_models(recipe, model, tokenizer):
+    """``(policy, ref_policy, critic)`` for PPOTrainer from the loaded starting model."""
+    from policies.value import build_critic
+
+    options = recipe.options
+    init_from = None
+    if options["critic"] == "separate" and options["critic_init"]:
+        init_from = load_critic_init(recipe, tokenizer)
+    if options["critic"] == "separate":  # before LoRA wraps the model: the critic copies the plain weights
+        _, critic = build_critic("separate", model, init_from=init_from)
+    lora = common.lora_config(recipe.model.lora)
+    if lora is not None:
+        from peft import get_peft_model
+
+        model, ref_policy = get_peft_model(model, lora), None  # reference = the adapter disabled
+    else:
+        ref_policy = copy.deepcopy(model)  # frozen by the trainer
+    if options["critic"] == "value_head":
+        model, critic = build_critic("value_head", model)
+    return model, ref_policy, critic
+
+
+def load_critic_init(recipe, tokenizer):
+    """The reward model a separate critic starts from; its vocabulary must be the policy's."""
+    import policies
+
+    path = recipe.options["critic_init"]
+    model, critic_tokenizer = policies.load(path, dtype=recipe.model.dtype, task="sequence_classification",
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    if critic_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise RecipeError(f"{recipe.source_path}: options.critic_init: {path} has a different tokenizer from "
+                          f"{recipe.model.name_or_path}; the critic reads the policy's token ids")
+    return model
+
+
+def prompt_rows(dataset, tokenizer, max_prompt_tokens: int | None = None) -> tuple[list[dict], int]:
+    """Rows ``{"prompt": rendered text, ORIGINAL_PROMPT: as written, **other columns}`` and the count dropped.
+
+    Conversational prompts go through the chat template with the generation prompt.
+    """
+    from alignment.evaluation.generate import render_prompt
+
+    rows, dropped = [], 0
+    for row in dataset.to_list():
+        text = render_prompt(tokenizer, row["prompt"])
+        if max_prompt_tokens is not None and len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_prompt_tokens:
+            dropped += 1
+            continue
+        rows.append({**row, "prompt": text, ORIGINAL_PROMPT: row["prompt"]})
+    return rows, dropped
+
+
+class RecipeReward:
+    """The recipe's combined reward as the trainer's ``reward_fn``; keeps each source's metrics of the last call."""
+
+    __name__ = "total"  # the trainer logs its mean as reward/total
+
+    def __init__(self, combined):
+        from reward.base import is_conversation
+
+        self.combined, self.is_conversation, self.last_metrics = combined, is_conversation, {}
+
+    def __call__(self, prompts, completions, **columns):
+        originals = columns.pop(ORIGINAL_PROMPT, None) or prompts
+        completions = [[{"role": "assistant", "content": c}] if self.is_conversation(p) else c
+                       for p, c in zip(originals, completions)]
+        result = self.combined(list(originals), completions, **columns)
+        self.last_metrics = result.metrics
+        return result.total
+
+
+# ------------------------------------------------------------------ training loop
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM: finish the current step, then the loop saves a checkpoint and raises Interrupted."""
+
+    def __init__(self):
+        self.signal_name, self.previous = None, {}
+
+    def _handler(self, signum, frame):
+        if self.signal_name is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name} received: finishing this PPO step and saving a checkpoint "
+              "(send it again to stop at once)", flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def save_checkpoint(trainer, run_dir: Path, keep: int) -> Path:
+    """checkpoints/checkpoint-<step> (written whole or not at all), then drop all but the newest `keep`."""
+    root = run_dir / CHECKPOINTS
+    path = trainer.save(root / f"checkpoint-{trainer.step_count}")
+    if trainer.accelerator.is_main_process:
+        saved = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in root.glob("checkpoint-*")
+                       if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
+        for _, old in saved[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """On resume: drop logged steps after the checkpoint (they are trained again)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def train(trainer, reward_fn, run_dir: Path, options) -> list[dict]:
+    """PPO steps up to the configured total, with metrics.jsonl, checkpoints, a progress bar and clean stops."""
+    from tqdm.auto import tqdm
+
+    from alignment.guards import Interrupted
+
+    total, log_path = trainer.config.num_steps, run_dir / "metrics.jsonl"
+    main = trainer.accelerator.is_main_process
+    bar = tqdm(total=total, initial=trainer.step_count, desc="ppo", disable=not (main and options["progress_bar"]))
+    started, stopped_early = time.time(), False
+    with StopOnSignal() as stop:
+        while trainer.step_count < total:
+            metrics = trainer.step()
+            record = {"step": trainer.step_count, "time": round(time.time(), 3), **reward_fn.last_metrics, **metrics}
+            if main:
+                with log_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(record, default=float) + "\n")
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            out_of_time = options["max_train_seconds"] is not None and time.time() - started >= options["max_train_seconds"]
+            stopped_early = out_of_time and trainer.step_count < total
+            if stop.signal_name or trainer.step_count % options["save_steps"] == 0 or stopped_early:
+                save_checkpoint(trainer, run_dir, options["save_total_limit"])
+            if stop.signal_name:
+                bar.close()
+                raise Interrupted(f"stopped by {stop.signal_name} after PPO step {trainer.step_count}; checkpoint "
+                                  f"saved under {run_dir / CHECKPOINTS}; run again with --resume to continue")
+            if stopped_early:
+                break
+    bar.close()
+    if trainer.step_count % options["save_steps"] and not stopped_early:
+        save_checkpoint(trainer, run_dir, options["save_total_limit"])
+    return read_log(log_path)
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------ results
+
+
+def language_model(trainer):
+    """The trained causal LM (a peft model with LoRA), without the value head."""
+    from policies.value import CausalLMWithValueHead
+
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    return policy.pretrained_model if isinstance(policy, CausalLMWithValueHead) else policy
+
+
+def save_critic(trainer, tokenizer, run_dir: Path) -> None:
+    """``value_head.safetensors`` beside the policy weights, or ``critic/`` (a sequence-classification dir)."""
+    from safetensors.torch import save_file
+
+    from policies.value import VALUE_HEAD_FILE, CausalLMWithValueHead
+
+    if not trainer.accelerator.is_main_process:
+        return
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    if isinstance(policy, CausalLMWithValueHead):
+        state = {k: v.detach().contiguous().cpu() for k, v in policy.v_head.state_dict().items()}
+        save_file(state, str(run_dir / VALUE_HEAD_FILE))
+    else:
+        critic_dir = run_dir / "critic"
+        shutil.rmtree(critic_dir, ignore_errors=True)
+        trainer.accelerator.unwrap_model(trainer.critic).save_pretrained(str(critic_dir))
+        tokenizer.save_pretrained(str(critic_dir))
+
+
+def summarize(log: list[dict]) -> dict:
+    """Train reward first/last, KL last and max, time split, from the per-step log."""
+    if not log:
+        return {}
+
+    def total(key):
+        return round(math.fsum(entry.get(key, 0.0) for entry in log), 2)
+
+    kls = [entry["objective/kl"] for entry in log]
+    return {
+        "train_reward_first": log[0]["objective/score"],
+        "train_reward_last": log[-1]["objective/score"],
+        "train_kl_last": kls[-1],
+        "train_kl_max": max(kls),
+        "train_entropy_last": log[-1]["objective/entropy"],
+        "train_eos_rate_last": log[-1]["val/eos_rate"],
+        "time_split": {"generation": total("time/generation"), "scoring": total("time/scoring"),
+                       "training": total("time/training")},
+    }
+
+
+def run(recipe) -> dict:
+    import reward as reward_sources
+    from alignment.ppo import PPOTrainer
+
+    started = time.time()
+    common.offline_defaults()
+    common.seed_everything(recipe.seed)
+    config = build_config(recipe)  # validated before anything heavy
+    check_options(recipe)
+    run_dir, resume_from = common.prepare_run_dir(recipe)
+    splits = data.load(recipe.data, "prompt", seed=recipe.seed)
+    rewards = reward_sources.build([dict(spec) for spec in recipe.reward])
+    model, tokenizer = common.load_policy(recipe)
+    prompts, too_long = prompt_rows(splits.train, tokenizer, recipe.data.max_prompt_tokens)
+    before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
+    policy, ref_policy, critic = build_models(recipe, model, tokenizer)
+    reward_fn = RecipeReward(rewards)
+    trainer = PPOTrainer(config, policy, ref_policy, critic, tokenizer, reward_fn, prompts)
+    if resume_from:
+        trainer.load(resume_from)
+        trim_log(run_dir / "metrics.jsonl", trainer.step_count)
+    log = train(trainer, reward_fn, run_dir, recipe.options)
+    lm = language_model(trainer)
+    after = common.evaluate_policy(lm, tokenizer, recipe.eval)
+    metrics = {
+        "stage": "ppo",
+        "train_steps": trainer.step_count,
+        "train_seconds": round(time.time() - started, 1),
+        **summarize(log),
+        "critic": recipe.options["critic"],
+        "reward_failures": {source.name: source.stats.as_dict() for source in rewards.sources},
+        "before": before,
+        "after": after,
+        "data": [vars(report) for report in splits.reports] + [{"prompts_longer_than_max": too_long}],
+    }
+    rewards.close()
+    save_critic(trainer, tokenizer, run_dir)
+    save_run(run_dir, model=lm, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
+             metrics=metrics)
+    metrics["summary"] = common.summary_line("ppo", run_dir, metrics, started) + _kl_note(metrics)
+    return metrics
+
+
+def _kl_note(metrics: dict) -> str:
+    if metrics.get("train_kl_last") is None:
+        return ""
+    return f" | train reward {metrics['train_reward_first']:.3f} -> {metrics['train_reward_last']:.3f}, " \
+           f"KL {metrics['train_kl_last']:.3f}"

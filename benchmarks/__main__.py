@@ -1,0 +1,79 @@
+"""Command line: ``python -m benchmarks run | ceiling | peer-env``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def main(argv=None) -> int:
+    from benchmarks.harness import DEFAULT_STEPS, PRESETS, Plan
+    from benchmarks.workloads import STAGES
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run stages against their peers, alternating, and print the table")
+    run.add_argument("--stage", type=_list, default=list(STAGES), help=f"comma list of {','.join(STAGES)}")
+    run.add_argument("--preset", type=_list, default=list(PRESETS), help=f"comma list of {','.join(PRESETS)}")
+    run.add_argument("--repeats", type=int, default=3, help="(ours, peer) pairs per stage and preset")
+    run.add_argument("--steps", type=int, default=None,
+                     help=f"training steps per run (default per stage and preset: {json.dumps(DEFAULT_STEPS)})")
+    run.add_argument("--batch", type=int, default=None, help="per-device batch size (default: the recipe's)")
+    run.add_argument("--max-samples", type=int, default=2000,
+                     help="use the first N rows of each training file on both sides (0: all rows)")
+    run.add_argument("--output", default="benchmarks/results/", help="folder for the JSON and Markdown results")
+    run.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra recipe override for our side only (speed-lever experiments), repeatable")
+    run.add_argument("--peer-set", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra trainer-config setting for the peer only, repeatable")
+    run.add_argument("--child-env", action="append", default=[], metavar="NAME=VALUE",
+                     help="environment variable for every run, both sides alike (e.g. OMP_WAIT_POLICY=PASSIVE)")
+    run.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
+    run.add_argument("--ceiling-trials", type=int, default=10)
+    run.add_argument("--label", default="", help="free text stored in the JSON")
+    run.add_argument("--keep-workdir", action="store_true", help="keep the temporary models, run folders and logs")
+    commands.add_parser("ceiling", help="measure the fp32 matmul ceiling and print it as JSON")
+    commands.add_parser("peer-env", help="create (or check) the trl 1.12.0 venv of the PPO peer")
+    args = parser.parse_args(argv)
+
+    if args.command == "ceiling":
+        from benchmarks.ceiling import measure
+
+        print(json.dumps(measure(), indent=1))
+        return 0
+    if args.command == "peer-env":
+        from benchmarks import peer_env
+
+        try:
+            print(peer_env.ensure())
+        except peer_env.PeerEnvError as exc:
+            print(f"peer environment unusable: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(peer_env.versions()))
+        return 0
+    plan = Plan(stages=args.stage, presets=args.preset, repeats=args.repeats, steps=args.steps, batch=args.batch,
+                max_samples=args.max_samples or None,
+                output=args.output, ours_set=args.ours_set, peer_set=args.peer_set, timeout=args.timeout,
+                ceiling_trials=args.ceiling_trials, keep_workdir=args.keep_workdir, label=args.label,
+                child_env=dict(item.split("=", 1) for item in args.child_env))
+    try:
+        report = run_plan(plan)
+    except ValueError as exc:
+        parser.error(str(exc))
+    failed = [r for r in report["runs"] if r.get("status") == "error"]
+    return 1 if failed else 0
+
+
+def run_plan(plan):
+    from benchmarks.harness import run
+
+    return run(plan)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
