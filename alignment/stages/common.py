@@ -258,7 +258,10 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
         trainer.add_callback(time_budget(max_seconds))
     _test_hook_slow_saves(trainer)
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
+        if finished_checkpoint(trainer, resume_from):
+            load_finished_checkpoint(trainer, resume_from)
+        else:
+            trainer.train(resume_from_checkpoint=resume_from)
     except Exception as exc:
         if is_out_of_memory(exc):
             raise TrainingError(out_of_memory_message(trainer, exc)) from exc
@@ -266,6 +269,34 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
             raise disk_error(exc, run_dir) from exc
         raise
     stopper.check(run_dir)
+
+
+def finished_checkpoint(trainer, resume_from: str | None) -> bool:
+    """True when the checkpoint already holds train.max_steps steps.
+
+    transformers' loop takes a step before it checks max_steps, so resuming such
+    a checkpoint would silently train one step more than the recipe asks.
+    """
+    max_steps = getattr(trainer.args, "max_steps", -1)
+    if not resume_from or not max_steps or max_steps <= 0:
+        return False
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        return False  # their checkpoints load through the training loop only
+    try:
+        state = json.loads((Path(resume_from) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return int(state.get("global_step", 0)) >= max_steps
+
+
+def load_finished_checkpoint(trainer, resume_from: str) -> None:
+    """Take the weights and the trainer state of a checkpoint that needs no more training."""
+    from transformers.trainer_callback import TrainerState
+
+    print(f"{resume_from} already holds train.max_steps={trainer.args.max_steps} steps: nothing left to train, "
+          "loading it", flush=True)
+    trainer._load_from_checkpoint(resume_from)
+    trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
 
 
 def redact_saved_args():

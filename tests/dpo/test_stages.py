@@ -86,7 +86,7 @@ def test_ipo_recipe_is_the_dpo_stage_with_the_ipo_loss(tmp_path, small_eval):
     from alignment.stages import dpo
 
     metrics = dpo.run(load("ipo", tmp_path, small_eval, "options.evaluate_before=false", "options.kl_samples=0"))
-    assert metrics["loss_type"] == ["ipo"] and metrics["kl_to_start"] is None
+    assert metrics["loss_type"][0] == "ipo" and metrics["kl_to_start"] is None
 
 
 def test_kto_stage_trains_on_pairs_split_into_labelled_rows(tmp_path, small_eval):

@@ -17,14 +17,22 @@ def losses(run_dir):
     return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(args, cwd, processes: int):
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     if processes == 1:
         command = [sys.executable, "-m", "alignment.cli", "run", *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   "--master_port=0", "-m", "alignment.cli", "run", *args]
-    out = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+                   f"--master_port={free_port()}", "--master_addr=127.0.0.1", "-m", "alignment.cli", "run", *args]
+    out = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out
 
