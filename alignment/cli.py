@@ -134,6 +134,7 @@ EXTRA_COMMANDS: list = []
 def _register_extra_commands() -> None:
     import importlib
 
+    EXTRA_COMMANDS.clear()  # main() may be called more than once in a process (tests)
     for module_name in ("alignment.pipeline", "alignment.evaluation.runner", "reward.cli", "alignment.tools"):
         try:
             module = importlib.import_module(module_name)
