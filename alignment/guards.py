@@ -28,6 +28,8 @@ def nonfinite_guard(max_consecutive: int = 5):
         def __init__(self):
             self.skipped = 0
             self.in_a_row = 0
+            self.since_log = 0  # skipped steps since the last logged loss
+            self.last_logged_step = 0
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             params = [p for p in model.parameters() if p.grad is not None]
@@ -38,6 +40,7 @@ def nonfinite_guard(max_consecutive: int = 5):
                 p.grad = None
             self.skipped += 1
             self.in_a_row += 1
+            self.since_log += 1
             print(f"warning: step {state.global_step + 1}: non-finite gradient, optimizer step skipped "
                   f"({self.skipped} so far)", flush=True)
             if self.in_a_row >= max_consecutive:
@@ -47,6 +50,12 @@ def nonfinite_guard(max_consecutive: int = 5):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is not None:
                 logs["nonfinite_skipped_steps"] = self.skipped
+                if "loss" in logs:
+                    # transformers logs the running mean in place of a NaN/inf loss (0.0 when every step of the
+                    # interval was one): when no step of the interval had a finite loss, log NaN, never a number
+                    if self.since_log and self.since_log >= state.global_step - self.last_logged_step:
+                        logs["loss"] = float("nan")
+                    self.since_log, self.last_logged_step = 0, state.global_step
                 loss = logs.get("loss")
                 if isinstance(loss, float) and not math.isfinite(loss):
                     print(f"warning: step {state.global_step}: logged loss is {loss}", flush=True)

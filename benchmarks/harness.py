@@ -31,16 +31,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ("1m", "20m")
 SIDES = ("ours", "peer")
 
-# Training steps per run when --steps is not given: about 10-40 s of training loop per run
-# on a quiet 2-core machine (measured with this harness), so three alternated repeats of a
-# stage on both presets take minutes, not hours.
+# Training steps per run when --steps is not given: about 5-20 s of training loop per run on a
+# quiet 2-core machine, 5x that under a load average of ~11 (measured with this harness).
 DEFAULT_STEPS = {
-    "sft": {"1m": 60, "20m": 12},
-    "reward_model": {"1m": 60, "20m": 12},
+    "sft": {"1m": 60, "20m": 10},
+    "reward_model": {"1m": 60, "20m": 10},
     "dpo": {"1m": 40, "20m": 8},
     "grpo": {"1m": 12, "20m": 4},
-    "rloo": {"1m": 12, "20m": 4},
-    "ppo": {"1m": 6, "20m": 3},
+    "rloo": {"1m": 24, "20m": 4},
+    "ppo": {"1m": 8, "20m": 3},
 }
 
 CHILD_ENV = {

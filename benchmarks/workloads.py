@@ -131,7 +131,7 @@ def our_overrides(spec: Spec, with_ours_set: bool = True) -> list[str]:
     if "kl_samples" in options:
         overrides.append("options.kl_samples=0")
     if "center" in options:  # reward model: the bias measurement after training samples 256 completions
-        overrides.append("options.center=false")
+        overrides += ["options.center=false", "options.center_policy=null"]
     return overrides + (list(spec.ours_set) if with_ours_set else [])
 
 

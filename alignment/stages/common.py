@@ -139,7 +139,6 @@ def trainer_defaults(recipe, run_dir: Path) -> dict:
         "logging_steps": 20,
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
-        "logging_nan_inf_filter": False,  # a NaN/inf loss is logged as it is, never replaced by the running mean
     }
     defaults.update(precision_defaults())
     return defaults

@@ -35,7 +35,7 @@ def run(recipe) -> dict:
     pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length)
     measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
     measure.before(model)
-    train_started = time.time()  # trainer set-up included: it tokenizes, and may precompute the reference
+    train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing, precompute
     trainer = DPOTrainer(
         model=model,
         args=args,
@@ -47,7 +47,7 @@ def run(recipe) -> dict:
         **ref_kwargs,
     )
     output = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.time() - train_started
+    train_seconds, train_cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
     metrics = {
         "stage": "dpo",
         "loss_type": list(args.loss_type),
@@ -57,6 +57,7 @@ def run(recipe) -> dict:
         "train_loss": common.final_train_loss(trainer) or output.training_loss,
         "train_steps": trainer.state.global_step,
         "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(train_cpu_seconds, 1),  # all threads; steadier than wall time on a busy machine
         **measure.after(trainer, beta=args.beta),
         "data": pairs.reports,
     }

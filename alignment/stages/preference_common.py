@@ -268,9 +268,14 @@ def prepare_pairs(recipe, tokenizer, max_length: int | None, *, fmt: str = "pref
 
     options = recipe.options
     splits = data.load(recipe.data, fmt, seed=recipe.seed)
+    train_report, eval_report = splits.reports[0], splits.reports[1] if len(splits.reports) > 1 else None
+    if splits.eval is not None and eval_report is None:  # held out from the training file by data.eval_fraction
+        eval_report = data.LoadReport(source=f"{recipe.data.train} (eval_fraction={recipe.data.eval_fraction})",
+                                      rows_read=len(splits.eval), rows_kept=len(splits.eval))
+        train_report = data.LoadReport(**{**vars(train_report), "dropped": dict(train_report.dropped)})
+        train_report.dropped["held out by data.eval_fraction"] = len(splits.eval)
     prepared, reports, eval_rows = [], [], None
-    for name, dataset, load_report in (("train", splits.train, splits.reports[0]),
-                                       ("eval", splits.eval, splits.reports[-1] if splits.eval is not None else None)):
+    for name, dataset, load_report in (("train", splits.train, train_report), ("eval", splits.eval, eval_report)):
         if dataset is None:
             prepared.append(None)
             continue
@@ -300,8 +305,6 @@ def prepare_pairs(recipe, tokenizer, max_length: int | None, *, fmt: str = "pref
             raise DataError(f"{load_report.source}: no rows left after preparing the {name} split ({extra})")
         reports.append(_split_report(load_report, len(rows), extra))
         prepared.append(datasets.Dataset.from_list(rows))
-    if splits.eval is not None and recipe.data.eval is None and reports:
-        reports[-1]["source"] = f"{reports[-1]['source']} (eval_fraction={recipe.data.eval_fraction})"
     return PairData(train=prepared[0], eval=prepared[1], eval_rows=eval_rows, reports=reports)
 
 

@@ -80,7 +80,7 @@ def run(recipe) -> dict:
     pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length)
     measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
     measure.before(model)
-    train_started = time.time()  # trainer set-up included: it tokenizes, and may precompute the reference
+    train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing, precompute
     trainer = getattr(trl_module, trainer_name)(
         model=model,
         args=args,
@@ -91,7 +91,7 @@ def run(recipe) -> dict:
         callbacks=[common.metrics_logger(run_dir)],
     )
     output = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.time() - train_started
+    train_seconds, train_cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
     metrics = {
         "stage": recipe.stage,
         "experimental_trainer": f"{module_name}.{trainer_name}",
@@ -100,6 +100,7 @@ def run(recipe) -> dict:
         "train_loss": common.final_train_loss(trainer) or output.training_loss,
         "train_steps": trainer.state.global_step,
         "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(train_cpu_seconds, 1),  # all threads; steadier than wall time on a busy machine
         **measure.after(trainer),  # no reference model: drift is in nats against the starting model
         "data": pairs.reports,
     }

@@ -154,3 +154,15 @@ def test_tokenized_pairs_put_the_end_of_turn_token_in_the_completion(tiny_tokeni
     assert pair.chosen[-1] == eos and pair.rejected[-1] == eos
     assert tiny_tokenizer.decode(pair.chosen[:-1]) == "3" and tiny_tokenizer.decode(pair.rejected[:-1]) == "12"
     assert tiny_tokenizer.decode(pair.prompt).endswith("assistant\n")
+
+
+def test_eval_fraction_split_is_reported_as_held_out(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": user(f"What is {i} + 2?"), "chosen": assistant(str(i + 2)), "rejected": assistant(str(i))}
+            for i in range(20)]
+    recipe = pair_recipe(write_jsonl(tmp_path / "pairs.jsonl", rows), eval_fraction=0.25)
+    prepared = pref.prepare_pairs(recipe, tiny_tokenizer, max_length=64)
+    train, held_out = prepared.reports
+    assert train["rows_read"] == 20 and train["rows_kept"] == 15
+    assert train["dropped"] == {"held out by data.eval_fraction": 5}
+    assert held_out["source"].endswith("(eval_fraction=0.25)") and held_out["rows_kept"] == 5
+    assert len(prepared.eval_rows) == 5

@@ -133,59 +133,51 @@ def _enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_item_31_disk_full_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, monkeypatch):
-    from transformers import Trainer
+def test_item_31_disk_full_during_save_keeps_the_old_checkpoint_and_weights(tmp_path, monkeypatch):
+    """A complete run is resumed for more steps; the disk fills up during a checkpoint save, then during the final
+    save. Each time: a clear error, the last whole checkpoint and the old weights kept, the run not complete."""
+    from pathlib import Path
+
+    from transformers import PreTrainedModel, Trainer
 
     run_dir = tmp_path / "run"
     run_sft(run_dir, "train.max_steps=2", "train.save_steps=1")
-    final_weights = (run_dir / "model.safetensors").read_bytes()
-    original = Trainer._save_rng_state
+    old_weights = (run_dir / "model.safetensors").read_bytes()
+    save_rng_state, save_pretrained = Trainer._save_rng_state, PreTrainedModel.save_pretrained
 
-    def failing_save(self, output_dir, *args, **kwargs):
-        if str(output_dir).endswith("checkpoint-4"):  # weights and optimizer written, then the disk fills up
+    def checkpoint_save_fills_the_disk(self, output_dir, *args, **kwargs):
+        if str(output_dir).endswith("checkpoint-4"):  # weights and optimizer written, then the disk is full
             _enospc()
-        return original(self, output_dir, *args, **kwargs)
+        return save_rng_state(self, output_dir, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "_save_rng_state", failing_save)
+    monkeypatch.setattr(Trainer, "_save_rng_state", checkpoint_save_fills_the_disk)
     with pytest.raises(CheckpointError, match=r"disk full .*half-written checkpoint-4 was removed.*checkpoint-3 is kept"):
         run_sft(run_dir, "train.max_steps=4", "train.save_steps=1", "resume=true")
     assert not is_complete(run_dir)
     assert latest_checkpoint(run_dir).name == "checkpoint-3" and not (run_dir / "checkpoints/checkpoint-4").exists()
     assert json.loads((run_dir / "checkpoints/checkpoint-3/trainer_state.json").read_text())["global_step"] == 3
-    assert (run_dir / "model.safetensors").read_bytes() == final_weights
+    assert (run_dir / "model.safetensors").read_bytes() == old_weights
     monkeypatch.undo()
-    metrics = run_sft(run_dir, "train.max_steps=4", "train.save_steps=1", "resume=true")
-    assert metrics["train_steps"] == 4 and is_complete(run_dir)
 
-
-def test_item_31_disk_full_during_the_final_save_keeps_the_old_weights(tmp_path, monkeypatch):
-    from transformers import PreTrainedModel
-
-    run_dir = tmp_path / "run"
-    run_sft(run_dir, "train.max_steps=2", "train.save_steps=1")
-    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json")
-              and p.name != "run_info.json"}
-    original = PreTrainedModel.save_pretrained
-
-    def failing_save(self, directory, *args, **kwargs):
+    def final_save_fills_the_disk(self, directory, *args, **kwargs):
         if ".staging-" in str(directory):  # the final save: half a file, then the disk is full
-            directory = __import__("pathlib").Path(directory)
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "model.safetensors").write_bytes(b"half a file")
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "model.safetensors").write_bytes(b"half a file")
             _enospc()
-        return original(self, directory, *args, **kwargs)
+        return save_pretrained(self, directory, *args, **kwargs)
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing_save)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", final_save_fills_the_disk)
     with pytest.raises(CheckpointError, match=r"disk full .*weights already there are untouched.*not marked complete"):
-        run_sft(run_dir, "train.max_steps=3", "train.save_steps=1", "resume=true")
+        run_sft(run_dir, "train.max_steps=4", "train.save_steps=1", "resume=true")
     assert not is_complete(run_dir)
     assert not list(run_dir.glob(".staging-*")) and not list(run_dir.glob(".*.tmp-*"))
-    assert (run_dir / "model.safetensors").read_bytes() == before["model.safetensors"]
-    assert latest_checkpoint(run_dir).name == "checkpoint-3"  # the trainer's own last checkpoint is whole
+    assert (run_dir / "model.safetensors").read_bytes() == old_weights
+    assert latest_checkpoint(run_dir).name == "checkpoint-4"  # the trainer's own last checkpoint is whole
     monkeypatch.undo()
-    metrics = run_sft(run_dir, "train.max_steps=3", "train.save_steps=1", "resume=true")
-    assert metrics["train_steps"] == 3 and is_complete(run_dir)
-    assert (run_dir / "model.safetensors").read_bytes() != before["model.safetensors"]
+
+    metrics = run_sft(run_dir, "train.max_steps=4", "train.save_steps=1", "resume=true")  # space freed: resume
+    assert metrics["train_steps"] == 4 and is_complete(run_dir)
+    assert (run_dir / "model.safetensors").read_bytes() != old_weights
 
 
 def test_item_31_atomic_write_keeps_the_old_file_when_the_disk_is_full(tmp_path, monkeypatch):
