@@ -88,19 +88,18 @@ def check_output_dir(recipe) -> Path:
 
 def prepare_run_dir(recipe) -> tuple[Path, str | None]:
     """Create the run directory, mark it unfinished, and find the checkpoint to resume from."""
-    from alignment.checkpoint import write_atomic
+    from alignment.checkpoint import drop_partial_checkpoints, set_aside_checkpoints, write_atomic
     from alignment.data import data_fingerprint
-
-    from alignment.checkpoint import drop_partial_checkpoints, set_aside_checkpoints
+    from alignment.distributed import is_main_process
 
     run_dir = check_output_dir(recipe)
     resume_from = resume_checkpoint(run_dir, bool(recipe.resume))
     if resume_from:
         check_resume_matches(recipe, run_dir)
-        for partial in drop_partial_checkpoints(run_dir):
+        for partial in drop_partial_checkpoints(run_dir) if is_main_process() else []:
             print(f"ignoring {partial}: half-written (no trainer_state.json), removed; resuming from {resume_from}",
                   flush=True)
-    else:
+    elif is_main_process():
         previous = set_aside_checkpoints(run_dir)
         if previous is not None:
             print(f"fresh start: the earlier run's checkpoints were moved to {previous}", flush=True)
@@ -406,6 +405,15 @@ def end_token_ids(tokenizer, model=None) -> set[int]:
     return ids
 
 
+def _report_audit(counts: dict, max_length, run_dir: Path) -> None:
+    print(f"sft data: {counts['rows']} rows tokenized; {counts['no_trainable_tokens']} dropped with no token left "
+          f"to train on, {counts['truncated']} cut at max_length={max_length}, {counts['no_eos_in_loss']} without "
+          "a trained EOS", flush=True)
+    record = {"step": 0, "time": round(time.time(), 3), **{f"data/{k}": v for k, v in counts.items()}}
+    with (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
 def audit_sft_tokens(trainer, recipe, run_dir: Path) -> dict:
     """Count, report and police what tokenizing did to the SFT rows, before any step is taken.
 
@@ -439,12 +447,10 @@ def audit_sft_tokens(trainer, recipe, run_dir: Path) -> dict:
                 if example is None:
                     example = tokenizer.decode(ids)[:160]
     lost = counts["no_trainable_tokens"] + counts["truncated"]
-    print(f"sft data: {counts['rows']} rows tokenized; {counts['no_trainable_tokens']} dropped with no token left "
-          f"to train on, {counts['truncated']} cut at max_length={max_length}, {counts['no_eos_in_loss']} without "
-          "a trained EOS", flush=True)
-    record = {"step": 0, "time": round(time.time(), 3), **{f"data/{k}": v for k, v in counts.items()}}
-    with (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    from alignment.distributed import is_main_process
+
+    if is_main_process():
+        _report_audit(counts, max_length, run_dir)
     limit = recipe.data.max_dropped_fraction
     if counts["rows"] and lost / counts["rows"] > limit:
         raise DataError(

@@ -11,7 +11,7 @@ SMALL = {
     "sft": ["train.max_steps=4", "train.per_device_train_batch_size=8", "data.max_samples=64",
             "eval.max_samples=8", "train.save_steps=100", "options.evaluate_before=false"],
     "reward_model": ["train.max_steps=3", "train.num_train_epochs=1", "train.per_device_train_batch_size=8",
-                     "data.max_samples=64", "options.center=false"],
+                     "data.max_samples=64", "options.center_samples=8"],
     "dpo": ["train.max_steps=3", "train.per_device_train_batch_size=8", "data.max_samples=64",
             "eval.max_samples=8", "options.kl_samples=8"],
     "ppo": ["train.total_steps=2", "train.batch_size=8", "train.mini_batch_size=4", "train.ppo_epochs=1",
