@@ -1,14 +1,25 @@
-"""Run-time guards shared by every trainer: non-finite gradients, and clean stops on SIGINT/SIGTERM.
+"""Run-time guards shared by every trainer (`alignment.stages.common.train` adds them all).
 
-Both are transformers `TrainerCallback`s, so trl's trainers get them unchanged.
+* non-finite gradients: the step is skipped and counted, K in a row stop the run;
+* SIGINT/SIGTERM: finish the step, save, stop (`Interrupted`);
+* a time budget;
+* secrets: the trainer arguments pickled into each checkpoint are re-saved redacted;
+* out of memory and a full disk become errors that say what to change
+  (`is_out_of_memory`, `out_of_memory_message`, `disk_error`).
+
+The callbacks are transformers `TrainerCallback`s, so trl's trainers get them unchanged.
 """
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import signal
+import time
+from pathlib import Path
 
-from alignment.errors import AlignmentError, TrainingError
+from alignment.errors import AlignmentError, CheckpointError, TrainingError
 
 
 class Interrupted(AlignmentError):
@@ -30,6 +41,9 @@ def nonfinite_guard(max_consecutive: int = 5):
             self.in_a_row = 0
             self.since_log = 0  # skipped steps since the last logged loss
             self.last_logged_step = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_logged_step = state.global_step  # a resumed run starts logging from its checkpoint
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             params = [p for p in model.parameters() if p.grad is not None]
@@ -120,3 +134,97 @@ def time_budget(max_seconds: float):
                 control.should_training_stop = True
 
     return TimeBudget()
+
+
+def redact_saved_args():
+    """transformers pickles its arguments (hub_token included) into each checkpoint: re-save them redacted."""
+    import copy
+    import dataclasses
+
+    from transformers import TrainerCallback
+
+    from alignment.recipe import is_secret_key
+
+    class RedactSavedArgs(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            secrets = [f.name for f in dataclasses.fields(args)
+                       if is_secret_key(f.name) and isinstance(getattr(args, f.name, None), str) and getattr(args, f.name)]
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin"
+            if not secrets or not saved.is_file() or not state.is_world_process_zero:
+                return
+            import torch
+
+            clean = copy.copy(args)
+            for name in secrets:
+                setattr(clean, name, None)
+            torch.save(clean, saved)
+
+    return RedactSavedArgs()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError, or the RuntimeError some backends raise ("... out of memory ...")."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def out_of_memory_message(trainer, exc: BaseException) -> str:
+    """Name the settings that decide memory: batch size, accumulation and sequence length."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    args = trainer.args
+    batch = getattr(args, "per_device_train_batch_size", None)
+    accumulation = getattr(args, "gradient_accumulation_steps", None)
+    lengths = [f"{name}={getattr(args, name)}" for name in ("max_length", "max_prompt_length", "max_completion_length")
+               if getattr(args, name, None) is not None]
+    step = getattr(getattr(trainer, "state", None), "global_step", 0) + 1
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"out of memory at training step {step} with per_device_train_batch_size={batch}, "
+            f"gradient_accumulation_steps={accumulation}, {', '.join(lengths) or 'max_length=None (no limit)'}. "
+            f"Lower train.per_device_train_batch_size (raising train.gradient_accumulation_steps keeps the "
+            f"effective batch of {batch * accumulation if batch and accumulation else '?'}) or lower the sequence "
+            f"length; train.gradient_checkpointing=true also saves memory. ({first_line})")
+
+
+DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def disk_error(exc: OSError, run_dir: Path) -> Exception:
+    """A full disk while training (a checkpoint save): keep the last whole checkpoint, drop the partial one."""
+    from alignment.checkpoint import describe_os_error, drop_partial_checkpoints, latest_checkpoint
+
+    dropped = drop_partial_checkpoints(run_dir)
+    kept = latest_checkpoint(run_dir)
+    return CheckpointError(
+        f"writing under {run_dir} failed: {describe_os_error(exc)}. "
+        + (f"The half-written {', '.join(p.name for p in dropped)} was removed; " if dropped else "")
+        + (f"the last complete checkpoint {kept} is kept; " if kept else "no complete checkpoint exists yet; ")
+        + "the run is not marked complete. Free some space and run again"
+        + (" with resume=true" if kept else "")
+    )
+
+
+def slow_saves_for_tests(trainer) -> None:
+    """ALIGNMENT_TEST_SAVE_DELAY=<seconds>[@<step>]: pause inside a checkpoint write (tests kill the run there).
+
+    The pause comes after the weights, optimizer and scheduler are written and
+    before the RNG state and trainer_state.json, and is announced on stdout;
+    with @<step> only the save at that step pauses.
+    """
+    setting = os.environ.get("ALIGNMENT_TEST_SAVE_DELAY")
+    original = getattr(trainer, "_save_rng_state", None)
+    if not setting or original is None:
+        return
+    seconds, _, step = setting.partition("@")
+
+    def slow_save_rng_state(output_dir, *args, **kwargs):
+        if not step or Path(output_dir).name == f"checkpoint-{step}":
+            print(f"ALIGNMENT_TEST_SAVE_DELAY: writing {output_dir}", flush=True)
+            time.sleep(float(seconds))
+        return original(output_dir, *args, **kwargs)
+
+    trainer._save_rng_state = slow_save_rng_state

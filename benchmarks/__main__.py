@@ -37,10 +37,18 @@ def main(argv=None) -> int:
     run.add_argument("--ceiling-trials", type=int, default=10)
     run.add_argument("--label", default="", help="free text stored in the JSON")
     run.add_argument("--keep-workdir", action="store_true", help="keep the temporary models, run folders and logs")
+    table = commands.add_parser("table", help="print one Markdown table from report JSON files "
+                                "(a later file's rows replace an earlier one's for the same stage and preset)")
+    table.add_argument("reports", nargs="+")
     commands.add_parser("ceiling", help="measure the fp32 matmul ceiling and print it as JSON")
     commands.add_parser("peer-env", help="create (or check) the trl 1.12.0 venv of the PPO peer")
     args = parser.parse_args(argv)
 
+    if args.command == "table":
+        from benchmarks.harness import merged_table
+
+        print(merged_table(args.reports))
+        return 0
     if args.command == "ceiling":
         from benchmarks.ceiling import measure
 

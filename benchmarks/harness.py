@@ -273,6 +273,19 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merged_table(report_paths) -> str:
+    """One Markdown table from several reports; a later report's row replaces an earlier one's."""
+    rows = {}
+    for path in report_paths:
+        report = json.loads(Path(path).read_text())
+        for row in report["summary"]:
+            rows[(row["stage"], row["preset"])] = row
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    ordered = sorted(rows.values(), key=lambda r: (PRESETS.index(r["preset"]) if r["preset"] in PRESETS else 9,
+                                                    order.get(r["stage"], 99)))
+    return markdown_table(ordered)
+
+
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
     try:

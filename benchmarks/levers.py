@@ -11,8 +11,9 @@ implementation, with ``use_cache`` off (as trl's SFT sets it) and on.
 
 ``step`` times a full training step (forward, loss on completion tokens,
 backward, AdamW) on a real SFT batch of the demo data, each variant in a fresh
-process, variants alternated ``repeats`` times; it reports the median step
-time per variant:
+process, variants alternated ``repeats`` times; it reports tokens per median
+step time per variant (two warm-up steps excluded) and the ratio to ``padded``
+of the same repeat:
 
 * ``padded``: the batch as trl's default collator pads it (what ours runs now);
 * ``padding_free``: the same rows as one row with position ids;
@@ -167,9 +168,11 @@ def _step_child(preset: str, variant: str, batch: int, steps: int) -> dict:
         if i >= 2:  # two warm-up steps (allocator, compile)
             times.append(elapsed)
             tokens += sum(len(r) for r, _ in examples)
-    return {"variant": variant, "preset": preset, "batch": batch, "median_step_s": statistics.median(times),
-            "tokens_per_s": tokens / sum(times), "first_step_s": compile_seconds, "loss": float(loss),
-            "threads": torch.get_num_threads()}
+    tokens_per_step = tokens / len(times)
+    median = statistics.median(times)
+    return {"variant": variant, "preset": preset, "batch": batch, "median_step_s": median,
+            "tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_step / median,
+            "first_step_s": compile_seconds, "loss": float(loss), "threads": torch.get_num_threads()}
 
 
 def step_levers(presets, variants, repeats: int, batch: int, steps: int, extra_env=None, log=print) -> dict:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from alignment.checkpoint import CHECKPOINTS, base_run_info, mark_incomplete, resume_checkpoint
-from alignment.errors import CheckpointError, DataError, RecipeError, TrainingError
+from alignment.errors import DataError, RecipeError, TrainingError
 
 # The recipe of each run directory prepared in this process, so `train` can apply the recipe's data limits.
 _RECIPES: dict[str, object] = {}
@@ -243,7 +243,17 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
     A signal finishes the step, saves a checkpoint and raises `Interrupted`, so
     the run is never marked complete; `--resume` continues it.
     """
-    from alignment.guards import graceful_stop, nonfinite_guard, time_budget
+    from alignment.guards import (
+        DISK_FULL,
+        disk_error,
+        graceful_stop,
+        is_out_of_memory,
+        nonfinite_guard,
+        out_of_memory_message,
+        redact_saved_args,
+        slow_saves_for_tests,
+        time_budget,
+    )
 
     recipe = _RECIPES.get(str(Path(run_dir).resolve()))
     if recipe is not None and recipe.stage == "sft":
@@ -254,7 +264,7 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
         trainer.add_callback(callback)
     if max_seconds is not None:
         trainer.add_callback(time_budget(max_seconds))
-    _test_hook_slow_saves(trainer)
+    slow_saves_for_tests(trainer)
     try:
         if finished_checkpoint(trainer, resume_from):
             load_finished_checkpoint(trainer, resume_from)
@@ -263,7 +273,7 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
     except Exception as exc:
         if is_out_of_memory(exc):
             raise TrainingError(out_of_memory_message(trainer, exc)) from exc
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
             raise disk_error(exc, run_dir) from exc
         raise
     stopper.check(run_dir)
@@ -295,99 +305,6 @@ def load_finished_checkpoint(trainer, resume_from: str) -> None:
           "loading it", flush=True)
     trainer._load_from_checkpoint(resume_from)
     trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
-
-
-def redact_saved_args():
-    """transformers pickles its arguments (hub_token included) into each checkpoint: re-save them redacted."""
-    import copy
-    import dataclasses
-
-    from transformers import TrainerCallback
-
-    from alignment.recipe import is_secret_key
-
-    class RedactSavedArgs(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            secrets = [f.name for f in dataclasses.fields(args)
-                       if is_secret_key(f.name) and isinstance(getattr(args, f.name, None), str) and getattr(args, f.name)]
-            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin"
-            if not secrets or not saved.is_file() or not state.is_world_process_zero:
-                return
-            import torch
-
-            clean = copy.copy(args)
-            for name in secrets:
-                setattr(clean, name, None)
-            torch.save(clean, saved)
-
-    return RedactSavedArgs()
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's OutOfMemoryError, or the RuntimeError some backends raise ("... out of memory ...")."""
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(exc, oom) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
-def out_of_memory_message(trainer, exc: BaseException) -> str:
-    """Name the settings that decide memory: batch size, accumulation and sequence length."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    args = trainer.args
-    batch = getattr(args, "per_device_train_batch_size", None)
-    accumulation = getattr(args, "gradient_accumulation_steps", None)
-    lengths = [f"{name}={getattr(args, name)}" for name in ("max_length", "max_prompt_length", "max_completion_length")
-               if getattr(args, name, None) is not None]
-    step = getattr(getattr(trainer, "state", None), "global_step", 0) + 1
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return (f"out of memory at training step {step} with per_device_train_batch_size={batch}, "
-            f"gradient_accumulation_steps={accumulation}, {', '.join(lengths) or 'max_length=None (no limit)'}. "
-            f"Lower train.per_device_train_batch_size (raising train.gradient_accumulation_steps keeps the "
-            f"effective batch of {batch * accumulation if batch and accumulation else '?'}) or lower the sequence "
-            f"length; train.gradient_checkpointing=true also saves memory. ({first_line})")
-
-
-def disk_error(exc: OSError, run_dir: Path) -> Exception:
-    """A failed write while training (a checkpoint save): keep the last whole checkpoint, drop the partial one."""
-    from alignment.checkpoint import describe_os_error, drop_partial_checkpoints, latest_checkpoint
-
-    if exc.errno is None:
-        return exc
-    dropped = drop_partial_checkpoints(run_dir)
-    kept = latest_checkpoint(run_dir)
-    return CheckpointError(
-        f"writing under {run_dir} failed: {describe_os_error(exc)}. "
-        + (f"The half-written {', '.join(p.name for p in dropped)} was removed; " if dropped else "")
-        + (f"the last complete checkpoint {kept} is kept; " if kept else "no complete checkpoint exists yet; ")
-        + "the run is not marked complete. Free some space and run again"
-        + (" with resume=true" if kept else "")
-    )
-
-
-def _test_hook_slow_saves(trainer) -> None:
-    """ALIGNMENT_TEST_SAVE_DELAY=<seconds>[@<step>]: pause inside a checkpoint write (tests kill the run there).
-
-    The pause comes after the weights, optimizer and scheduler are written and
-    before the RNG state and trainer_state.json, and is announced on stdout;
-    with @<step> only the save at that step pauses.
-    """
-    setting = os.environ.get("ALIGNMENT_TEST_SAVE_DELAY")
-    original = getattr(trainer, "_save_rng_state", None)
-    if not setting or original is None:
-        return
-    seconds, _, step = setting.partition("@")
-
-    def slow_save_rng_state(output_dir, *args, **kwargs):
-        if not step or Path(output_dir).name == f"checkpoint-{step}":
-            print(f"ALIGNMENT_TEST_SAVE_DELAY: writing {output_dir}", flush=True)
-            time.sleep(float(seconds))
-        return original(output_dir, *args, **kwargs)
-
-    trainer._save_rng_state = slow_save_rng_state
 
 
 # Tokens that close an assistant turn in common chat templates (besides the tokenizer's EOS).

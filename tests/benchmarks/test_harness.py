@@ -147,3 +147,15 @@ def test_real_sft_workload_one_step(tmp_path):
         assert result["settings"]["bf16"] is False and result["settings"]["gradient_checkpointing"] is False
     assert results["ours"]["train_tokens"] == results["peer"]["train_tokens"]  # same rows, same batch
     assert results["ours"]["metric"] == pytest.approx(results["peer"]["metric"], rel=1e-5)  # same weights
+
+
+def test_table_merges_reports_later_rows_win(fake_children, tmp_path, capsys):
+    first = harness.run(harness.Plan(stages=["sft", "dpo"], presets=["1m"], repeats=1, steps=1,
+                                     output=str(tmp_path / "a")), log=lambda *a: None)
+    second = harness.run(harness.Plan(stages=["reward_model"], presets=["1m"], repeats=1, steps=1,
+                                      output=str(tmp_path / "b")), log=lambda *a: None)
+    assert first["summary"] and second["summary"]
+    assert cli_main(["table", str(tmp_path / "a" / "latest.json"), str(tmp_path / "b" / "latest.json")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    stages = [line.split("|")[1].strip() for line in lines[2:]]
+    assert stages[0] == "sft" and "reward_model" in stages and stages[-1] == "dpo"  # stage order kept

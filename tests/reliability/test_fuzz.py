@@ -11,8 +11,10 @@ exception.  The runs are derandomized, so a failure reproduces.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from alignment.errors import AlignmentError, DataError
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 WORK = Path(tempfile.mkdtemp(prefix="alignment-fuzz-"))
+atexit.register(shutil.rmtree, WORK, True)
 
 # ----------------------------------------------------------------------------- junk values
 

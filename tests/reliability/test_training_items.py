@@ -12,7 +12,7 @@ import torch
 from alignment.checkpoint import is_complete, latest_checkpoint
 from alignment.errors import CheckpointError, TrainingError
 
-from .conftest import logged, loss_curve, run_sft
+from .conftest import chat_rows, logged, loss_curve, run_sft, write_jsonl
 
 # ----------------------------------------------------------------------------- 22
 
@@ -26,7 +26,7 @@ def test_item_22_equal_rewards_in_a_group_keep_advantages_finite(stage, tmp_path
         "def constant(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n")
     recipe = recipes.load(f"recipes/tiny/{stage}.yaml", [
         "model.name_or_path=tiny:1m", "data.max_samples=16", "eval=null", "options.evaluate_before=false",
-        "train.max_steps=2", "train.per_device_train_batch_size=8", "train.num_generations=4",
+        "train.max_steps=1", "train.per_device_train_batch_size=8", "train.num_generations=4",
         "train.max_completion_length=4", "train.logging_steps=1", "train.save_steps=100", "train.disable_tqdm=true",
         f"output_dir={tmp_path / 'run'}", f"reward=[{{source: '{tmp_path}/constant.py:constant'}}]"])
     metrics = online_rl.run(recipe)
@@ -99,15 +99,22 @@ def test_item_24_aborts_after_k_nonfinite_steps_in_a_row(tmp_path, monkeypatch):
 
 
 def test_item_27_batch_1_x_accumulation_8_equals_batch_8_x_accumulation_1(tmp_path):
-    """Same rows per optimizer step, so the loss trajectory and the weights must agree (sequence lengths differ)."""
+    """Same rows per optimizer step, so the loss trajectory and the weights must agree.
+
+    The answers have 1 to 4 digits, so the micro-batches of one step hold different numbers of trained tokens:
+    averaging each micro-batch's loss and then the micro-batches (transformers before PR #34191) would differ.
+    """
     from safetensors.torch import load_file
 
-    common = ["data.max_samples=24", "train.max_steps=3", "train.learning_rate=1e-2", "train.warmup_steps=0",
-              "train.lr_scheduler_type=constant"]
+    rows = chat_rows(6, start=0) + chat_rows(5, start=100) + chat_rows(5, start=5000)
+    data_file = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert len({len(r["completion"][0]["content"]) for r in rows}) == 4
+    common = [f"data.train={data_file}", "data.max_samples=16", "train.max_steps=2", "train.learning_rate=1e-2",
+              "train.warmup_steps=0", "train.lr_scheduler_type=constant"]
     run_sft(tmp_path / "b8", *common, "train.per_device_train_batch_size=8", "train.gradient_accumulation_steps=1")
     run_sft(tmp_path / "b1", *common, "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=8")
     big, small = loss_curve(tmp_path / "b8"), loss_curve(tmp_path / "b1")
-    assert sorted(big) == sorted(small) == [1, 2, 3]
+    assert sorted(big) == sorted(small) == [1, 2]
     for step in big:
         assert small[step] == pytest.approx(big[step], rel=1e-4), (step, big, small)
     norms = [{r["step"]: r["grad_norm"] for r in logged(tmp_path / name) if "grad_norm" in r} for name in ("b8", "b1")]
@@ -122,8 +129,6 @@ def test_item_27_batch_1_x_accumulation_8_equals_batch_8_x_accumulation_1(tmp_pa
     for key in a:
         moved = (a[key] - start[key]).norm()
         assert moved > 0 and (a[key] - b[key]).norm() <= 0.02 * moved, key
-    lengths = [json.loads(line) for line in open("data/tiny_arith/sft.jsonl")][:24]
-    assert len({len(r["completion"][0]["content"]) for r in lengths}) > 1  # unequal token counts per row
 
 
 # ----------------------------------------------------------------------------- 31
@@ -215,7 +220,7 @@ def test_item_32_out_of_memory_names_batch_size_accumulation_and_length(tmp_path
 
 
 def test_item_32_backend_runtime_errors_saying_out_of_memory_are_recognised():
-    from alignment.stages.common import is_out_of_memory
+    from alignment.guards import is_out_of_memory
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)"))
@@ -270,3 +275,24 @@ def test_item_33_remote_code_never_runs_unless_the_recipe_turns_it_on(tiny_model
     with pytest.raises(CheckpointError, match="ships its own Python code .*model.trust_remote_code: true"):
         common.load_policy(recipe)
     assert not marker.exists(), "remote code ran although trust_remote_code is off"
+
+
+# ----------------------------------------------------------------------------- 24, 30, 31, 32 for every stage
+
+NOT_YET = pytest.mark.xfail(reason="calls trainer.train() directly: no non-finite skip, SIGTERM save, out-of-memory "
+                                   "or disk-full message (reported; one line: common.train(trainer, run_dir, "
+                                   "resume_from))", strict=False)
+
+
+@pytest.mark.parametrize("module", [
+    "sft", "pretrain", "online_rl", "reward_model", "best_of_n",
+    pytest.param("dpo", marks=NOT_YET), pytest.param("kto", marks=NOT_YET),
+    pytest.param("preference_relatives", marks=NOT_YET),
+])
+def test_items_24_30_31_32_every_trl_stage_trains_through_the_shared_guards(module):
+    """The guards live in common.train; a stage that calls trainer.train() itself has none of them."""
+    import importlib
+    import inspect
+
+    source = inspect.getsource(importlib.import_module(f"alignment.stages.{module}"))
+    assert "common.train(" in source and ".train(resume_from_checkpoint" not in source
