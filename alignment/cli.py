@@ -148,7 +148,13 @@ def _register_extra_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     _register_extra_commands()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `align run R --resume key=value`: overrides after an option land in `extra`
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + overrides
+    if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from alignment.guards import Interrupted
 
     try:
