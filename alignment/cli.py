@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -146,6 +147,10 @@ def _register_extra_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning: on a busy or shared CPU, spinning threads
+    # steal the cores the work needs (measured 20x slower steps; benchmarks/README.md).
+    # Set before torch is imported, which happens below.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _register_extra_commands()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

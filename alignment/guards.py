@@ -47,7 +47,8 @@ def nonfinite_guard(max_consecutive: int = 5):
 
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             params = [p for p in model.parameters() if p.grad is not None]
-            if all(torch.isfinite(p.grad).all() for p in params):
+            # one fused norm over every gradient: NaN/inf anywhere makes it non-finite
+            if not params or torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params])):
                 self.in_a_row = 0
                 return
             for p in params:

@@ -309,6 +309,13 @@ def run_ours_ppo(spec: Spec) -> dict:
     reward_fn = RewardModel(reward_dir, device="cpu", batch_size=PPO_SETTINGS["batch_size"], use_chat_template=False)
     settings = {k: v for k, v in PPO_SETTINGS.items()}
     settings.update(_parse_sets(spec.ours_set))
+    critic_kind = settings.pop("critic", "separate")  # --ours-set critic=value_head: value head on the policy
+    if critic_kind == "value_head":
+        from policies.value import CausalLMWithValueHead
+
+        policy, critic = CausalLMWithValueHead(policy), None
+    elif critic_kind != "separate":
+        raise ValueError(f"critic must be 'separate' or 'value_head', got {critic_kind!r}")
     config = PPOConfig(total_steps=spec.steps, logging_steps=max(1, spec.steps), seed=42, **settings)
     trainer = PPOTrainer(config, policy, ref, critic, tokenizer, reward_fn, ppo_prompts(tokenizer))
     METER.begin(trainer.policy, tokenizer.pad_token_id)
@@ -321,7 +328,7 @@ def run_ours_ppo(spec: Spec) -> dict:
         samples=len(history) * config.batch_size,
         matmul_params=matmul_parameters(policy),
         metric=("objective/score", last.get("objective/score")),
-        settings={**settings, "total_steps": spec.steps},
+        settings={**settings, "total_steps": spec.steps, "critic": critic_kind},
         extra={"steps": len(history), "time_split": timing},
     )
 

@@ -138,7 +138,9 @@ def build_tiny_model(preset: str, tokenizer, seed: int = 0, model_class=None):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         model = model_class.from_config(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    generation = getattr(model, "generation_config", None)  # classifiers have none
+    if generation is not None:
+        generation.pad_token_id = tokenizer.pad_token_id
+        generation.eos_token_id = tokenizer.eos_token_id
+        generation.bos_token_id = tokenizer.bos_token_id
     return model

@@ -227,6 +227,10 @@ def train(trainer, reward_fn, run_dir: Path, options) -> list[dict]:
                     handle.write(json.dumps(record, default=float) + "\n")
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
+            if main and not options["progress_bar"] and trainer.step_count % trainer.config.logging_steps == 0:
+                print(f"ppo step {trainer.step_count}/{total}: score {metrics['objective/score']:.3f} "
+                      f"kl {metrics['objective/kl']:.3f} entropy {metrics['objective/entropy']:.3f} "
+                      f"eos_rate {metrics['val/eos_rate']:.2f}", flush=True)
             out_of_time = options["max_train_seconds"] is not None and time.time() - started >= options["max_train_seconds"]
             stopped_early = out_of_time and trainer.step_count < total
             if stop.signal_name or trainer.step_count % options["save_steps"] == 0 or stopped_early:
@@ -280,17 +284,20 @@ def save_critic(trainer, tokenizer, run_dir: Path) -> None:
 
 
 def summarize(log: list[dict]) -> dict:
-    """Train reward first/last, KL last and max, time split, from the per-step log."""
+    """Train reward first/last (and means over a few steps), KL last and max, time split, from the per-step log."""
     if not log:
         return {}
 
     def total(key):
         return round(math.fsum(entry.get(key, 0.0) for entry in log), 2)
 
-    kls = [entry["objective/kl"] for entry in log]
+    kls, scores = [entry["objective/kl"] for entry in log], [entry["objective/score"] for entry in log]
+    window = max(1, min(5, len(log) // 2))  # one batch is noisy: also the mean of the first and last few steps
     return {
-        "train_reward_first": log[0]["objective/score"],
-        "train_reward_last": log[-1]["objective/score"],
+        "train_reward_first": scores[0],
+        "train_reward_last": scores[-1],
+        "train_reward_window": {"steps": window, "first": math.fsum(scores[:window]) / window,
+                                "last": math.fsum(scores[-window:]) / window},
         "train_kl_last": kls[-1],
         "train_kl_max": max(kls),
         "train_entropy_last": log[-1]["objective/entropy"],
