@@ -449,7 +449,11 @@ def pair_metrics(chosen: list, rejected: list, start: tuple | None = None, beta:
 
 def sampled_kl(policy, reference, tokenizer, prompts: list, max_new_tokens: int, seed: int = 0,
                batch_size: int = 128) -> dict | None:
-    """KL(policy || reference) on held-out prompts, from completions sampled from the policy (k1 and k3 estimators)."""
+    """KL(policy || reference) on held-out prompts, from completions sampled from the policy (k1 and k3 estimators).
+
+    `reference` is a context manager yielding the reference model; it is entered only after
+    the policy has been sampled and scored, since with LoRA it switches the policy's adapter off.
+    """
     if not prompts:
         return None
     from alignment.evaluation.generate import generate_completions, sequence_logprobs
@@ -457,13 +461,14 @@ def sampled_kl(policy, reference, tokenizer, prompts: list, max_new_tokens: int,
 
     samples = generate_completions(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    do_sample=True, temperature=1.0, seed=seed)
-    ids = [s["token_ids"] for s in samples]
-    keep = [i for i, tokens in enumerate(ids) if tokens]
-    prompts, ids = [prompts[i] for i in keep], [ids[i] for i in keep]
-    if not ids:
+    kept = [(prompt, s["token_ids"]) for prompt, s in zip(prompts, samples) if s["token_ids"]]
+    if not kept:
         return None
+    prompts, ids = [p for p, _ in kept], [i for _, i in kept]
     policy_logps = sequence_logprobs(policy, tokenizer, prompts, ids, batch_size=batch_size, per_token=True)
-    reference_logps = sequence_logprobs(reference, tokenizer, prompts, ids, batch_size=batch_size, per_token=True)
+    with reference as reference_model:
+        reference_logps = sequence_logprobs(reference_model, tokenizer, prompts, ids, batch_size=batch_size,
+                                            per_token=True)
     return kl_estimate(policy_logps, reference_logps)
 
 
@@ -533,10 +538,9 @@ class Measurements:
         kl = None
         if self.heldout and self.recipe.options["kl_samples"]:
             max_new_tokens = self.recipe.eval.max_new_tokens if self.recipe.eval else 16
-            with reference_model(trainer, self.recipe) as start_model:
-                kl = sampled_kl(policy, start_model, self.tokenizer,
-                                self.heldout.prompts(self.recipe.options["kl_samples"]),
-                                max_new_tokens=max_new_tokens, seed=self.recipe.seed)
+            kl = sampled_kl(policy, reference_model(trainer, self.recipe), self.tokenizer,
+                            self.heldout.prompts(self.recipe.options["kl_samples"]),
+                            max_new_tokens=max_new_tokens, seed=self.recipe.seed)
             log_record(self.run_dir, trainer.state.global_step, kl, "kl_to_start")
         return {
             "train_margin_first_last": logged_series(trainer, "rewards/margins"),

@@ -78,6 +78,8 @@ def test_dpo_with_lora_keeps_no_copy_and_saves_merged_weights(tmp_path, small_ev
     recipe = load("dpo", tmp_path, small_eval, "model.lora={r: 4, alpha: 8}", "options.evaluate_before=false")
     metrics = dpo.run(recipe)
     assert metrics["reference"] == "adapter"
+    # the KL reference is the adapter switched off, after the policy (adapter on) was sampled and scored
+    assert metrics["kl_to_start"]["k3"] > 0 and metrics["heldout_after"]["drift_abs"] > 0
     assert changed_parameters(tmp_path / "run", recipe.seed), "the merged adapter must change the saved weights"
     assert not list((tmp_path / "run").glob("adapter_*")), "the checkpoint is a plain model, the adapter merged in"
 
