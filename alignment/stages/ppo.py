@@ -41,7 +41,7 @@ from typing import Literal, Union
 from alignment import data
 from alignment.checkpoint import CHECKPOINTS, save_run
 from alignment.errors import RecipeError
-from alignment.recipe import check, non_negative, positive
+from alignment.recipe import check, positive
 from alignment.stages import common
 
 ORIGINAL_PROMPT = "_original_prompt"  # the row's prompt as written (messages), handed to the reward sources
