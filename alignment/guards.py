@@ -78,44 +78,70 @@ def nonfinite_guard(max_consecutive: int = 5):
     return NonFiniteGuard()
 
 
+class SignalLatch:
+    """While entered, the first SIGINT/SIGTERM is only recorded (`signal_name`); a second one stops at once.
+
+    The training loop polls `signal_name` between steps, so a stop always falls on a step boundary
+    where a checkpoint can be saved. The handlers that were installed before are restored on exit.
+    """
+
+    def __init__(self, what: str = "step"):
+        self.what = what
+        self.signal_name: str | None = None
+        self.previous: dict = {}
+
+    def _handler(self, signum, frame):
+        if self.signal_name is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name} received: finishing this {self.what} and saving a checkpoint "
+              "(send it again to stop at once)", flush=True)
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def check(self, run_dir) -> None:
+        """Raise Interrupted (once the checkpoint is saved) if a signal stopped the run."""
+        if self.signal_name is not None:
+            raise Interrupted(f"stopped by {self.signal_name}; checkpoint saved under {run_dir}/checkpoints; "
+                              "run again with --resume to continue")
+
+
 def graceful_stop():
     """On SIGINT/SIGTERM: finish the current step, save a checkpoint, stop; the stage then raises Interrupted."""
     from transformers import TrainerCallback
 
     class GracefulStop(TrainerCallback):
         def __init__(self):
-            self.signal_name = None
-            self.previous = {}
+            self.latch = SignalLatch()
 
-        def _handler(self, signum, frame):
-            if self.signal_name is not None:  # a second signal: stop now
-                raise KeyboardInterrupt
-            self.signal_name = signal.Signals(signum).name
-            print(f"\n{self.signal_name} received: finishing this step and saving a checkpoint "
-                  "(send it again to stop at once)", flush=True)
+        @property
+        def signal_name(self):
+            return self.latch.signal_name
 
         def on_train_begin(self, args, state, control, **kwargs):
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    self.previous[sig] = signal.signal(sig, self._handler)
-                except ValueError:  # not the main thread: leave signals alone
-                    pass
+            self.latch.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.signal_name is not None:
+            if self.latch.signal_name is not None:
                 control.should_save = True
                 control.should_training_stop = True
 
         def on_train_end(self, args, state, control, **kwargs):
-            for sig, handler in self.previous.items():
-                signal.signal(sig, handler)
-            self.previous = {}
+            self.latch.__exit__()
 
         def check(self, run_dir) -> None:
-            """Raise Interrupted (after the trainer saved) if a signal stopped the run."""
-            if self.signal_name is not None:
-                raise Interrupted(f"stopped by {self.signal_name}; checkpoint saved under {run_dir}/checkpoints; "
-                                  "run again with --resume to continue")
+            self.latch.check(run_dir)
 
     return GracefulStop()
 

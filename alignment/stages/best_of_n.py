@@ -15,8 +15,8 @@
    conversational when the prompts are, plus ``score``, ``mean_score`` and
    ``num_candidates`` columns).
 4. ``options.write_pairs``: also ``pairs.jsonl`` (prompt/chosen/rejected, best
-   against worst, only where the best scores strictly higher) for the reward
-   model, DPO and relatives.
+   against worst, only where the best scores strictly higher; ``min_score`` does
+   not apply, a pair is a relative judgement) for the reward model, DPO and relatives.
 5. ``options.finetune``: supervised fine-tuning on the kept completions through
    the SFT stage's path (trl's SFTTrainer configured by ``train:``, loss on the
    completion only, common.train with its guards), then the run directory is a
@@ -93,7 +93,6 @@ def select(rows, samples, scores, options) -> tuple[list[dict], list[dict], dict
     """The best (and worst) candidate of every prompt: ``(best rows, pair rows, counts)``."""
     best_rows, pair_rows = [], []
     counts = {"no_candidate": 0, "below_min_score": 0, "tied_pairs": 0}
-    extra = lambda row: {k: v for k, v in row.items() if k not in ("prompt", "completion")}  # noqa: E731
     for row, group, group_scores in zip(rows, samples, scores):
         candidates = [(s, sample) for s, sample in zip(group_scores, group)
                       if s is not None and (sample["ended_with_eos"] or not options["require_eos"])]
@@ -108,33 +107,42 @@ def select(rows, samples, scores, options) -> tuple[list[dict], list[dict], dict
             counts["below_min_score"] += 1
         else:
             best_rows.append({"prompt": row["prompt"], "completion": as_completion(row["prompt"], candidates[best][1]["text"]),
-                              **extra(row), "score": values[best], "mean_score": mean,
+                              **_columns(row), "score": values[best], "mean_score": mean,
                               "num_candidates": len(candidates)})
         if values[best] > values[worst]:
             pair_rows.append({"prompt": row["prompt"],
                               "chosen": as_completion(row["prompt"], candidates[best][1]["text"]),
                               "rejected": as_completion(row["prompt"], candidates[worst][1]["text"]),
-                              **extra(row), "chosen_score": values[best], "rejected_score": values[worst]})
+                              **_columns(row), "chosen_score": values[best], "rejected_score": values[worst]})
         else:
             counts["tied_pairs"] += 1
     return best_rows, pair_rows, counts
+
+
+def _columns(row: dict) -> dict:
+    """The dataset's other columns (e.g. ``answer``), carried into the written rows."""
+    return {k: v for k, v in row.items() if k not in ("prompt", "completion")}
+
+
+def _mean(values):
+    return math.fsum(values) / len(values) if values else None
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
-def statistics(scores, best_rows, pair_rows, counts, options) -> dict:
+def summarize(scores, best_rows, pair_rows, counts, options) -> dict:
+    """Mean score of all samples vs of the kept best, and what was kept, dropped or tied."""
     flat = [s for group in scores for s in group if s is not None]
-    mean = lambda values: math.fsum(values) / len(values) if values else None  # noqa: E731
     return {
         "num_prompts": len(scores),
         "samples_per_prompt": options["num_samples"],
-        "mean_sample_score": mean(flat),
-        "mean_best_score": mean([r["score"] for r in best_rows]),
+        "mean_sample_score": _mean(flat),
+        "mean_best_score": _mean([r["score"] for r in best_rows]),
         "kept": len(best_rows),
         "pairs": len(pair_rows) if options["write_pairs"] else None,
-        "mean_chosen_minus_rejected": mean([p["chosen_score"] - p["rejected_score"] for p in pair_rows])
+        "mean_chosen_minus_rejected": _mean([p["chosen_score"] - p["rejected_score"] for p in pair_rows])
         if options["write_pairs"] else None,
         **counts,
     }
@@ -186,7 +194,7 @@ def run(recipe) -> dict:
             for row, group, group_scores in zip(rows, samples, scores) for s, value in zip(group, group_scores)])
     metrics = {
         "stage": "best_of_n",
-        "best_of_n": statistics(scores, best_rows, pair_rows, counts, options),
+        "best_of_n": summarize(scores, best_rows, pair_rows, counts, options),
         "rewards": reward_metrics,
         "reward_failures": {source.name: source.stats.as_dict() for source in rewards.sources},
         "files": [BEST_FILE] + ([PAIRS_FILE] if options["write_pairs"] else [])

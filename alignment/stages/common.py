@@ -396,8 +396,13 @@ def run_info(recipe) -> dict:
 
 
 def final_train_loss(trainer) -> float | None:
-    """The last logged training loss (averaged by the trainer over its logging interval)."""
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    """The last logged training loss (averaged by the trainer over its logging interval).
+
+    A run shorter than one logging interval has only the trainer's closing `train_loss` (the mean over the run).
+    """
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry] or [
+        entry["train_loss"] for entry in history if "train_loss" in entry]
     return float(losses[-1]) if losses else None
 
 

@@ -27,12 +27,12 @@ def run(recipe) -> dict:
     started = time.time()
     common.offline_defaults()
     common.seed_everything(recipe.seed)
-    reference = pref.resolve_reference(recipe)
+    pref.check_reference(recipe)
     run_dir, resume_from = common.prepare_run_dir(recipe)
     model, tokenizer = common.load_policy(recipe)
-    ref_kwargs, ref_config = pref.reference_kwargs(reference, model)
-    args = common.build_trainer_config(recipe, DPOConfig, {**common.trainer_defaults(recipe, run_dir), **ref_config})
+    args = common.build_trainer_config(recipe, DPOConfig, common.trainer_defaults(recipe, run_dir))
     pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length)
+    reference = pref.choose_reference(recipe, args, len(pairs.train))
     measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
     measure.before(model)
     train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing, precompute
@@ -43,10 +43,9 @@ def run(recipe) -> dict:
         eval_dataset=pairs.eval if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=common.lora_config(recipe.model.lora),
-        callbacks=[common.metrics_logger(run_dir)],
-        **ref_kwargs,
+        **pref.reference_setup(reference, model, args),
     )
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    common.train(trainer, run_dir, resume_from)
     train_seconds, train_cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
     metrics = {
         "stage": "dpo",
@@ -54,7 +53,7 @@ def run(recipe) -> dict:
         "loss_weights": list(args.loss_weights) if args.loss_weights else None,
         "beta": args.beta,
         "reference": reference,
-        "train_loss": common.final_train_loss(trainer) or output.training_loss,
+        "train_loss": common.final_train_loss(trainer),
         "train_steps": trainer.state.global_step,
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(train_cpu_seconds, 1),  # all threads; steadier than wall time on a busy machine

@@ -32,7 +32,6 @@ import copy
 import json
 import math
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,33 +159,6 @@ class RecipeReward:
 # ------------------------------------------------------------------ training loop
 
 
-class StopOnSignal:
-    """SIGINT/SIGTERM: finish the current step, then the loop saves a checkpoint and raises Interrupted."""
-
-    def __init__(self):
-        self.signal_name, self.previous = None, {}
-
-    def _handler(self, signum, frame):
-        if self.signal_name is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        print(f"\n{self.signal_name} received: finishing this PPO step and saving a checkpoint "
-              "(send it again to stop at once)", flush=True)
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-
 def save_checkpoint(trainer, run_dir: Path, keep: int) -> Path:
     """checkpoints/checkpoint-<step> (written whole or not at all), then drop all but the newest `keep`."""
     root = run_dir / CHECKPOINTS
@@ -212,13 +184,13 @@ def train(trainer, reward_fn, run_dir: Path, options) -> list[dict]:
     """PPO steps up to the configured total, with metrics.jsonl, checkpoints, a progress bar and clean stops."""
     from tqdm.auto import tqdm
 
-    from alignment.guards import Interrupted
+    from alignment.guards import Interrupted, SignalLatch
 
     total, log_path = trainer.config.num_steps, run_dir / "metrics.jsonl"
     main = trainer.accelerator.is_main_process
     bar = tqdm(total=total, initial=trainer.step_count, desc="ppo", disable=not (main and options["progress_bar"]))
     started, stopped_early = time.time(), False
-    with StopOnSignal() as stop:
+    with SignalLatch("PPO step") as stop:
         while trainer.step_count < total:
             metrics = trainer.step()
             record = {"step": trainer.step_count, "time": round(time.time(), 3), **reward_fn.last_metrics, **metrics}

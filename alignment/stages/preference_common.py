@@ -7,10 +7,11 @@ Data (every step counted in the run's data report, nothing dropped silently):
 2. :func:`extract_prompt` moves an implicit prompt (shared at the start of
    chosen and rejected) into a ``prompt`` column.
 3. :func:`drop_duplicates` keeps the first of identical (prompt, chosen, rejected) rows.
-4. :func:`length_pass` tokenizes every pair as trl will and counts the rows
-   trl would truncate (``max_length``, keep-start), and drops the rows whose
-   prompt alone fills ``max_length`` or exceeds ``data.max_prompt_tokens``
-   (trl would filter the first kind silently).
+4. :func:`length_pass` measures every pair as trl will tokenize it (rows that
+   provably fit by byte length are not tokenized), counts the rows trl will
+   truncate (``max_length``, keep-start), and drops the rows whose prompt
+   alone fills ``max_length`` or exceeds ``data.max_prompt_tokens`` (trl would
+   filter the first kind without a count).
 
 Reference model (``options.reference``, DPO and KTO):
 
@@ -19,9 +20,9 @@ Reference model (``options.reference``, DPO and KTO):
 | ``copy``      | ``ref_model`` = a frozen deep copy of the policy     | 2x weights       |
 | ``adapter``   | no ``ref_model``: base model with the LoRA disabled  | ``model.lora``   |
 | ``precomputed``| reference log-probs computed once before training   | one extra pass   |
-| ``auto``      | ``adapter`` with LoRA, else ``copy`` (measured: docs/preference.md) |  |
+| ``auto``      | ``adapter`` with LoRA; else ``precomputed`` from 1.5 epochs on, ``copy`` below |  |
 
-Held-out metrics (:func:`pair_metrics`, :func:`drift_metrics`) are computed
+Held-out metrics (:class:`Measurements`, :func:`pair_metrics`, :func:`sampled_kl`) are computed
 by us on the eval pairs, before and after training, the same way for every
 stage: log-probs of chosen and rejected, preference accuracy (policy gives
 chosen the higher log-prob), implicit-reward accuracy and margin against the
@@ -38,8 +39,6 @@ from pathlib import Path
 from typing import Literal
 
 from alignment.errors import DataError, RecipeError
-
-REFERENCE_MODES = ("auto", "copy", "adapter", "precomputed")
 
 
 @dataclass(frozen=True)
@@ -311,34 +310,63 @@ def prepare_pairs(recipe, tokenizer, max_length: int | None, *, fmt: str = "pref
 # ----------------------------------------------------------------------------- reference model
 
 
-def resolve_reference(recipe) -> str:
-    """The reference mode a run uses; an impossible choice is a RecipeError before any model is loaded."""
-    mode = recipe.options["reference"]
+# Measured on the tiny demo, 1 thread (docs/preference.md): at 1.1 epochs a frozen copy and precomputing cost the
+# same (33.9 vs 33.7 CPU-s); at 3.4 epochs precomputing costs 18% less (81.5 vs 98.9 CPU-s).  Precomputing does one
+# reference forward per training row up front, a copy one per row *seen*: precompute once a run sees each row more
+# than about once, with a margin for its set-up (dataset cache writes).
+PRECOMPUTE_BREAK_EVEN_EPOCHS = 1.5
+
+
+def check_reference(recipe) -> None:
+    """Errors in the reference choice, raised before any model is loaded."""
     if "precompute_ref_log_probs" in recipe.train:
         raise RecipeError(f"{recipe.source_path}: train.precompute_ref_log_probs: set options.reference: precomputed "
                           "instead (one key chooses the reference model)")
-    if mode == "adapter" and recipe.model.lora is None:
+    if recipe.options["reference"] == "adapter" and recipe.model.lora is None:
         raise RecipeError(f"{recipe.source_path}: options.reference: adapter needs model.lora (the reference is the "
                           "base model with the adapter disabled); use copy or precomputed for full fine-tuning")
-    if mode == "auto":
-        # Measured on 2 CPU cores (docs/preference.md): with LoRA the disabled adapter costs no memory and no copy;
-        # for full fine-tuning a frozen copy is faster than precomputing once the run covers less than ~1.5
-        # epochs, and precomputing pays its set-up back only over several epochs.
-        return "adapter" if recipe.model.lora is not None else "copy"
-    return mode
 
 
-def reference_kwargs(mode: str, model) -> tuple[dict, dict]:
-    """(trainer kwargs, config values) that give trl the chosen reference."""
-    if mode == "copy":
-        reference = copy.deepcopy(model)
-        reference.eval()
-        for parameter in reference.parameters():
-            parameter.requires_grad_(False)
-        return {"ref_model": reference}, {"precompute_ref_log_probs": False}
-    if mode == "precomputed":
-        return {}, {"precompute_ref_log_probs": True}
-    return {}, {"precompute_ref_log_probs": False}  # adapter: trl disables the LoRA adapter for the reference
+def planned_epochs(args, train_rows: int) -> float:
+    """How many times the run will go over the training rows (max_steps wins over num_train_epochs, as in trl)."""
+    if args.max_steps and args.max_steps > 0:
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+        return args.max_steps * per_step / max(train_rows, 1)
+    return float(args.num_train_epochs)
+
+
+def choose_reference(recipe, args, train_rows: int) -> str:
+    """The reference mode of a run: the recipe's, or for `auto` the cheapest correct one.
+
+    auto: `adapter` with LoRA (no second model, same compute as a copy); for full fine-tuning
+    `precomputed` when the run covers the data more than PRECOMPUTE_BREAK_EVEN_EPOCHS times, else `copy`.
+    """
+    check_reference(recipe)
+    mode = recipe.options["reference"]
+    if mode != "auto":
+        return mode
+    if recipe.model.lora is not None:
+        return "adapter"
+    return "precomputed" if planned_epochs(args, train_rows) >= PRECOMPUTE_BREAK_EVEN_EPOCHS else "copy"
+
+
+def frozen_copy(model):
+    reference = copy.deepcopy(model)
+    reference.eval()
+    for parameter in reference.parameters():
+        parameter.requires_grad_(False)
+    return reference
+
+
+def reference_setup(mode: str, model, args) -> dict:
+    """Trainer kwargs that give trl the chosen reference; sets `args.precompute_ref_log_probs` to match.
+
+    copy: an explicit frozen copy (trl's own would reload the model from its saved path, which an
+    in-memory `tiny:` model does not have); adapter: nothing, trl disables the LoRA adapter;
+    precomputed: trl computes the log-probs with the untrained policy before the first step.
+    """
+    args.precompute_ref_log_probs = mode == "precomputed"
+    return {"ref_model": frozen_copy(model)} if mode == "copy" else {}
 
 
 class reference_model:

@@ -88,16 +88,15 @@ def run(recipe) -> dict:
         eval_dataset=pairs.eval if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=common.lora_config(recipe.model.lora),
-        callbacks=[common.metrics_logger(run_dir)],
     )
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    common.train(trainer, run_dir, resume_from)
     train_seconds, train_cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
     metrics = {
         "stage": recipe.stage,
         "experimental_trainer": f"{module_name}.{trainer_name}",
         "loss_type": getattr(args, "loss_type", "orpo"),
         "beta": args.beta,
-        "train_loss": common.final_train_loss(trainer) or output.training_loss,
+        "train_loss": common.final_train_loss(trainer),
         "train_steps": trainer.state.global_step,
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(train_cpu_seconds, 1),  # all threads; steadier than wall time on a busy machine

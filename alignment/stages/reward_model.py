@@ -121,7 +121,8 @@ def final_model(trainer, recipe):
 def write_scorer(run_dir: Path, model, tokenizer, conversational: bool, bias: float = 0.0, centring=None) -> None:
     """Weights, tokenizer and reward_config.json: enough for RewardModel(run_dir) to score as trained.
 
-    The run is still marked unfinished here (run_info.json comes with save_run).
+    The run is still marked unfinished here (run_info.json comes with save_run, which writes the
+    weights again, atomically): scoring the very directory a later stage will load costs one extra write.
     """
     model.save_pretrained(str(run_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(run_dir))

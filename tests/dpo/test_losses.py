@@ -86,3 +86,19 @@ def test_reference_free_relative_trains(stage, extra, make_args, tiny_model, tin
                                             processing_class=tiny_tokenizer)
     loss, changed = trained(trainer, tiny_model)
     assert math.isfinite(loss) and changed > 0
+
+
+def test_dpo_trains_on_standard_text_pairs_with_implicit_prompts(make_args, tiny_model, tiny_tokenizer, pair_rows):
+    """Standard (string) pairs without a prompt column: the shared start becomes the prompt, then DPO trains."""
+    from trl import DPOConfig, DPOTrainer
+
+    from alignment.stages.preference_common import extract_prompt
+
+    rows = [{"chosen": f"{r['prompt'][0]['content']} {r['chosen'][0]['content']}",
+             "rejected": f"{r['prompt'][0]['content']} {r['rejected'][0]['content']}"} for r in pair_rows]
+    rows = [extract_prompt(r) for r in rows]
+    assert all(r["prompt"].endswith("?") and r["chosen"].startswith(" ") for r in rows)
+    trainer = DPOTrainer(model=tiny_model, ref_model=copy.deepcopy(tiny_model), args=make_args(DPOConfig),
+                         train_dataset=dataset(rows), processing_class=tiny_tokenizer)
+    loss, changed = trained(trainer, tiny_model)
+    assert math.isfinite(loss) and changed > 0

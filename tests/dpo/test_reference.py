@@ -1,6 +1,7 @@
 """The three ways of keeping the reference model give the same reference log-probs; recipe checks of the choice."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,9 +71,18 @@ def test_precomputed_reference_logps_equal_the_frozen_copys(make_args, tiny_mode
                                atol=1e-5, rtol=0)
 
 
-def test_our_held_out_logps_match_trls(make_args, tiny_model, tiny_tokenizer, pair_rows):
+def as_text(rows):
+    """The same pairs as standard (string) rows: prompt text, answers with a leading space."""
+    return [{"prompt": r["prompt"][0]["content"], "chosen": " " + r["chosen"][0]["content"],
+             "rejected": " " + r["rejected"][0]["content"]} for r in rows]
+
+
+@pytest.mark.parametrize("form", ["conversational", "standard"])
+def test_our_held_out_logps_match_trls(form, make_args, tiny_model, tiny_tokenizer, pair_rows):
     """The held-out metrics tokenize and score pairs exactly as trl's DPOTrainer does."""
     from trl import DPOConfig, DPOTrainer
+
+    pair_rows = pair_rows if form == "conversational" else as_text(pair_rows)
 
     frozen = DPOTrainer(model=copy.deepcopy(tiny_model), ref_model=copy.deepcopy(tiny_model),
                         args=make_args(DPOConfig), train_dataset=dataset(pair_rows), processing_class=tiny_tokenizer)
@@ -90,20 +100,35 @@ def dpo_recipe(*overrides):
     return recipes.load("recipes/tiny/dpo.yaml", list(overrides))
 
 
-def test_auto_reference_is_a_copy_for_full_fine_tuning_and_the_adapter_with_lora():
-    assert pref.resolve_reference(dpo_recipe()) == "copy"
-    assert pref.resolve_reference(dpo_recipe("model.lora={r: 4}")) == "adapter"
-    assert pref.resolve_reference(dpo_recipe("options.reference=precomputed")) == "precomputed"
+def args_for(recipe):
+    from trl import DPOConfig
+
+    from alignment.stages import common
+
+    return common.build_trainer_config(recipe, DPOConfig, common.trainer_defaults(recipe, Path("/tmp/unused")))
+
+
+def test_auto_reference_follows_the_measured_rule():
+    demo = dpo_recipe()  # 150 steps x 32 pairs over 4,193 pairs: 1.1 epochs
+    assert pref.choose_reference(demo, args_for(demo), 4193) == "copy"
+    longer = dpo_recipe("train.max_steps=450")  # 3.4 epochs: precomputing pays for itself
+    assert pref.choose_reference(longer, args_for(longer), 4193) == "precomputed"
+    epochs = dpo_recipe("train.max_steps=-1", "train.num_train_epochs=2")
+    assert pref.choose_reference(epochs, args_for(epochs), 4193) == "precomputed"
+    lora = dpo_recipe("model.lora={r: 4}", "train.max_steps=450")
+    assert pref.choose_reference(lora, args_for(lora), 4193) == "adapter"
+    chosen = dpo_recipe("options.reference=copy", "train.max_steps=450")
+    assert pref.choose_reference(chosen, args_for(chosen), 4193) == "copy"
 
 
 def test_adapter_reference_without_lora_is_a_recipe_error():
     with pytest.raises(RecipeError, match="needs model.lora"):
-        pref.resolve_reference(dpo_recipe("options.reference=adapter"))
+        pref.check_reference(dpo_recipe("options.reference=adapter"))
 
 
 def test_precompute_set_in_train_is_pointed_to_the_one_key():
     with pytest.raises(RecipeError, match="options.reference: precomputed"):
-        pref.resolve_reference(dpo_recipe("train.precompute_ref_log_probs=true"))
+        pref.check_reference(dpo_recipe("train.precompute_ref_log_probs=true"))
 
 
 def test_unknown_reference_mode_is_rejected_when_the_recipe_loads():
@@ -111,9 +136,11 @@ def test_unknown_reference_mode_is_rejected_when_the_recipe_loads():
         dpo_recipe("options.reference=cpy")
 
 
-def test_reference_kwargs_copy_is_frozen_and_separate(tiny_model):
-    kwargs, config = pref.reference_kwargs("copy", tiny_model)
-    reference = kwargs["ref_model"]
-    assert reference is not tiny_model and config == {"precompute_ref_log_probs": False}
+def test_reference_setup_gives_a_frozen_separate_copy_or_the_precompute_flag(tiny_model):
+    args = args_for(dpo_recipe())
+    reference = pref.reference_setup("copy", tiny_model, args)["ref_model"]
+    assert reference is not tiny_model and args.precompute_ref_log_probs is False
     assert not any(p.requires_grad for p in reference.parameters())
-    assert pref.reference_kwargs("precomputed", tiny_model) == ({}, {"precompute_ref_log_probs": True})
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), tiny_model.state_dict().values()))
+    assert pref.reference_setup("precomputed", tiny_model, args) == {} and args.precompute_ref_log_probs is True
+    assert pref.reference_setup("adapter", tiny_model, args) == {} and args.precompute_ref_log_probs is False

@@ -146,3 +146,38 @@ def test_tiny_dpo_recipe_beats_the_sft_model(sft_run, tmp_path):
     assert after >= before + 0.10, (before, after)
     assert metrics["heldout_after"]["preference_accuracy"] > metrics["heldout_before"]["preference_accuracy"]
     assert metrics["heldout_after"]["reward_margin"] > 0
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto", "simpo"])
+def test_sigterm_mid_run_saves_a_checkpoint_and_the_run_resumes(name, tmp_path, small_eval, monkeypatch):
+    """The preference stages train through common.train: a signal finishes the step, saves, stops unfinished."""
+    import os
+    import signal
+
+    import transformers
+
+    from alignment.checkpoint import latest_checkpoint
+    from alignment.guards import Interrupted
+    from alignment.stages import dpo, kto, preference_relatives
+
+    stage = {"dpo": dpo, "kto": kto, "simpo": preference_relatives}[name]
+    original = transformers.Trainer.training_step
+
+    def step_then_sigterm(self, *args, **kwargs):
+        loss = original(self, *args, **kwargs)
+        if self.state.global_step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first step finishes, then the stage saves and stops
+        return loss
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", step_then_sigterm)
+    overrides = ["train.max_steps=3", "train.save_steps=10"]
+    with pytest.raises(Interrupted, match="SIGTERM"):
+        stage.run(load(name, tmp_path, small_eval, *overrides))
+    run_dir = tmp_path / "run"
+    assert not is_complete(run_dir) and latest_checkpoint(run_dir).name == "checkpoint-1"
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", original)
+    metrics = stage.run(load(name, tmp_path, small_eval, *overrides, "resume=true"))
+    assert is_complete(run_dir) and metrics["train_steps"] == 3
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3]  # step 1 before the stop, 2-3 after

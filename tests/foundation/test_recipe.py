@@ -100,6 +100,16 @@ def test_secrets_are_redacted_from_saved_recipe(tmp_path):
     assert "***" in recipe.resolved_yaml()
 
 
+def test_redaction_keeps_token_counts_and_hides_token_strings():
+    from alignment.recipe import redact
+
+    logged = {"num_tokens": 1024.0, "mean_token_accuracy": 0.5, "hub_token": "hf_SECRET", "api_key_env": "MY_KEY",
+              "nested": [{"password": "pw"}], "url": "https://user:pw@example.org/x"}
+    assert redact(logged) == {"num_tokens": 1024.0, "mean_token_accuracy": 0.5, "hub_token": "***",
+                              "api_key_env": "MY_KEY", "nested": [{"password": "***"}],
+                              "url": "https://user:***@example.org/x"}
+
+
 def test_every_shipped_recipe_validates(repo_root):
     from alignment.cli import validate_file
 

@@ -279,15 +279,8 @@ def test_item_33_remote_code_never_runs_unless_the_recipe_turns_it_on(tiny_model
 
 # ----------------------------------------------------------------------------- 24, 30, 31, 32 for every stage
 
-NOT_YET = pytest.mark.xfail(reason="calls trainer.train() directly: no non-finite skip, SIGTERM save, out-of-memory "
-                                   "or disk-full message (reported; one line: common.train(trainer, run_dir, "
-                                   "resume_from))", strict=False)
-
-
 @pytest.mark.parametrize("module", [
-    "sft", "pretrain", "online_rl", "reward_model", "best_of_n",
-    pytest.param("dpo", marks=NOT_YET), pytest.param("kto", marks=NOT_YET),
-    pytest.param("preference_relatives", marks=NOT_YET),
+    "sft", "pretrain", "online_rl", "reward_model", "best_of_n", "dpo", "kto", "preference_relatives",
 ])
 def test_items_24_30_31_32_every_trl_stage_trains_through_the_shared_guards(module):
     """The guards live in common.train; a stage that calls trainer.train() itself has none of them."""

@@ -185,23 +185,42 @@ def test_starts_from_a_tiny_preset(tmp_path, pair_files):
     assert is_complete(tmp_path) and math.isfinite(metrics["train_loss"])
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open shortfall (issue 3): the tiny reward model reaches ~0.55-0.69 "
-                   "held-out preference accuracy, not 0.85; strict, so a fix that meets the bar shows up")
-def test_tiny_recipe_reaches_85_percent_heldout_preference_accuracy(sft_run, tmp_path):
+# The target is 0.85; the tiny recipe (8 epochs, lr 3e-4, seed 42) measured 0.788 (docs/rewards.md says why it
+# falls short). The floor catches a broken stage or recipe; the strict xfail shows when a fix meets the target.
+MIN_HELDOUT_ACCURACY = 0.75
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe_run(sft_run, tmp_path_factory):
     """The real recipe from the session's SFT checkpoint, as `align run recipes/tiny/reward_model.yaml` runs it."""
-    import reward
     from alignment.stages import reward_model
 
     sft_dir, _ = sft_run
-    metrics = reward_model.run(recipes.load(RECIPE, [f"model.name_or_path={sft_dir}", f"output_dir={tmp_path}"]))
+    out = tmp_path_factory.mktemp("rm_tiny_recipe")
+    return out, reward_model.run(recipes.load(RECIPE, [f"model.name_or_path={sft_dir}", f"output_dir={out}"]))
+
+
+@pytest.mark.slow
+def test_tiny_recipe_reaches_its_measured_heldout_accuracy_and_is_a_reward_source(tiny_recipe_run):
+    import reward
+
+    out, metrics = tiny_recipe_run
     heldout = metrics["heldout"]
     assert heldout["pairs"] == 500
-    assert heldout["preference_accuracy"] >= 0.85, metrics["summary"]
+    assert heldout["preference_accuracy"] >= MIN_HELDOUT_ACCURACY, metrics["summary"]
     assert heldout["reward_margin"] > 0
     assert metrics["data"][0]["longer_than_max_length"] == 0
-    assert math.isfinite(metrics["reward_bias"])
-    combined = reward.build([{"source": str(tmp_path)}])
+    assert math.isfinite(metrics["reward_bias"]) and metrics["centering"]["samples"] == 256
+    combined = reward.build([{"source": str(out)}])
     prompt = [{"role": "user", "content": "What is 17 + 25?"}]
     scores = combined([prompt, prompt], ["42", "32"]).total  # right answer vs the forgotten carry
     assert scores[0] > scores[1]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="open shortfall (issue 3): the tiny reward model reaches ~0.73-0.79 "
+                   "held-out preference accuracy in its time budget, not 0.85; strict, so a fix that meets the bar "
+                   "shows up")
+def test_tiny_recipe_reaches_85_percent_heldout_preference_accuracy(tiny_recipe_run):
+    _, metrics = tiny_recipe_run
+    assert metrics["heldout"]["preference_accuracy"] >= 0.85, metrics["summary"]
