@@ -31,7 +31,10 @@ def cmd_run(args) -> int:
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
     recipe = recipes.load(args.recipe, overrides)
     result = stage_spec(recipe.stage).load_module().run(recipe)
-    print(result.get("summary") or json.dumps(result, indent=2, default=str))
+    from alignment.distributed import is_main_process
+
+    if is_main_process():  # under torchrun / accelerate launch every process returns here: one summary
+        print(result.get("summary") or json.dumps(result, indent=2, default=str))
     return 0
 
 

@@ -163,6 +163,61 @@ def time_budget(max_seconds: float):
     return TimeBudget()
 
 
+def health_problems(metrics: dict, bounds: list[tuple[str, float | None, str]]) -> list[str]:
+    """The broken health bounds: each bound is (metric name, value or None = off, "max" | "min").
+
+    A metric absent from `metrics` is not checked (trl logs KL only when its beta is non-zero).
+    """
+    problems = []
+    for name, bound, kind in bounds:
+        value = metrics.get(name)
+        if bound is None or not isinstance(value, (int, float)):
+            continue
+        if (kind == "max" and value > bound) or (kind == "min" and value < bound):
+            problems.append(f"{name} = {value:.4g} is {'above' if kind == 'max' else 'below'} {bound}")
+    return problems
+
+
+def rl_health_guard(bounds: list[tuple[str, float | None, str]], action: str = "warn"):
+    """Check trl's logged RL metrics (KL, entropy, EOS rate) against `bounds` at every log.
+
+    "warn" prints and warns; "stop" saves a checkpoint and stops training, and `check()` then raises
+    TrainingError (the stage calls it after training, so the checkpoint is kept, never lost).
+    EOS rate is read as 1 - completions/clipped_ratio (the share of completions that did not end).
+    """
+    import warnings
+
+    from transformers import TrainerCallback
+
+    class RLHealthGuard(TrainerCallback):
+        def __init__(self):
+            self.stopped_by = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "completions/clipped_ratio" not in logs and "kl" not in logs and "entropy" not in logs:
+                return
+            values = dict(logs)
+            if "completions/clipped_ratio" in logs:
+                values["eos_rate"] = 1.0 - logs["completions/clipped_ratio"]
+            problems = health_problems(values, bounds)
+            if not problems:
+                return
+            message = f"step {state.global_step}: " + "; ".join(problems)
+            if action == "stop":
+                self.stopped_by = message
+                control.should_save = True
+                control.should_training_stop = True
+            print(f"warning: RL health: {message}", flush=True)
+            warnings.warn(f"RL health: {message}", RuntimeWarning, stacklevel=2)
+
+        def check(self, run_dir) -> None:
+            if self.stopped_by is not None:
+                raise TrainingError(f"RL health stopped the run at {self.stopped_by}; the checkpoint is kept under "
+                                    f"{run_dir}/checkpoints (options.warn_or_stop: warn only warns)")
+
+    return RLHealthGuard()
+
+
 def redact_saved_args():
     """transformers pickles its arguments (hub_token included) into each checkpoint: re-save them redacted."""
     import copy

@@ -97,7 +97,7 @@ class RewardSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """Held-out evaluation run at the end of a stage (and by `align eval`)."""
+    """Held-out evaluation run at the end of a stage (and by `align eval`; every N steps with every_steps)."""
 
     data: Union[str, None] = None
     max_samples: Union[int, None] = field(default=None, metadata=check(positive))
@@ -107,6 +107,10 @@ class EvalSpec:
     sampled: bool = True
     seed: int = 0
     rewards: list = field(default_factory=lambda: [{"source": "answer_match"}])
+    # During training: the same quick metrics every this many optimizer (or PPO) steps, logged to
+    # metrics.jsonl as eval/<metric>; on at most `during_max_samples` prompts (default: max_samples).
+    every_steps: Union[int, None] = field(default=None, metadata=check(positive))
+    during_max_samples: Union[int, None] = field(default=None, metadata=check(positive))
     # Used by `align eval` (ignored by the quick check at the end of a stage):
     judge: Union[str, None] = None  # reward source that decides win rates (default: the first one)
     perplexity: bool = True  # perplexity of the reference completions (`completion` column), when present
@@ -114,6 +118,11 @@ class EvalSpec:
     preference_data: Union[str, None] = None  # held-out pairs for reward-model checkpoints
     report_samples: int = field(default=10, metadata=check(non_negative))
     bootstrap_resamples: int = field(default=1000, metadata=check(positive))
+
+    def __post_init__(self):
+        """Refuse a mid-run check with nothing to check on, rather than silently logging nothing."""
+        if self.every_steps is not None and not self.data:
+            raise ValueError("eval.every_steps needs eval.data (the held-out prompts)")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ TRAINING_PANELS: list[tuple[str, str, tuple[str, ...]]] = [
     ("Reward", "mean reward per batch", ("reward/total", "objective/score", "reward")),
     ("KL to reference", "KL (nats per sequence)", ("objective/kl", "kl")),
     ("Loss", "training loss", ("loss", "train/loss")),
-    ("Held-out accuracy", "accuracy", ("eval/accuracy",)),
+    ("Held-out accuracy", "accuracy", ("eval/greedy_accuracy", "eval/accuracy")),  # eval.every_steps
 ]
 
 _DISCRETE_MAX_VALUES = 6  # at most this many distinct scores: draw bars of frequencies instead of violins
@@ -230,7 +230,7 @@ def plot_training_curves(run_dirs: Sequence | Mapping, path: str | os.PathLike) 
     ``{label: directory}`` dict; each directory's ``metrics.jsonl`` holds one
     JSON object per logged step with ``"step"`` and keys such as
     ``"reward/total"``, ``"objective/score"``, ``"objective/kl"``, ``"loss"``,
-    ``"eval/accuracy"`` (see ``TRAINING_PANELS``). Each panel is drawn for the
+    ``"eval/greedy_accuracy"`` (eval.every_steps; see ``TRAINING_PANELS``). Each panel is drawn for the
     runs that log one of its keys; panels no run logs, runs without the file,
     and missing keys are skipped (with a log message). Noisy series (more
     than 30 points) are drawn faint with a bold centred moving average on top.

@@ -41,6 +41,10 @@ may be missing (the table shows "—" and leaves out rows no checkpoint has)::
         }
       },
       "plots": {"Score distributions": "scores.png"},     # optional: image paths relative to out_dir
+      "lm_eval": {"tasks": ["arc_easy"], "limit": 100,    # optional: `align eval --lm-eval`, see lm_harness.py
+                  "status": "ok", "device": "cpu",        # or "status": "skipped", "reason": "..."
+                  "checkpoints": {"<name>": {"tasks": {"arc_easy": {"acc,none": .., "acc_stderr,none": ..}}}}},
+                                                          # or {"<name>": {"error": "..."}}
       "notes": ["free text shown at the end of report.md"]
     }
 
@@ -374,6 +378,11 @@ def render_markdown(results: dict, *, max_samples: int = 10) -> str:
     else:
         lines.append("(no metrics)")
     lines += ["", *_definitions(rows), ""]
+
+    if results.get("lm_eval"):
+        from alignment.evaluation.lm_harness import markdown
+
+        lines += markdown(results["lm_eval"])
 
     plots = results.get("plots") or {}
     if plots:

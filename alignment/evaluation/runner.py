@@ -9,7 +9,9 @@ baseline with a bootstrap 95% CI (ties counted), KL to the reference estimated
 on the sampled completions, perplexity of the reference completions, BLEU and
 ROUGE against them, length, distinct-n and EOS rate.  A reward-model
 checkpoint gets its held-out preference accuracy instead.  Writes
-report.json, report.md and PNG plots.
+report.json, report.md and PNG plots.  `--lm-eval TASKS` adds
+lm-evaluation-harness scores when the optional `lm_eval` package is installed
+(see lm_harness.py); without it the report says skipped and why.
 """
 
 from __future__ import annotations
@@ -180,8 +182,12 @@ def summary_table(results: dict) -> str:
 
 
 def evaluate_checkpoints(checkpoints: dict[str, str], *, spec_path: str | None = None, output_dir,
-                         baseline: str | None = None, reference: str | None = None, spec=None) -> dict:
-    """Evaluate named checkpoints; write report.json, report.md and plots into `output_dir`."""
+                         baseline: str | None = None, reference: str | None = None, spec=None,
+                         lm_eval_tasks: list[str] | None = None, lm_eval_limit: int | None = None) -> dict:
+    """Evaluate named checkpoints; write report.json, report.md and plots into `output_dir`.
+
+    `lm_eval_tasks` adds lm-evaluation-harness scores of the policies (skipped, saying why, without lm_eval).
+    """
     import reward as reward_sources
     from alignment.data import load_rows
     from alignment.evaluation.plots import plot_score_distributions, plot_training_curves
@@ -217,6 +223,11 @@ def evaluate_checkpoints(checkpoints: dict[str, str], *, spec_path: str | None =
             del entry[private]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    harness = None
+    if lm_eval_tasks:
+        from alignment.evaluation.lm_harness import run_lm_eval
+
+        harness = run_lm_eval({n: checkpoints[n] for n in policy_names}, lm_eval_tasks, lm_eval_limit)
     report = {
         "title": "Evaluation of " + ", ".join(checkpoints),
         "spec": {k: v for k, v in vars(spec).items()},
@@ -228,6 +239,8 @@ def evaluate_checkpoints(checkpoints: dict[str, str], *, spec_path: str | None =
         "checkpoints": results,
         "plots": {},
     }
+    if harness is not None:
+        report["lm_eval"] = harness
     if policy_names:
         plot_score_distributions(report, out / "scores.png")
         report["plots"]["Score distributions (greedy)"] = "scores.png"
@@ -242,6 +255,8 @@ def evaluate_checkpoints(checkpoints: dict[str, str], *, spec_path: str | None =
 
 
 def cmd_eval(args) -> int:
+    from alignment.evaluation.lm_harness import parse_tasks
+
     names = [Path(p).name for p in args.checkpoints]
     if len(set(names)) != len(names):
         names = [str(p) for p in args.checkpoints]
@@ -251,7 +266,8 @@ def cmd_eval(args) -> int:
         if value is not None and value not in checkpoints:
             raise RecipeError(f"--{role} {value!r} is not one of the checkpoints: {', '.join(checkpoints)}")
     report = evaluate_checkpoints(checkpoints, spec_path=args.spec, output_dir=args.output,
-                                  baseline=args.baseline, reference=args.reference)
+                                  baseline=args.baseline, reference=args.reference,
+                                  lm_eval_tasks=parse_tasks(args.lm_eval), lm_eval_limit=args.lm_eval_limit)
     print("\n" + report["table"])
     print(f"\nreport: {Path(args.output) / 'report.md'} ({report['seconds']:.0f}s)")
     return 0
@@ -269,4 +285,17 @@ def add_command(commands) -> None:
     parser.add_argument("--output", required=True, help="folder for report.json, report.md and plots")
     parser.add_argument("--baseline", help="checkpoint the win rates compare against (default: the first)")
     parser.add_argument("--reference", help="checkpoint KL is measured to (default: the baseline)")
+    parser.add_argument("--lm-eval", metavar="TASKS", help="also run these lm-evaluation-harness tasks "
+                        "(comma list, e.g. arc_easy,hellaswag) on each policy; needs `pip install lm-eval`, "
+                        "skipped with a notice without it")
+    parser.add_argument("--lm-eval-limit", metavar="N", type=positive_int,
+                        help="at most N examples per lm-eval task (quick checks; not comparable to published scores)")
     parser.set_defaults(func=cmd_eval)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (argparse turns the ValueError into a usage error)."""
+    value = int(text)
+    if value <= 0:
+        raise ValueError(text)
+    return value

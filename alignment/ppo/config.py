@@ -36,6 +36,10 @@ class PPOConfig:
 
     # generation
     max_new_tokens: int = 64
+    # prompts per generate call, each call's sampling seeded from (seed, step, global index of its first
+    # prompt): the rollouts then do not depend on how many processes share the batch (a divisor of
+    # batch_size; tests/scaleout). None: one call per process on the global RNG stream.
+    generation_chunk_size: int | None = None
     temperature: float = 0.7  # used for sampling and for every log-prob (0.7..1.0 typical)
 
     # rewards and KL
@@ -87,6 +91,11 @@ class PPOConfig:
                 self._check_positive(key)
         if self.total_episodes is not None:
             self._check_positive_int("total_episodes")
+        if self.generation_chunk_size is not None:
+            self._check_positive_int("generation_chunk_size")
+            if self.batch_size % self.generation_chunk_size:
+                raise ValueError(f"PPOConfig.batch_size ({self.batch_size}) must be divisible by "
+                                 f"generation_chunk_size ({self.generation_chunk_size})")
         for key in ("gamma", "lam"):
             self._check_range(key, 0.0, 1.0)
         for key in ("max_kl", "min_entropy", "min_eos_rate", "min_response_length", "missing_eos_penalty"):

@@ -23,6 +23,7 @@ from policies.value import CausalLMWithValueHead, ValueHeadOutput, per_token_val
 __all__ = [
     "Rollout",
     "collect_rollout",
+    "concat_rollouts",
     "generate_responses",
     "left_pad_prompts",
     "position_ids_from_mask",
@@ -322,6 +323,38 @@ def collect_rollout(
         response_mask=response_mask,
         has_eos=has_eos,
         **stats,
+    )
+
+
+def _pad_to(tensor: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+    missing = width - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    pad = torch.full((tensor.shape[0], missing), value, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([pad, tensor] if left else [tensor, pad], dim=1)
+
+
+def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One rollout from several, in order: prompts re-padded on the left, responses on the right."""
+    if len(parts) == 1:
+        return parts[0]
+    query_width = max(p.query_ids.shape[1] for p in parts)
+    response_width = max(p.response_ids.shape[1] for p in parts)
+    left = {"query_ids": pad_token_id, "query_mask": 0}
+    right = {"response_ids": pad_token_id, "response_mask": False}
+    tensors = {}
+    for name in parts[0].tensors():
+        if name == "has_eos":
+            tensors[name] = torch.cat([p.has_eos for p in parts])
+        elif name in left:
+            tensors[name] = torch.cat([_pad_to(getattr(p, name), query_width, left[name], True) for p in parts])
+        else:  # per response token: padding, masked out, or 0
+            value = right.get(name, 0.0)
+            tensors[name] = torch.cat([_pad_to(getattr(p, name), response_width, value, False) for p in parts])
+    return Rollout(
+        prompts=[x for p in parts for x in p.prompts],
+        completions=[x for p in parts for x in p.completions],
+        **tensors,
     )
 
 

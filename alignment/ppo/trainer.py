@@ -17,6 +17,7 @@ so at step 0 the importance ratio is exactly 1 (Huang et al. 2024).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 
 from alignment.errors import CheckpointError, TrainingError
+from alignment.guards import health_problems
 from alignment.ppo.config import PPOConfig
 from alignment.ppo.losses import (
     AdaptiveKLController,
@@ -45,7 +47,13 @@ from alignment.ppo.losses import (
     masked_whiten,
     per_token_rewards,
 )
-from alignment.ppo.rollout import collect_rollout, critic_forward, response_forward, score_responses
+from alignment.ppo.rollout import (
+    collect_rollout,
+    concat_rollouts,
+    critic_forward,
+    response_forward,
+    score_responses,
+)
 from policies.value import CausalLMWithValueHead, load_safetensors_weights
 
 logger = logging.getLogger(__name__)
@@ -182,20 +190,36 @@ class PPOTrainer:
         return picked
 
     def _rollout(self, rows: list[dict]):
+        """Sample this process's rollout: in one call, or in ``generation_chunk_size`` calls each seeded
+        from its first prompt's position in the run, so that the union of the processes' rollouts is
+        what one process sampling the whole batch gets."""
+        prompts, chunk = [row["prompt"] for row in rows], self.config.generation_chunk_size
+        if chunk is None:
+            rollout = self._collect(prompts)
+        else:
+            acc, size = self.accelerator, self.config.batch_size
+            first = (self.step_count * acc.num_processes + acc.process_index) * size  # as in _batch_rows
+            parts = []
+            for offset in range(0, len(prompts), chunk):
+                with _seeded_rng(self.config.seed, first + offset, acc.device):
+                    parts.append(self._collect(prompts[offset : offset + chunk]))
+            rollout = concat_rollouts(parts, self.tokenizer.pad_token_id)
+        self.last_rollout = rollout
+        return rollout
+
+    def _collect(self, prompts: list[str]):
         unwrap = self.accelerator.unwrap_model
-        rollout = collect_rollout(
+        return collect_rollout(
             unwrap(self.policy),
             self.ref_policy,
             unwrap(self.critic) if self.critic is not None else None,
             self.tokenizer,
-            [row["prompt"] for row in rows],
+            prompts,
             max_new_tokens=self.config.max_new_tokens,
             temperature=self.config.temperature,
             forward_batch_size=self.config.mini_batch_size,
             device=self.accelerator.device,
         )
-        self.last_rollout = rollout
-        return rollout
 
     def _score(self, rollout, rows: list[dict]):
         """Scores (after the missing-EOS penalty), the keep mask (score not None) and the raw scores."""
@@ -219,9 +243,9 @@ class PPOTrainer:
         logp, ref_logp = rollout.logprobs, rollout.ref_logprobs
         rewards = per_token_rewards(scores, logp, ref_logp, mask, beta, cfg.kl_estimator)
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = self._whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = self._whiten(advantages, mask)
         data = {
             "query_ids": rollout.query_ids,
             "query_mask": rollout.query_mask,
@@ -237,6 +261,24 @@ class PPOTrainer:
         stats = {"non_score": masked_sum(-beta * kl, rollout.response_mask, dim=-1), "beta": beta}
         return data, stats
 
+    def _whiten(self, values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """:func:`masked_whiten` over the whole rollout batch: with several processes the mean and the
+        (unbiased) variance are taken over every process's valid tokens, as one process would."""
+        if self.accelerator.num_processes == 1:
+            return masked_whiten(values, mask, shift_mean=shift_mean)
+        mask = mask.bool()
+        reduce = self.accelerator.reduce
+        count, total = reduce(torch.stack([mask.sum().float(), masked_sum(values, mask).float()]), "sum")
+        mean = total / count.clamp(min=1)
+        squares = reduce(masked_sum((values - mean) ** 2, mask).float().reshape(1), "sum")[0]
+        var = squares / count.clamp(min=1)
+        if count > 1:
+            var = var * count / (count - 1)
+        whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+        if not shift_mean:
+            whitened = whitened + mean
+        return torch.where(mask, whitened, torch.zeros_like(whitened))
+
     # --------------------------------------------------------------- update
 
     def _update(self, data: dict) -> dict:
@@ -248,17 +290,30 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, generator=self.generator).to(self.accelerator.device)
             for group in order.split(per_update):
-                num_tokens = data["loss_mask"][group].sum().item()
+                num_tokens = self._tokens_per_process(data["loss_mask"][group])
                 for micro in group.split(cfg.mini_batch_size):
                     batch = {k: data[k][micro] for k in _TRAIN_KEYS}
                     self.minibatch_stats.append(self._micro_step(batch, num_tokens))
         return _mean_stats(self.minibatch_stats)
+
+    def _tokens_per_process(self, loss_mask: torch.Tensor) -> float:
+        """The loss divisor of one update: its valid tokens on every process / the number of processes.
+
+        The gradient all-reduce averages over processes, so each divides its token sum by the mean
+        count: the update is then the token mean over the whole minibatch, as in one process.
+        """
+        count = loss_mask.sum()
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count.float().reshape(1), "sum")[0] / self.accelerator.num_processes
+        return count.item()
 
     def _micro_step(self, batch: dict, num_tokens: float) -> dict:
         """Forward + backward of one micro-batch; the optimizer steps at the end of an accumulation group."""
         models = [m for m in (self.policy, self.critic) if m is not None]
         with self.accelerator.accumulate(*models):
             loss, stats = self._loss(batch, num_tokens)
+            for name in ("policy/loss", "value/loss"):  # a share of the update's token mean -> the mean
+                stats[name] *= self.accelerator.gradient_accumulation_steps
             finite = self._all_finite(loss)
             self._poisoned |= not finite
             # accelerate divides by the accumulation steps; the loss is already a share of the
@@ -335,30 +390,32 @@ class PPOTrainer:
         mask = rollout.response_mask
         kl = masked_sum(kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1"), mask, dim=-1)
         kept = keep.float()
-        score = (scores * kept).sum() / kept.sum().clamp(min=1)
-        non_score = reward_stats["non_score"].mean()
         present = [s for s in raw if s is not None]
+        # every process holds batch_size samples: per-sample means are averaged over processes
         local = {
             "objective/kl": kl.mean(),
-            "objective/entropy": masked_mean(rollout.entropy, mask),
-            "objective/score": score,
-            "objective/non_score_reward": non_score,
-            "objective/rlhf_reward": score + non_score,
+            "objective/non_score_reward": reward_stats["non_score"].mean(),
             "val/eos_rate": rollout.has_eos.float().mean(),
             "val/response_length": mask.sum(-1).float().mean(),
             "val/dropped_rate": 1.0 - kept.mean(),
-            f"reward/{self.reward_name}": torch.tensor(
-                sum(present) / len(present) if present else float("nan")
-            ),
-            "value/mean": masked_mean(rollout.values, mask),
             **{k: torch.tensor(v) for k, v in train_stats.items() if k != "ratio_max_dev"},
         }
+        # means over a varying count (tokens, kept or scored samples): sums and counts over processes
+        ratios = {
+            "objective/entropy": (masked_sum(rollout.entropy, mask), mask.sum()),
+            "objective/score": ((scores * kept).sum(), kept.sum()),
+            f"reward/{self.reward_name}": (torch.tensor(math.fsum(present)), torch.tensor(len(present))),
+            "value/mean": (masked_sum(rollout.values, mask), mask.sum()),
+        }
         names = list(local)
-        stacked = torch.stack(
-            [torch.as_tensor(local[k], dtype=torch.float32).to(self.accelerator.device) for k in names]
-        )
-        reduced = self.accelerator.reduce(stacked, reduction="mean").tolist()
+        reduced = self._reduce([local[k] for k in names], "mean")
         metrics = dict(zip(names, reduced))
+        sums = self._reduce([v for pair in ratios.values() for v in pair], "sum")
+        for i, name in enumerate(ratios):
+            total, count = sums[2 * i], sums[2 * i + 1]
+            empty = math.nan if name.startswith("reward/") else 0.0  # no sample scored: no mean reward
+            metrics[name] = total / count if count else empty
+        metrics["objective/rlhf_reward"] = metrics["objective/score"] + metrics["objective/non_score_reward"]
         metrics.update(times)
         metrics.update(
             {
@@ -370,25 +427,21 @@ class PPOTrainer:
         )
         return metrics
 
+    def _reduce(self, values: list, reduction: str) -> list[float]:
+        stacked = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float32).to(self.accelerator.device) for v in values]
+        )
+        return self.accelerator.reduce(stacked, reduction=reduction).tolist()
+
     def _check_health(self, metrics: dict) -> None:
         """Warn, or raise :class:`TrainingError` (``warn_or_stop="stop"``), at the configured thresholds."""
         cfg = self.config
-        checks = [
-            ("objective/kl", cfg.max_kl, "above max_kl", lambda v, b: v <= b),
-            ("objective/entropy", cfg.min_entropy, "below min_entropy", lambda v, b: v >= b),
-            ("val/eos_rate", cfg.min_eos_rate, "below min_eos_rate", lambda v, b: v >= b),
-            (
-                "val/response_length",
-                cfg.min_response_length,
-                "below min_response_length",
-                lambda v, b: v >= b,
-            ),
-        ]
-        problems = [
-            f"{name} = {metrics[name]:.4g} is {what} ({bound})"
-            for name, bound, what, healthy in checks
-            if bound is not None and not healthy(metrics[name], bound)
-        ]
+        problems = health_problems(metrics, [
+            ("objective/kl", cfg.max_kl, "max"),
+            ("objective/entropy", cfg.min_entropy, "min"),
+            ("val/eos_rate", cfg.min_eos_rate, "min"),
+            ("val/response_length", cfg.min_response_length, "min"),
+        ])
         if not problems:
             return
         message = f"PPO step {self.step_count}: " + "; ".join(problems)
@@ -503,6 +556,17 @@ def _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts) -> Non
     for i, row in enumerate(prompts):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise ValueError(f"prompts[{i}] must be a dict with a string 'prompt', got {row!r:.100}")
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int, position: int, device):
+    """Run the body on torch's RNG seeded from ``(seed, position)``, then restore the RNG as it was."""
+    device = torch.device(device)
+    devices = [] if device.type == "cpu" else [device.index if device.index is not None else 0]
+    kwargs = {} if device.type == "cpu" else {"device_type": device.type}
+    with torch.random.fork_rng(devices=devices, **kwargs):
+        torch.manual_seed(int(np.random.SeedSequence([seed, position]).generate_state(1)[0]))
+        yield
 
 
 def _make_accelerator(config: PPOConfig):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -188,6 +190,15 @@ def load_policy(recipe, task: str = "causal_lm"):
     return model, tokenizer
 
 
+def load_tokenizer(recipe):
+    """The policy's tokenizer alone: stages check their data with it before loading the (maybe large) model."""
+    import policies
+
+    tokenizer = policies.load_tokenizer(recipe.model.name_or_path, trust_remote_code=recipe.model.trust_remote_code)
+    check_chat_template(recipe, tokenizer)
+    return tokenizer
+
+
 def check_chat_template(recipe, tokenizer) -> None:
     """Conversational data needs the tokenizer's chat template: without one it is an error, never a fallback."""
     if getattr(tokenizer, "chat_template", None):
@@ -264,6 +275,9 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
         trainer.add_callback(callback)
     if max_seconds is not None:
         trainer.add_callback(time_budget(max_seconds))
+    periodic = periodic_eval(trainer, recipe, run_dir) if recipe is not None else None
+    if periodic is not None:
+        trainer.add_callback(periodic)
     slow_saves_for_tests(trainer)
     try:
         if finished_checkpoint(trainer, resume_from):
@@ -415,6 +429,95 @@ def evaluate_policy(model, tokenizer, eval_spec) -> dict | None:
     from alignment.evaluation.quick import policy_task_metrics
 
     return policy_task_metrics(model, tokenizer, eval_spec)
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block without moving any random state training reads: python, numpy, torch CPU and every GPU.
+
+    Evaluating mid-run must not change what the run learns: the next batch order,
+    dropout masks and samples are drawn exactly as if the block never ran.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def during_training_spec(eval_spec):
+    """The eval spec of the mid-run check: the same metrics, on `during_max_samples` prompts when set."""
+    if eval_spec.during_max_samples is None:
+        return eval_spec
+    return dataclasses.replace(eval_spec, max_samples=eval_spec.during_max_samples)
+
+
+def evaluate_during_training(model, tokenizer, eval_spec, step: int, run_dir: Path) -> dict | None:
+    """The quick held-out metrics at `step`, appended to metrics.jsonl as `eval/<metric>` (main process only).
+
+    No gradient, the model's train/eval mode put back, every RNG restored: a run
+    with this check trains exactly as the run without it.
+    """
+    import torch
+
+    from alignment.distributed import is_main_process
+    from alignment.evaluation.quick import policy_task_metrics
+
+    if eval_spec is None or not eval_spec.every_steps or not eval_spec.data or not is_main_process():
+        return None
+    was_training = model.training
+    try:
+        with preserved_rng(), torch.no_grad():
+            metrics = policy_task_metrics(model, tokenizer, during_training_spec(eval_spec))
+    finally:
+        model.train(was_training)
+    record = {"step": step, "time": round(time.time(), 3), **{f"eval/{k}": v for k, v in metrics.items()}}
+    with (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=float) + "\n")
+    return metrics
+
+
+def periodic_eval(trainer, recipe, run_dir: Path):
+    """A trainer callback running `evaluate_during_training` every `eval.every_steps` optimizer steps, or None.
+
+    Only the main process generates; with FSDP or ZeRO-3 the weights are sharded
+    and a one-process generate would hang the others, so the check is skipped there.
+    """
+    from transformers import TrainerCallback
+
+    eval_spec = recipe.eval
+    if eval_spec is None or not eval_spec.every_steps or not eval_spec.data:
+        return None
+    if sharded_weights(trainer):
+        print("eval.every_steps: skipped (weights sharded by FSDP / ZeRO-3; the end-of-stage check still runs)",
+              flush=True)
+        return None
+    tokenizer = getattr(trainer, "processing_class", None)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+
+    class PeriodicEval(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero and state.global_step % eval_spec.every_steps == 0:
+                evaluate_during_training(trainer.model, tokenizer, eval_spec, state.global_step, run_dir)
+
+    return PeriodicEval()
+
+
+def sharded_weights(trainer) -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3, where no single process holds the whole model."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    plugin = getattr(getattr(trainer, "accelerator", None), "state", None)
+    plugin = getattr(plugin, "deepspeed_plugin", None)
+    return bool(plugin is not None and getattr(plugin, "zero_stage", 0) == 3)
 
 
 def summary_line(stage: str, run_dir: Path, metrics: dict, started: float) -> str:

@@ -29,9 +29,10 @@ def run(recipe) -> dict:
     common.seed_everything(recipe.seed)
     pref.check_reference(recipe)
     run_dir, resume_from = common.prepare_run_dir(recipe)
-    model, tokenizer = common.load_policy(recipe)
+    tokenizer = common.load_tokenizer(recipe)  # the data is checked before the model loads
     args = common.build_trainer_config(recipe, DPOConfig, common.trainer_defaults(recipe, run_dir))
     pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length)
+    model, tokenizer = common.load_policy(recipe)
     reference = pref.choose_reference(recipe, args, len(pairs.train))
     measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
     measure.before(model)

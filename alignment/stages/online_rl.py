@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal, Union
 
 from alignment import data
 from alignment.checkpoint import save_run
@@ -27,6 +28,11 @@ class Options:
     """`options:` of a grpo/rloo recipe."""
 
     evaluate_before: bool = True  # held-out metrics of the starting policy, for the before/after table
+    # health of trl's logged metrics at each log (None = off), as PPO's train.max_kl etc.
+    max_kl: Union[float, None] = None  # kl (mean per token, to the reference) above this
+    min_entropy: Union[float, None] = None  # entropy (per token) below this: the policy is collapsing
+    min_eos_rate: Union[float, None] = None  # share of completions that end (1 - completions/clipped_ratio)
+    warn_or_stop: Literal["warn", "stop"] = "warn"  # stop = save a checkpoint, stop, fail the run
 
 
 def online_defaults(recipe, run_dir) -> dict:
@@ -57,6 +63,14 @@ def build_trainer(recipe, model, tokenizer, rewards, splits, run_dir):
     )
 
 
+def health_guard(options):
+    from alignment.guards import rl_health_guard
+
+    bounds = [("kl", options["max_kl"], "max"), ("entropy", options["min_entropy"], "min"),
+              ("eos_rate", options["min_eos_rate"], "min")]
+    return rl_health_guard(bounds, options["warn_or_stop"])
+
+
 def run(recipe) -> dict:
     import reward as reward_sources
 
@@ -70,7 +84,10 @@ def run(recipe) -> dict:
     common.ensure_loadable_path(model, tokenizer, run_dir)  # trl reloads the reference from this path
     before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
     trainer = build_trainer(recipe, model, tokenizer, rewards, splits, run_dir)
+    health = health_guard(recipe.options)
+    trainer.add_callback(health)
     common.train(trainer, run_dir, resume_from)
+    health.check(run_dir)
     after = common.evaluate_policy(trainer.model, tokenizer, recipe.eval)
     logged = [entry for entry in trainer.state.log_history if "reward" in entry]
     metrics = {

@@ -180,8 +180,11 @@ def trim_log(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def train(trainer, reward_fn, run_dir: Path, options) -> list[dict]:
-    """PPO steps up to the configured total, with metrics.jsonl, checkpoints, a progress bar and clean stops."""
+def train(trainer, reward_fn, run_dir: Path, options, eval_spec=None) -> list[dict]:
+    """PPO steps up to the configured total, with metrics.jsonl, checkpoints, a progress bar and clean stops.
+
+    With `eval_spec.every_steps`, the held-out metrics are logged every that many steps as well.
+    """
     from tqdm.auto import tqdm
 
     from alignment.guards import Interrupted, SignalLatch
@@ -197,6 +200,9 @@ def train(trainer, reward_fn, run_dir: Path, options) -> list[dict]:
             if main:
                 with log_path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(record, default=float) + "\n")
+            if eval_spec is not None and eval_spec.every_steps and trainer.step_count % eval_spec.every_steps == 0:
+                common.evaluate_during_training(language_model(trainer), trainer.tokenizer, eval_spec,
+                                                trainer.step_count, run_dir)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
             if main and not options["progress_bar"] and trainer.step_count % trainer.config.logging_steps == 0:
@@ -220,9 +226,11 @@ def train(trainer, reward_fn, run_dir: Path, options) -> list[dict]:
 
 
 def read_log(path: Path) -> list[dict]:
+    """The per-step PPO records of metrics.jsonl (the mid-run `eval/` records left out)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in records if not any(key.startswith("eval/") for key in r)]
 
 
 # ------------------------------------------------------------------ results
@@ -300,7 +308,7 @@ def run(recipe) -> dict:
     if resume_from:
         trainer.load(resume_from)
         trim_log(run_dir / "metrics.jsonl", trainer.step_count)
-    log = train(trainer, reward_fn, run_dir, recipe.options)
+    log = train(trainer, reward_fn, run_dir, recipe.options, recipe.eval)
     lm = language_model(trainer)
     after = common.evaluate_policy(lm, tokenizer, recipe.eval)
     metrics = {

@@ -235,6 +235,22 @@ def length_pass(tokenizer, rows: list[dict], counts: dict, max_length: int | Non
     return kept
 
 
+def check_length_losses(source, counts: dict, rows: int, max_length, limit: float) -> None:
+    """Rows dropped or cut for length, over the rows that reached the length pass, must stay within `limit`.
+
+    Duplicates are not counted: dropping them loses no information. A cut pair is counted, because
+    cutting the end of an answer can remove exactly what makes it the preferred one.
+    """
+    dropped = sum(n for reason, n in counts.get("dropped", {}).items() if "max_" in reason)
+    lost = dropped + counts.get("truncated", 0)
+    if rows and lost / rows > limit:
+        raise DataError(
+            f"{source}: {lost} of {rows} rows are too long ({dropped} dropped: the prompt alone fills max_length or "
+            f"exceeds data.max_prompt_tokens; {counts.get('truncated', 0)} cut at max_length={max_length}), more "
+            f"than data.max_dropped_fraction={limit}; raise train.max_length or data.max_prompt_tokens, shorten "
+            "the data, or raise the limit")
+
+
 @dataclass
 class PairData:
     """Training (and held-out) rows ready for a trl trainer, with what preparing them counted."""
@@ -284,6 +300,7 @@ def prepare_pairs(recipe, tokenizer, max_length: int | None, *, fmt: str = "pref
             rows = [extract_prompt(row) for row in rows]
             if options.get("drop_duplicates", True):
                 rows = drop_duplicates(rows, extra["dropped"])
+            rows_before_length_pass = len(rows)
             rows = length_pass(tokenizer, rows, extra, max_length, recipe.data.max_prompt_tokens)
             if name == "eval":
                 eval_rows = rows
@@ -298,10 +315,14 @@ def prepare_pairs(recipe, tokenizer, max_length: int | None, *, fmt: str = "pref
         else:  # unpaired (KTO)
             if options.get("drop_duplicates", True):
                 rows = drop_duplicates(rows, extra["dropped"], columns=("prompt", "completion", "label"))
+            rows_before_length_pass = len(rows)
             rows = length_pass(tokenizer, rows, extra, max_length, recipe.data.max_prompt_tokens,
                                completion_columns=("completion",))
         if not rows:
             raise DataError(f"{load_report.source}: no rows left after preparing the {name} split ({extra})")
+        if name == "train":
+            check_length_losses(load_report.source, extra, rows_before_length_pass, max_length,
+                                recipe.data.max_dropped_fraction)
         reports.append(_split_report(load_report, len(rows), extra))
         prepared.append(datasets.Dataset.from_list(rows))
     return PairData(train=prepared[0], eval=prepared[1], eval_rows=eval_rows, reports=reports)

@@ -74,10 +74,11 @@ def run(recipe) -> dict:
     trl_module = importlib.import_module(module_name)
     common.seed_everything(recipe.seed)
     run_dir, resume_from = common.prepare_run_dir(recipe)
-    model, tokenizer = common.load_policy(recipe)
+    tokenizer = common.load_tokenizer(recipe)  # the data is checked before the model loads
     defaults = {**common.trainer_defaults(recipe, run_dir), **stage_defaults(recipe)}
     args = common.build_trainer_config(recipe, getattr(trl_module, config_name), defaults)
     pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length)
+    model, tokenizer = common.load_policy(recipe)
     measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
     measure.before(model)
     train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing, precompute

@@ -228,6 +228,7 @@ def run(recipe) -> dict:
     splits = data.load(recipe.data, "preference", seed=recipe.seed)
     model, tokenizer = common.load_policy(recipe, task="sequence_classification")
     args = common.build_trainer_config(recipe, RewardConfig, reward_model_defaults(recipe, run_dir))
+    train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing the pairs
     trainer = RewardTrainer(
         model=model,
         args=args,
@@ -244,7 +245,7 @@ def run(recipe) -> dict:
             rows_read=len(splits.eval), rows_kept=len(splits.eval))
         reports.append(count_too_long(report, len(splits.eval), len(trainer.eval_dataset), args.max_length, None))
     common.train(trainer, run_dir, resume_from)
-    train_seconds = time.time() - started
+    train_seconds, train_cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
     model = final_model(trainer, recipe)
     conversational = is_conversational_rows(splits.train)
     write_scorer(run_dir, model, tokenizer, conversational)
@@ -258,6 +259,7 @@ def run(recipe) -> dict:
         "train_loss": common.final_train_loss(trainer),
         "train_steps": trainer.state.global_step,
         "train_seconds": round(train_seconds, 1),
+        "train_cpu_seconds": round(train_cpu_seconds, 1),  # all threads; steadier than wall time on a busy machine
         "train_accuracy_last": last_logged(trainer, "accuracy"),
         "train_margin_last": last_logged(trainer, "margin"),
         "heldout": heldout,
@@ -265,6 +267,7 @@ def run(recipe) -> dict:
         "centering": centring,
         "data": reports,
     }
+    metrics["total_seconds"] = round(time.time() - started, 1)  # load, train, held-out scoring and centring
     save_run(run_dir, model=model, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
              metrics=metrics)
     metrics["summary"] = summary(run_dir, metrics, started)

@@ -166,3 +166,19 @@ def test_eval_fraction_split_is_reported_as_held_out(tmp_path, tiny_tokenizer):
     assert train["dropped"] == {"held out by data.eval_fraction": 5}
     assert held_out["source"].endswith("(eval_fraction=0.25)") and held_out["rows_kept"] == 5
     assert len(prepared.eval_rows) == 5
+
+
+def test_rows_lost_to_length_above_max_dropped_fraction_fail_with_the_counts(tmp_path, tiny_tokenizer):
+    """Duplicates are free to drop; pairs dropped or cut for length count against data.max_dropped_fraction."""
+    long_answer = " ".join(["9"] * 40)
+    rows = [{"prompt": user(f"What is {i} + 1?"), "chosen": assistant(str(i + 1)), "rejected": assistant(str(i))}
+            for i in range(18)]
+    rows += [{"prompt": user("What is 3 + 3?"), "chosen": assistant("6"), "rejected": assistant(long_answer)}]
+    rows += [{"prompt": user("What is 9 + 9? " * 10), "chosen": assistant("18"), "rejected": assistant("8")}]
+    rows += [rows[0]] * 5  # duplicates: not a loss
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError, match=r"pairs.jsonl: 2 of 20 rows are too long \(1 dropped.*1 cut at max_length=40\)"
+                                        r".*max_dropped_fraction=0.05"):
+        pref.prepare_pairs(pair_recipe(path, max_dropped_fraction=0.05), tiny_tokenizer, max_length=40)
+    report = pref.prepare_pairs(pair_recipe(path, max_dropped_fraction=0.1), tiny_tokenizer, max_length=40).reports[0]
+    assert report["rows_kept"] == 19 and report["truncated_to_max_length"] == 1

@@ -81,6 +81,21 @@ def test_item_03_empty_dataset_fails_before_any_model_is_loaded(tmp_path, monkey
         run_sft(tmp_path / "run", f"data.train={path}")
 
 
+@pytest.mark.parametrize("stage", ["dpo", "kto", "simpo", "orpo"])
+def test_item_03_preference_stages_check_the_data_before_loading_a_model(stage, tmp_path, monkeypatch):
+    from alignment import recipe as recipes
+    from alignment.stages import stage_spec
+
+    same = [{"prompt": "What is 1 + 1?", "chosen": " 2", "rejected": " 2"}] * 3  # every row dropped
+    path = write_jsonl(tmp_path / "pairs.jsonl", same)
+    recipe = recipes.load(f"recipes/tiny/{stage}.yaml", ["model.name_or_path=tiny:1m", f"data.train={path}",
+                                                         "data.eval=null", "eval=null",
+                                                         f"output_dir={tmp_path / 'run'}"])
+    _no_model_loading(monkeypatch)
+    with pytest.raises(DataError, match="pairs.jsonl"):
+        stage_spec(stage).load_module().run(recipe)
+
+
 # ----------------------------------------------------------------------------- 4 and 5
 
 

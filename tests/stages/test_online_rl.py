@@ -48,3 +48,37 @@ def test_recipe_without_reward_is_refused(tmp_path):
 
     with pytest.raises(RecipeError, match="list at least one reward source"):
         recipes.load("recipes/tiny/grpo.yaml", ["reward=[]"])
+
+
+def test_health_problems_against_hand_worked_bounds():
+    from alignment.guards import health_problems
+
+    logged = {"kl": 0.31, "entropy": 0.05, "eos_rate": 0.5}
+    bounds = [("kl", 0.3, "max"), ("entropy", 0.1, "min"), ("eos_rate", 0.5, "min"), ("missing", 1.0, "max"),
+              ("kl", None, "min")]
+    assert health_problems(logged, bounds) == ["kl = 0.31 is above 0.3", "entropy = 0.05 is below 0.1"]
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_health_threshold_stop_keeps_a_checkpoint_and_fails_the_run(stage, tmp_path):
+    """An impossible entropy floor: the first log breaks it, training stops after saving, the run fails."""
+    from alignment.checkpoint import latest_checkpoint
+    from alignment.errors import TrainingError
+    from alignment.stages import online_rl
+
+    recipe = recipes.load(f"recipes/tiny/{stage}.yaml", TINY + [
+        f"output_dir={tmp_path}", "train.max_steps=4", "train.save_steps=100", "eval=null",
+        "options.min_entropy=1000.0", "options.warn_or_stop=stop"])
+    with pytest.raises(TrainingError, match=r"RL health stopped the run at step 1: entropy = .* is below 1000"):
+        online_rl.run(recipe)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-1" and not is_complete(tmp_path)
+
+
+def test_health_threshold_warn_only_warns(tmp_path):
+    from alignment.stages import online_rl
+
+    recipe = recipes.load("recipes/tiny/grpo.yaml", TINY + [f"output_dir={tmp_path}", "eval=null",
+                                                            "options.min_eos_rate=1.01"])
+    with pytest.warns(RuntimeWarning, match=r"eos_rate = .* is below 1.01"):
+        online_rl.run(recipe)
+    assert is_complete(tmp_path)
