@@ -11,7 +11,9 @@ Formats (standard = strings, conversational = lists of {"role", "content"}):
 | unpaired    | kto                             | prompt, completion, label (bool)            |
 
 Sources: a local ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, or a
-dataset name on the hub (``name`` or ``name:config``).  Errors name the file,
+dataset name on the hub (``name`` or ``name:config``, read from the stage's split:
+``data.split`` for training, ``test`` for ``data.eval``; ``name@split`` names the
+split, e.g. ``trl-lib/ultrafeedback-prompt@test``).  Errors name the file,
 the line or row, and the field.
 """
 
@@ -125,11 +127,13 @@ def _read_with_datasets(path: Path) -> list[dict]:
 
 
 def _read_hub(name: str, split: str) -> list[dict]:
+    """``name``, ``name:config``, either with ``@split`` to read that split instead of ``split``."""
     import datasets
 
-    repo, _, config = name.partition(":")
+    source, _, named_split = name.partition("@")
+    repo, _, config = source.partition(":")
     try:
-        dataset = datasets.load_dataset(repo, config or None, split=split)
+        dataset = datasets.load_dataset(repo, config or None, split=named_split or split)
     except Exception as exc:
         raise DataError(
             f"{name}: not a local file ({', '.join(LOCAL_SUFFIXES)}) and could not be loaded from the hub: {exc}"

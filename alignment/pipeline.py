@@ -131,10 +131,11 @@ def check_tokenizers(pipeline: Pipeline, planned: list) -> None:
     from alignment.checkpoint import tokenizer_hashes
     from policies import load_tokenizer
 
+    starting = [(entry, recipe) for entry, recipe in planned if "model.name_or_path" not in entry.inputs]
+    if len(starting) < 2:
+        return  # one starting model (the others inherit its tokenizer): nothing to compare, nothing to load
     seen: dict[tuple, str] = {}
-    for entry, recipe in planned:
-        if "model.name_or_path" in entry.inputs:
-            continue  # inherits the tokenizer of the stage it starts from
+    for entry, recipe in starting:
         spec = recipe.model.name_or_path
         hashes = tokenizer_hashes(load_tokenizer(spec, trust_remote_code=recipe.model.trust_remote_code))
         key = (hashes["tokenizer"], hashes["chat_template"])

@@ -45,3 +45,19 @@ def sft_run(tmp_path_factory):
     os.chdir(ROOT)
     metrics = sft.run(recipes.load(ROOT / "recipes/tiny/sft.yaml", [f"output_dir={out}"]))
     return out, metrics
+
+
+@pytest.fixture
+def assert_demo_gain():
+    return _assert_demo_gain
+
+
+def _assert_demo_gain(metrics: dict, points: float = 0.10) -> None:
+    """An RL stage on the tiny demo: greedy held-out accuracy up `points`, KL to the start finite."""
+    import math
+
+    before, after = metrics["before"], metrics["after"]
+    print(metrics["summary"], f"(sampled {before['sampled_accuracy']:.3f} -> {after['sampled_accuracy']:.3f}, "
+          f"kl {metrics['train_kl_last']:.3f})")
+    assert after["greedy_accuracy"] - before["greedy_accuracy"] >= points, metrics["summary"]
+    assert math.isfinite(metrics["train_kl_last"])

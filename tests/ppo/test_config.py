@@ -26,6 +26,8 @@ from alignment.ppo import PPOConfig
         ({"max_kl": float("nan")}, "max_kl"),
         ({"learning_rate": "1e-5"}, "learning_rate"),
         ({"max_new_tokens": True}, "max_new_tokens"),
+        ({"generation_chunk_size": 0}, "generation_chunk_size"),
+        ({"batch_size": 8, "mini_batch_size": 4, "generation_chunk_size": 3}, "generation_chunk_size"),
     ],
 )
 def test_invalid_values_name_the_key(kwargs, key):

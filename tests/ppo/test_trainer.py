@@ -323,3 +323,37 @@ def test_bad_inputs_are_refused(tokenizer):
         PPOTrainer(
             config, lm, copy.deepcopy(lm), make_seq_critic(tokenizer), tokenizer, count_target, ["a b"]
         )
+
+
+# ------------------------------------------ (g) sampling independent of the process count
+
+
+class _AsRank:
+    """The trainer's accelerator, seen as process ``rank`` of ``world`` (for _batch_rows and _rollout)."""
+
+    def __init__(self, accelerator, rank, world):
+        self._accelerator, self.process_index, self.num_processes = accelerator, rank, world
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+
+def test_generation_chunks_are_seeded_by_position_so_two_ranks_sample_one_batch(tokenizer):
+    one = build(tokenizer, small_config(batch_size=8, mini_batch_size=4, generation_chunk_size=4))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    whole = one._rollout(one._batch_rows(0))
+    assert torch.equal(torch.get_rng_state(), state)  # the process's own RNG stream is left as it was
+    torch.manual_seed(7)  # another RNG state: the same samples
+    assert one._rollout(one._batch_rows(0)).completions == whole.completions
+    for rank in (0, 1):
+        trainer = build(tokenizer, small_config(batch_size=4, mini_batch_size=4, generation_chunk_size=4))
+        trainer.accelerator = _AsRank(trainer.accelerator, rank, 2)
+        part = trainer._rollout(trainer._batch_rows(0))
+        rows = slice(4 * rank, 4 * rank + 4)
+        assert part.prompts == whole.prompts[rows] and part.completions == whole.completions[rows]
+        width = part.response_ids.shape[1]
+        assert not whole.response_mask[rows, width:].any()
+        for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values"):
+            assert torch.allclose(getattr(whole, name)[rows, :width].float(), getattr(part, name).float(),
+                                  atol=1e-6), name

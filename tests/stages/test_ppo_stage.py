@@ -202,15 +202,12 @@ def test_recipes_validate_and_name_their_command(name, repo_root):
 
 
 @pytest.mark.slow
-def test_demo_ppo_rule_raises_greedy_accuracy(sft_run, tmp_path):
+def test_demo_ppo_rule_raises_greedy_accuracy(sft_run, tmp_path, assert_demo_gain):
     """recipes/tiny/ppo_rule.yaml from the SFT checkpoint: held-out greedy accuracy +10 points, KL bounded."""
     from alignment.stages import ppo
 
     sft_dir, _ = sft_run
     metrics = ppo.run(recipes.load("recipes/tiny/ppo_rule.yaml",
                                    [f"model.name_or_path={sft_dir}", f"output_dir={tmp_path}"]))
-    before, after = metrics["before"]["greedy_accuracy"], metrics["after"]["greedy_accuracy"]
-    print(metrics["summary"], f"(sampled {metrics['before']['sampled_accuracy']:.3f} -> "
-          f"{metrics['after']['sampled_accuracy']:.3f})")
-    assert after - before >= 0.10, metrics["summary"]
-    assert math.isfinite(metrics["train_kl_last"]) and metrics["train_kl_max"] < 10.0
+    assert_demo_gain(metrics)
+    assert metrics["train_kl_max"] < 10.0
