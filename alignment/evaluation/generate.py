@@ -24,7 +24,8 @@ import torch
 
 from alignment.errors import DataError
 
-__all__ = ["generate_completions", "render_prompt", "sequence_logprobs", "text_nll"]
+__all__ = ["completion_nll", "generate_completions", "reference_completion_ids", "render_prompt", "sequence_logprobs",
+           "text_nll"]
 
 
 # --------------------------------------------------------------------------- prompts and tokens
@@ -294,6 +295,40 @@ def sequence_logprobs(
                 values = _token_logprobs(logits[row, start : start + length], targets, temperature)
                 results.append(values.tolist() if per_token else float(values.sum()))
     return results
+
+
+def reference_completion_ids(tokenizer, prompt: str | Sequence[dict], completion: str | Sequence[dict]) -> list[int]:
+    """Token ids of a reference completion exactly as a trained policy would produce them after `prompt`.
+
+    Conversations: the chat template's rendering of prompt + completion, minus the
+    rendered prompt with its generation prompt (so the end-of-turn token is included,
+    as SFT trains it). Plain text: the completion's tokens and EOS.
+    """
+    if isinstance(prompt, str):
+        text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    messages = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    rendered = tokenizer.apply_chat_template(list(prompt) + messages, tokenize=False, add_generation_prompt=False)
+    full = list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    head = _encode_prompt(tokenizer, prompt)
+    if full[: len(head)] != head:
+        raise DataError("the chat template renders the prompt differently with and without the answer; "
+                        "perplexity of the reference completion cannot be separated from the prompt's")
+    return full[len(head):]
+
+
+def completion_nll(model, tokenizer, prompts, completions, *, batch_size: int = 16) -> tuple[float, int]:
+    """Summed NLL (nats) of reference completions given their prompts, and the number of completion tokens::
+
+        total_nll = - sum_i sum_t log p(y_i,t | x_i, y_i,<t) ,  total_tokens = sum_i |y_i|
+
+    The prompt tokens are conditioned on, never scored: a chat policy is not trained to predict the
+    user's text, and counting it would make perplexity measure the prompts.
+    """
+    ids = [reference_completion_ids(tokenizer, p, c) for p, c in zip(prompts, completions)]
+    per_token = sequence_logprobs(model, tokenizer, prompts, ids, batch_size=batch_size, per_token=True)
+    return -sum(sum(values) for values in per_token), sum(len(values) for values in per_token)
 
 
 def text_nll(

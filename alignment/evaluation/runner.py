@@ -24,7 +24,7 @@ from alignment import recipe as recipes
 from alignment.checkpoint import RUN_INFO, package_versions, read_json
 from alignment.errors import AlignmentError, RecipeError
 from alignment.evaluation import load_metric, stats
-from alignment.evaluation.generate import generate_completions, sequence_logprobs, text_nll
+from alignment.evaluation.generate import completion_nll, generate_completions, sequence_logprobs
 from alignment.evaluation.quick import eval_columns
 
 
@@ -120,10 +120,8 @@ def evaluate_policy_checkpoint(path: str, spec, rows: list[dict], reward) -> dic
     references = [completion_text(row["completion"]) for row in rows if row.get("completion")]
     if references and len(references) == len(rows):
         if spec.perplexity:
-            conversations = [([{"role": "user", "content": p}] if isinstance(p, str) else list(p)) + list(
-                row["completion"] if not isinstance(row["completion"], str)
-                else [{"role": "assistant", "content": row["completion"]}]) for p, row in zip(prompts, rows)]
-            nll, tokens = text_nll(model, tokenizer, conversations, batch_size=spec.batch_size)
+            nll, tokens = completion_nll(model, tokenizer, prompts, [row["completion"] for row in rows],
+                                         batch_size=spec.batch_size)
             metrics["perplexity"] = stats.perplexity_from_nll(nll, tokens)
         if spec.text_metrics:
             metrics.update(text_metrics(greedy_texts, references))

@@ -11,6 +11,7 @@ from alignment.evaluation import stats
 from alignment.evaluation.generate import (
     _cut_at_eos,
     _encode_prompt,
+    completion_nll,
     generate_completions,
     render_prompt,
     sequence_logprobs,
@@ -188,3 +189,30 @@ def test_text_nll_matches_cross_entropy_and_gives_a_perplexity(model, tokenizer)
     assert total_nll == pytest.approx(expected_nll, rel=1e-5)
     ppl = stats.perplexity_from_nll(total_nll, total_tokens)
     assert 1.0 < ppl < 10 * len(tokenizer)  # a random model is about as unsure as the vocabulary is large
+
+
+def test_completion_nll_scores_only_the_answer_and_its_end_of_turn(model, tokenizer):
+    """Perplexity of reference completions: prompt tokens conditioned on, never scored."""
+    prompts = [[{"role": "user", "content": "1 + 1"}], "What is 2 + 3?"]
+    completions = [[{"role": "assistant", "content": "2"}], " 5"]
+    total_nll, total_tokens = completion_nll(model, tokenizer, prompts, completions, batch_size=1)
+    expected_nll, expected_tokens = 0.0, 0
+    for prompt, completion in zip(prompts, completions):
+        if isinstance(prompt, str):
+            head = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            full = head + tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        else:
+            head = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            full = tokenizer(tokenizer.apply_chat_template(prompt + completion, tokenize=False),
+                             add_special_tokens=False)["input_ids"]
+        assert full[: len(head)] == head
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([full])).logits[0]
+        # logits at position t predict token t + 1: the answer's tokens are full[len(head):]
+        expected_nll += float(torch.nn.functional.cross_entropy(
+            logits[len(head) - 1: -1], torch.tensor(full[len(head):]), reduction="sum"))
+        expected_tokens += len(full) - len(head)
+    assert total_tokens == expected_tokens
+    assert total_nll == pytest.approx(expected_nll, rel=1e-5)
+    chat_answer = tokenizer.apply_chat_template(prompts[0] + completions[0], tokenize=False)
+    assert "2<|im_end|>" in chat_answer  # the end-of-turn token is part of the scored answer
