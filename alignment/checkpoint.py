@@ -119,6 +119,49 @@ def parent_info(model_spec: str) -> dict | None:
             "stage": read_json(info).get("stage")}
 
 
+def is_quantized(model) -> bool:
+    """True for a bitsandbytes 4/8-bit model (or a peft model around one)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def merged_lora(model, recipe):
+    """The model to save: a LoRA adapter merged into its weights (a plain transformers directory).
+
+    A QLoRA adapter is merged into the base model loaded again in full precision (on the CPU):
+    merged into 4/8-bit weights it would be quantized again, rounding most of the small update
+    away, and the run would be a bitsandbytes checkpoint that loads only on a GPU with bitsandbytes.
+    """
+    if not hasattr(model, "merge_and_unload") or getattr(recipe.model, "lora", None) is None:
+        return model
+    if not is_quantized(model):
+        return model.merge_and_unload()
+    return merge_into_full_precision(model, recipe)
+
+
+def merge_into_full_precision(model, recipe):
+    """The trained adapter (and any modules_to_save, e.g. a score head) on an unquantized copy of the base, merged."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    import policies
+    from policies.load import default_dtype
+
+    spec = recipe.model
+    config = model.peft_config[model.active_adapter]
+    task = "sequence_classification" if config.task_type == "SEQ_CLS" else "causal_lm"
+    dtype = spec.dtype if spec.dtype != "auto" else str(default_dtype()).removeprefix("torch.")
+    base, _ = policies.load(spec.name_or_path, dtype=dtype, device="cpu", seed=recipe.seed, task=task,
+                            trust_remote_code=spec.trust_remote_code, allow_pickle=spec.allow_pickle)
+    fresh = get_peft_model(base, config)
+    state = {name: tensor.detach().to("cpu", dtype=dtype_of(base)) for name, tensor in
+             get_peft_model_state_dict(model).items()}
+    set_peft_model_state_dict(fresh, state)
+    return fresh.merge_and_unload()
+
+
+def dtype_of(model):
+    return next(model.parameters()).dtype
+
+
 def save_run(run_dir: str | Path, *, model, tokenizer, recipe, run_info: dict, metrics: dict) -> Path:
     """Write the final run directory: weights (safetensors), tokenizer, recipe, metrics, then run_info.
 
@@ -137,9 +180,7 @@ def save_run(run_dir: str | Path, *, model, tokenizer, recipe, run_info: dict, m
     try:
         if staging.exists():
             shutil.rmtree(staging)
-        model_to_save = model
-        if hasattr(model_to_save, "merge_and_unload") and getattr(recipe.model, "lora", None) is not None:
-            model_to_save = model_to_save.merge_and_unload()
+        model_to_save = merged_lora(model, recipe)
         model_to_save.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         # Every byte is on disk now; the moves below are renames, which need no space.

@@ -67,6 +67,9 @@ class ModelSpec:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     attn_implementation: Union[str, None] = None
+    # QLoRA: load the weights 4-bit (NF4) or 8-bit through bitsandbytes and train a LoRA adapter on top;
+    # needs model.lora, a CUDA GPU and bitsandbytes (pip install -e '.[gpu]'), checked when the stage runs.
+    quantization: Union[Literal["4bit", "8bit"], None] = None
 
 
 @dataclass(frozen=True)
@@ -546,6 +549,30 @@ def _section(data: Mapping, name: str, empty):
     return empty if value is None else value
 
 
+# Stages whose saving does not yet merge a QLoRA adapter into a full-precision base (it would be re-quantized).
+QUANTIZATION_UNSUPPORTED = {"reward_model": "its final merge would re-quantize the classifier"}
+
+
+def check_quantization(stage: str, model: ModelSpec, locations: Locations) -> None:
+    """What `model.quantization` needs from the recipe itself (the GPU and bitsandbytes are checked at run time).
+
+    Quantized weights cannot be trained, so it needs a LoRA adapter to train; a `tiny:` model is built in
+    memory, never loaded, so there is nothing to quantize.
+    """
+    if model.quantization is None:
+        return
+    if stage in QUANTIZATION_UNSUPPORTED:
+        raise locations.error(("model", "quantization"), f"not supported for the {stage} stage yet "
+                              f"({QUANTIZATION_UNSUPPORTED[stage]}); remove it to train in full precision")
+    if model.lora is None:
+        raise locations.error(("model", "quantization"), f"{model.quantization} needs model.lora: quantized weights "
+                              "cannot be trained, so a quantized model is fine-tuned through a LoRA adapter (QLoRA); "
+                              "add model.lora, or remove model.quantization to train every weight")
+    if model.name_or_path.startswith("tiny:"):
+        raise locations.error(("model", "quantization"), "tiny: models are built in memory, not loaded from "
+                              "weights; quantize a checkpoint directory or a hub id")
+
+
 def from_dict(data: dict, locations: Locations) -> Recipe:
     """Validate a raw recipe dict (already overridden) into a frozen :class:`Recipe`."""
     from alignment.stages import stage_spec
@@ -557,6 +584,7 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
     stage = coerce(data["stage"], str, ("stage",), locations)
     spec = stage_spec(stage, locations)
     model = coerce(data["model"], ModelSpec, ("model",), locations)
+    check_quantization(stage, model, locations)
     data_spec = coerce(data["data"], DataSpec, ("data",), locations)
     try:
         config_class, options_class = spec.config_class(), spec.options_class()

@@ -6,16 +6,23 @@
 
 Safety defaults: safetensors only (a pickle checkpoint is refused unless
 ``allow_pickle=True``) and ``trust_remote_code`` off unless asked for.
+
+``quantization="4bit"`` / ``"8bit"`` loads the weights through bitsandbytes
+(QLoRA: train a LoRA adapter on top); it needs a CUDA GPU and the bitsandbytes
+package (``pip install -e '.[gpu]'``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from alignment.errors import CheckpointError
+from alignment.errors import CheckpointError, RecipeError
 
 TINY_PREFIX = "tiny:"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("4bit", "8bit")
+GPU_EXTRA = "pip install -e '.[gpu]'"
 
 
 def default_dtype(device: str | None = None):
@@ -36,6 +43,62 @@ def resolve_dtype(name: str, device: str | None = None):
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
     return getattr(torch, name)
+
+
+def package_available(name: str) -> bool:
+    """Whether `name` is installed, without importing it (bitsandbytes and vllm take seconds and touch CUDA)."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def quantization_problem(quantization: str | None) -> str | None:
+    """Why bitsandbytes `quantization` cannot run here (None when it can): checked before any weight is read.
+
+    A GPU is checked first: on a machine without one, installing a package would not help.
+    """
+    import torch
+
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        return f"must be null, 4bit or 8bit, got {quantization!r}"
+    if not torch.cuda.is_available():
+        return ("bitsandbytes quantization runs on CUDA GPUs; this machine has none (remove model.quantization "
+                "to train in full precision)")
+    if not package_available("bitsandbytes"):
+        return f"needs the bitsandbytes package, which is not installed: {GPU_EXTRA} (or pip install bitsandbytes)"
+    return None
+
+
+def bnb_config(quantization: str):
+    """transformers' BitsAndBytesConfig for `quantization`.
+
+    4bit is QLoRA's recipe (Dettmers et al. 2023): NF4 weights, the quantization constants quantized again
+    (double quantization), matmuls in bf16 where the GPU has it, else fp16; 8bit is LLM.int8().
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
+def quantized_kwargs(quantization: str, spec: str) -> dict:
+    """from_pretrained kwargs of a bitsandbytes load, after refusing what cannot work.
+
+    The weights are placed on this process's GPU by `device_map` (LOCAL_RANK under accelerate):
+    a bitsandbytes model cannot be moved with `.to()` after loading.
+    """
+    problem = quantization_problem(quantization)
+    if problem is None and spec.startswith(TINY_PREFIX):
+        problem = "tiny: models are built in memory, not loaded; quantize a checkpoint directory or a hub id"
+    if problem:
+        raise RecipeError(f"model.quantization: {problem}")
+    return {"quantization_config": bnb_config(quantization), "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}
 
 
 def _refuse_pickle(path: Path, allow_pickle: bool) -> None:
@@ -102,6 +165,7 @@ def load(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     attn_implementation: str | None = None,
+    quantization: str | None = None,
 ):
     """Return ``(model, tokenizer)`` for `spec`; `task` is "causal_lm" or "sequence_classification".
 
@@ -115,6 +179,7 @@ def load(
     model_class = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
+    quantized = quantized_kwargs(quantization, spec) if quantization else {}
     tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
     if spec.startswith(TINY_PREFIX):
         from policies.tiny import build_tiny_model
@@ -131,8 +196,9 @@ def load(
             kwargs["attn_implementation"] = attn_implementation
         if task != "causal_lm":
             kwargs["num_labels"] = 1
+        kwargs.update(quantized)
         with _remote_code_refused(spec):
             model = model_class.from_pretrained(spec, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device), tokenizer
+    return (model if quantized else model.to(device)), tokenizer

@@ -41,6 +41,9 @@ class PPOConfig:
     # batch_size; tests/scaleout). None: one call per process on the global RNG stream.
     generation_chunk_size: int | None = None
     temperature: float = 0.7  # used for sampling and for every log-prob (0.7..1.0 typical)
+    # Rollouts use transformers' generate (KV-cached); vLLM is not supported for PPO yet, so true is refused.
+    # The key exists so a recipe copied from GRPO/RLOO (trl's use_vllm) gets that answer, not "unknown key".
+    use_vllm: bool = False
 
     # rewards and KL
     kl_coef: float = 0.05
@@ -71,6 +74,7 @@ class PPOConfig:
     max_nonfinite_updates: int = 3  # raise TrainingError after this many skipped updates in a row
 
     def __post_init__(self):
+        self._refuse_vllm()
         self._check_positive(
             "learning_rate", "adam_eps", "temperature", "cliprange", "cliprange_value", "target_kl"
         )
@@ -137,6 +141,12 @@ class PPOConfig:
         return cls(**values)
 
     # ------------------------------------------------------------ checks
+
+    def _refuse_vllm(self) -> None:
+        """vLLM rollouts are not built for PPO: say so plainly instead of silently generating with transformers."""
+        if self.use_vllm is not False:
+            raise ValueError("PPOConfig.use_vllm: vLLM is not supported for PPO yet; PPO rollouts use transformers "
+                             "generate (KV-cached). Remove train.use_vllm (the grpo and rloo stages take it)")
 
     def _check_number(self, key: str) -> float:
         value = getattr(self, key)

@@ -94,6 +94,7 @@ def prepare_run_dir(recipe) -> tuple[Path, str | None]:
     from alignment.data import data_fingerprint
     from alignment.distributed import is_main_process
 
+    check_machine(recipe)
     run_dir = check_output_dir(recipe)
     resume_from = resume_checkpoint(run_dir, bool(recipe.resume))
     if resume_from:
@@ -173,10 +174,58 @@ def lora_config(lora_spec, task_type: str = "CAUSAL_LM"):
     )
 
 
+def check_quantization(recipe) -> None:
+    """`model.quantization` on a machine without a CUDA GPU or bitsandbytes: a RecipeError, never a traceback."""
+    from policies.load import quantization_problem
+
+    problem = quantization_problem(recipe.model.quantization)
+    if problem:
+        raise RecipeError(f"{recipe.source_path}: model.quantization: {recipe.model.quantization}: {problem}")
+
+
+def check_vllm(recipe) -> None:
+    """`train.use_vllm` (trl's GRPO/RLOO) without a CUDA GPU or the vllm package: refused before anything loads.
+
+    trl would otherwise fail deep inside the trainer's set-up, after the model is loaded.
+    """
+    if not recipe.train.get("use_vllm"):
+        return
+    from policies.load import GPU_EXTRA, package_available
+
+    if not on_gpu():
+        raise RecipeError(f"{recipe.source_path}: train.use_vllm: vLLM generates on CUDA GPUs; this machine has "
+                          "none (set train.use_vllm: false to generate with transformers)")
+    if not package_available("vllm"):
+        raise RecipeError(f"{recipe.source_path}: train.use_vllm: the vllm package is not installed: {GPU_EXTRA} "
+                          "(or pip install vllm), or set train.use_vllm: false to generate with transformers")
+
+
+def check_machine(recipe) -> None:
+    """Settings this machine cannot run (bitsandbytes, vLLM), refused before the run directory or a model."""
+    check_quantization(recipe)
+    check_vllm(recipe)
+
+
+def prepare_quantized(model, recipe):
+    """peft's k-bit training set-up, before the LoRA adapter goes on (QLoRA).
+
+    It freezes every base weight, upcasts the norms and the other unquantized weights to fp32
+    for stable gradients, and turns on gradient checkpointing (unless `train.gradient_checkpointing:
+    false`) with inputs requiring grad, so gradients reach the adapter through checkpointed layers.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    checkpointing = bool(recipe.train.get("gradient_checkpointing", True))
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_policy(recipe, task: str = "causal_lm"):
+    """The recipe's model and tokenizer; quantized and prepared for k-bit training with `model.quantization`."""
     import policies
 
     spec = recipe.model
+    check_quantization(recipe)
     model, tokenizer = policies.load(
         spec.name_or_path,
         dtype=spec.dtype,
@@ -185,7 +234,10 @@ def load_policy(recipe, task: str = "causal_lm"):
         trust_remote_code=spec.trust_remote_code,
         allow_pickle=spec.allow_pickle,
         attn_implementation=spec.attn_implementation,
+        quantization=spec.quantization,
     )
+    if spec.quantization:
+        model = prepare_quantized(model, recipe)
     check_chat_template(recipe, tokenizer)
     return model, tokenizer
 

@@ -83,6 +83,11 @@ def check_options(recipe) -> None:
         if not (Path(options["critic_init"]) / "config.json").is_file():
             raise RecipeError(f"{where}: options.critic_init: {options['critic_init']} is not a model directory "
                               "(no config.json); train one with the reward_model stage")
+    if recipe.model.quantization and options["critic"] == "separate" and options["critic_init"] is None:
+        raise RecipeError(f"{where}: options.critic: separate copies the policy, which model.quantization makes a "
+                          "quantized network every weight of which the critic would have to train; set "
+                          "options.critic_init to a reward-model directory (loaded in full precision), or use "
+                          "critic: value_head")
 
 
 def build_models(recipe, model, tokenizer):
