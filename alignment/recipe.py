@@ -248,6 +248,26 @@ def _check_plain(value, depth: int = 0) -> None:
 # ----------------------------------------------------------------------------- overrides
 
 
+def _set_dotted(data: dict, keys: tuple, value, override: str) -> None:
+    """data[k1][k2]... = value; a number indexes an existing list (`reward.0.source=...`), else dicts are made."""
+    target = data
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(target, list):
+            if not key.isdigit() or int(key) >= len(target):
+                raise RecipeError(f"command-line override {override!r}: {'.'.join(keys[:depth])} is a list of "
+                                  f"{len(target)}; use an index 0..{len(target) - 1}")
+            key = int(key)
+        elif not isinstance(target, dict):
+            raise RecipeError(f"command-line override {override!r}: {'.'.join(keys[:depth])} is not a mapping")
+        if last:
+            target[key] = value
+        else:
+            if isinstance(target, dict) and not isinstance(target.get(key), (dict, list)):
+                target[key] = {}
+            target = target[key]
+
+
 def apply_overrides(data: dict, overrides: list[str], locations: Locations) -> dict:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict."""
     for override in overrides:
@@ -259,12 +279,7 @@ def apply_overrides(data: dict, overrides: list[str], locations: Locations) -> d
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
             value = text
-        target = data
-        for key in keys[:-1]:
-            if not isinstance(target.get(key), dict):
-                target[key] = {}
-            target = target[key]
-        target[keys[-1]] = value
+        _set_dotted(data, keys, value, override)
         shown = f"{dotted}=***" if any(is_secret_key(k) for k in keys) else override
         for depth in range(1, len(keys) + 1):
             locations.lines[keys[:depth]] = f"command-line override {shown!r}"

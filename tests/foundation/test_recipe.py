@@ -115,3 +115,10 @@ def test_every_shipped_recipe_validates(repo_root):
 
     for path in recipes.recipe_files([repo_root / "recipes"]):
         assert validate_file(path)
+
+
+def test_override_indexes_a_list_of_reward_sources(tmp_path):
+    recipe = recipes.load("recipes/tiny/ppo.yaml", ["reward.0.source=/tmp/some_rm", "reward.0.weight=2.0"])
+    assert recipe.reward[0]["source"] == "/tmp/some_rm" and recipe.reward[0]["weight"] == 2.0
+    with pytest.raises(RecipeError, match=r"reward is a list of 1; use an index 0..0"):
+        recipes.load("recipes/tiny/ppo.yaml", ["reward.3.source=x"])
