@@ -145,7 +145,7 @@ class Recipe:
 
     def resolved_yaml(self) -> str:
         """The recipe as run (overrides applied), with secret-looking values redacted."""
-        return yaml.safe_dump(redact(_thaw(self.raw)), sort_keys=False)
+        return yaml.safe_dump(redact(thaw(self.raw)), sort_keys=False)
 
     def __repr__(self) -> str:
         """Like the dataclass repr, with secret-looking values (tokens, API keys, URL passwords) redacted."""
@@ -155,7 +155,7 @@ class Recipe:
                 continue
             value = getattr(self, f.name)
             if isinstance(value, (Mapping, tuple)):
-                value = redact(_thaw(value))
+                value = redact(thaw(value))
             elif isinstance(value, str):
                 value = redact(value)
             parts.append(f"{f.name}={value!r}")
@@ -531,11 +531,12 @@ def _freeze(value):
     return value
 
 
-def _thaw(value):
+def thaw(value):
+    """Plain dicts and lists from a recipe's frozen mappings and tuples (for libraries that copy or pickle them)."""
     if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
+        return {k: thaw(v) for k, v in value.items()}
     if isinstance(value, tuple):
-        return [_thaw(v) for v in value]
+        return [thaw(v) for v in value]
     return value
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from alignment.checkpoint import CHECKPOINTS, base_run_info, mark_incomplete, resume_checkpoint
 from alignment.errors import DataError, RecipeError, TrainingError
+from alignment.recipe import thaw
 
 # The recipe of each run directory prepared in this process, so `train` can apply the recipe's data limits.
 _RECIPES: dict[str, object] = {}
@@ -149,7 +150,8 @@ def trainer_defaults(recipe, run_dir: Path) -> dict:
 def build_trainer_config(recipe, config_class, defaults: dict):
     """The stage's trainer config: defaults, then the recipe's `train:` section; errors name the recipe."""
     values = dict(defaults)
-    values.update(dict(recipe.train))
+    # thawed: transformers pickles its arguments into every checkpoint, and a frozen mapping cannot be pickled
+    values.update(thaw(recipe.train))
     if not on_gpu():
         # gradient checkpointing only saves memory, and costs a third more compute on CPU.
         values.setdefault("gradient_checkpointing", False)

@@ -4,7 +4,9 @@
 
 Model: ``model.name_or_path`` loaded as a sequence classifier with one output;
 a causal-LM checkpoint gets a new score head (starting from the SFT policy is
-InstructGPT's practice, Ouyang et al. 2022, sec. 3.5).
+InstructGPT's practice, Ouyang et al. 2022, sec. 3.5).  That head starts at random
+and small; ``options.head_learning_rate`` trains it faster than the body (its own
+optimizer group, same schedule), which the tiny demo needs to learn in its budget.
 
 Loss (trl): ``-log sigmoid(r(x, y_chosen) - r(x, y_rejected))`` (Bradley-Terry),
 plus ``train.center_rewards_coefficient * mean((r_chosen + r_rejected)^2)`` when
@@ -57,6 +59,9 @@ class Options:
     center_samples: int = 256  # training prompts used to measure the bias
     center_max_new_tokens: int = 32  # length cap of the centring policy's samples
     score_batch_size: int = 64  # batch size of the held-out and centring scoring passes
+    # learning rate of the new score head (null: train.learning_rate, like the body); it follows the same
+    # warm-up and schedule.  The head starts at random and small, and at the body's rate it learns slowly
+    head_learning_rate: Union[float, None] = None
 
 
 def check_options(recipe) -> None:
@@ -74,12 +79,41 @@ def check_options(recipe) -> None:
     for key in ("center_samples", "center_max_new_tokens", "score_batch_size"):
         if options[key] < 1:
             raise RecipeError(f"{where}: options.{key} must be >= 1, got {options[key]}")
+    if options["head_learning_rate"] is not None and not options["head_learning_rate"] > 0:
+        raise RecipeError(f"{where}: options.head_learning_rate must be > 0 (or null), got {options['head_learning_rate']}")
 
 
 def reward_model_defaults(recipe, run_dir) -> dict:
     defaults = common.trainer_defaults(recipe, run_dir)
     defaults.update({"max_length": 1024, "disable_dropout": True})
     return defaults
+
+
+def is_score_head(name: str) -> bool:
+    """A parameter of the score head (``score.weight``; under LoRA ``...score.modules_to_save.default.weight``)."""
+    return "score" in name.split(".")
+
+
+def use_head_learning_rate(trainer, head_lr: float) -> None:
+    """Give the trainer an optimizer whose score-head parameters train at `head_lr`.
+
+    The trainer's own optimizer (class, betas, weight decay) with the head in a group of its own; the
+    trainer keeps it (it only builds one when none is set) and its scheduler scales every group alike.
+    """
+    model = trainer.model
+    decay = set(trainer.get_decay_parameter_names(model))
+    groups: dict = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        head, weight_decay = is_score_head(name), trainer.args.weight_decay if name in decay else 0.0
+        group = groups.setdefault((head, weight_decay), {"params": [], "weight_decay": weight_decay,
+                                                         **({"lr": head_lr} if head else {})})
+        group["params"].append(param)
+    if not any(head for head, _ in groups):
+        raise RecipeError("options.head_learning_rate: the model has no trainable score head parameters")
+    optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, model)
+    trainer.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
 
 
 def is_conversational_rows(dataset) -> bool:
@@ -244,6 +278,8 @@ def run(recipe) -> dict:
             source=f"{recipe.data.train} (eval_fraction={recipe.data.eval_fraction})",
             rows_read=len(splits.eval), rows_kept=len(splits.eval))
         reports.append(count_too_long(report, len(splits.eval), len(trainer.eval_dataset), args.max_length, None))
+    if recipe.options["head_learning_rate"] is not None:
+        use_head_learning_rate(trainer, recipe.options["head_learning_rate"])
     common.train(trainer, run_dir, resume_from)
     train_seconds, train_cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
     model = final_model(trainer, recipe)

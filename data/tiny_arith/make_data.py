@@ -30,6 +30,7 @@ CARRY_FORGOTTEN = 0.6  # share of carry problems whose demonstration drops the c
 OTHER_NOISE = 0.1  # share of the other problems with an answer off by 1, 10 or at random
 PREFERENCE_ROWS = 6_000
 PRETRAIN_ROWS = 6_000
+RM_PREFERENCE_ROWS = 24_000  # preference_rm.jsonl: the reward model's own, larger draw of pairs
 
 
 def question(a: int, b: int) -> str:
@@ -123,6 +124,17 @@ def build(rng: random.Random) -> dict[str, list[dict]]:
     for _ in range(PRETRAIN_ROWS):
         a, b = rng.choice(train_pairs)
         pretrain.append({"text": f"{question(a, b)} {a + b}. {a} + {b} = {a + b}."})
+    # Drawn last, so every file above stays byte-identical to the one it was before this file existed.
+    preference_rm = []
+    for _ in range(RM_PREFERENCE_ROWS):
+        a, b = rng.choice(train_pairs)
+        preference_rm.append(
+            {
+                "prompt": conversation_prompt(a, b),
+                "chosen": assistant(a + b),
+                "rejected": assistant(plausible_wrong(a, b, rng)),
+            }
+        )
     return {
         "pretrain.jsonl": pretrain,
         "sft.jsonl": sft,
@@ -130,6 +142,7 @@ def build(rng: random.Random) -> dict[str, list[dict]]:
         "preference_eval.jsonl": preference_eval,
         "rl_prompts.jsonl": rl_prompts,
         "eval.jsonl": evaluation,
+        "preference_rm.jsonl": preference_rm,
     }
 
 

@@ -147,3 +147,15 @@ def test_sigterm_finishes_the_step_saves_and_resume_completes(tmp_path, repo_roo
                                                                      "options.evaluate_before=false",
                                                                      f"train.max_steps={stopped_at + 2}"]))
     assert resumed["train_steps"] == stopped_at + 2 and is_complete(tmp_path)
+
+
+def test_nested_trainer_settings_survive_the_checkpoint_pickle(tmp_path):
+    """train.lr_scheduler_kwargs is a mapping: transformers pickles it into every checkpoint."""
+    from alignment.stages import sft
+
+    recipe = recipes.load("recipes/tiny/sft.yaml", FAST + [
+        f"output_dir={tmp_path}", "options.evaluate_before=false", "eval=null",
+        "train.lr_scheduler_type=cosine_with_min_lr", "train.lr_scheduler_kwargs={min_lr: 1.0e-5}"])
+    metrics = sft.run(recipe)
+    assert is_complete(tmp_path) and (tmp_path / "checkpoints" / "checkpoint-4").is_dir()
+    assert metrics["train_steps"] == 4
