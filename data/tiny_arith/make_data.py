@@ -2,7 +2,7 @@
 
     python data/tiny_arith/make_data.py        # rewrites every file in this folder + the tiny tokenizer
 
-The task: "What is A + B?" with A, B in 0..49 (2,601 pairs). 500 pairs are held
+The task: "What is A + B?" with A, B in 0..49 (2,500 pairs). 500 pairs are held
 out by pair and appear only in the evaluation files.
 
 The supervised data is deliberately, *systematically* flawed, the way human
