@@ -61,3 +61,15 @@ def _assert_demo_gain(metrics: dict, points: float = 0.10) -> None:
           f"kl {metrics['train_kl_last']:.3f})")
     assert after["greedy_accuracy"] - before["greedy_accuracy"] >= points, metrics["summary"]
     assert math.isfinite(metrics["train_kl_last"])
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """A clean accelerate state before and after a test (gradient accumulation is a process-wide singleton)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

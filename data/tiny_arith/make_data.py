@@ -95,22 +95,23 @@ def split_pairs(rng: random.Random) -> tuple[list[tuple[int, int]], list[tuple[i
     return sorted(pairs[HELD_OUT_PAIRS:]), sorted(pairs[:HELD_OUT_PAIRS])
 
 
+def preference_pairs(rng, pairs, rows: int) -> list[dict]:
+    """`rows` draws of a training problem: the right sum chosen, a typical mistake rejected."""
+    drawn = []
+    for _ in range(rows):
+        a, b = rng.choice(pairs)
+        drawn.append({"prompt": conversation_prompt(a, b), "chosen": assistant(a + b),
+                      "rejected": assistant(plausible_wrong(a, b, rng))})
+    return drawn
+
+
 def build(rng: random.Random) -> dict[str, list[dict]]:
     train_pairs, held_out = split_pairs(rng)
     sft = []
     for _ in range(SFT_ROWS):
         a, b = rng.choice(train_pairs)
         sft.append({"prompt": conversation_prompt(a, b), "completion": assistant(demonstrated_answer(a, b, rng))})
-    preference = []
-    for _ in range(PREFERENCE_ROWS):
-        a, b = rng.choice(train_pairs)
-        preference.append(
-            {
-                "prompt": conversation_prompt(a, b),
-                "chosen": assistant(a + b),
-                "rejected": assistant(plausible_wrong(a, b, rng)),
-            }
-        )
+    preference = preference_pairs(rng, train_pairs, PREFERENCE_ROWS)
     preference_eval = [
         {"prompt": conversation_prompt(a, b), "chosen": assistant(a + b), "rejected": assistant(plausible_wrong(a, b, rng))}
         for a, b in held_out
@@ -125,16 +126,7 @@ def build(rng: random.Random) -> dict[str, list[dict]]:
         a, b = rng.choice(train_pairs)
         pretrain.append({"text": f"{question(a, b)} {a + b}. {a} + {b} = {a + b}."})
     # Drawn last, so every file above stays byte-identical to the one it was before this file existed.
-    preference_rm = []
-    for _ in range(RM_PREFERENCE_ROWS):
-        a, b = rng.choice(train_pairs)
-        preference_rm.append(
-            {
-                "prompt": conversation_prompt(a, b),
-                "chosen": assistant(a + b),
-                "rejected": assistant(plausible_wrong(a, b, rng)),
-            }
-        )
+    preference_rm = preference_pairs(rng, train_pairs, RM_PREFERENCE_ROWS)
     return {
         "pretrain.jsonl": pretrain,
         "sft.jsonl": sft,

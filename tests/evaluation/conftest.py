@@ -133,3 +133,18 @@ def example_results(n_prompts=40, seed=0):
         "checkpoints": checkpoints,
         "notes": ["synthetic numbers for a test"],
     }
+
+
+def save_tiny_checkpoints(root, spec_text: str) -> tuple[dict, str]:
+    """Two tiny random policies ("base", "other") saved as checkpoints under `root`, and an eval spec file."""
+    import policies
+
+    paths = {}
+    for name, seed in (("base", 0), ("other", 1)):
+        model, tokenizer = policies.load("tiny:1m", seed=seed)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    spec = root / "eval.yaml"
+    spec.write_text(spec_text)
+    return paths, str(spec)

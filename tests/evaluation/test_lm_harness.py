@@ -6,6 +6,8 @@ import types
 
 import pytest
 
+from .conftest import save_tiny_checkpoints
+
 TASKS = ["arc_easy", "hellaswag"]
 
 
@@ -33,19 +35,9 @@ def harness_output(task_names):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    import policies
-
-    root = tmp_path_factory.mktemp("ckpts")
-    paths = {}
-    for name, seed in (("base", 0), ("other", 1)):
-        model, tokenizer = policies.load("tiny:1m", seed=seed)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        paths[name] = str(root / name)
-    spec = root / "eval.yaml"
-    spec.write_text("data: data/tiny_arith/eval.jsonl\nmax_samples: 4\nmax_new_tokens: 3\nbatch_size: 4\n"
-                    "bootstrap_resamples: 50\nperplexity: false\ntext_metrics: false\n")
-    return paths, str(spec)
+    return save_tiny_checkpoints(tmp_path_factory.mktemp("ckpts"),
+                                 "data: data/tiny_arith/eval.jsonl\nmax_samples: 4\nmax_new_tokens: 3\nbatch_size: 4\n"
+                                 "bootstrap_resamples: 50\nperplexity: false\ntext_metrics: false\n")
 
 
 def run_cli(paths, spec, out, *extra):

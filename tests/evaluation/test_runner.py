@@ -3,26 +3,21 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from .conftest import save_tiny_checkpoints
 
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
-    import policies
-
-    root = tmp_path_factory.mktemp("ckpts")
-    paths = {}
-    for name, seed in (("base", 0), ("other", 1)):
-        model, tokenizer = policies.load("tiny:1m", seed=seed)
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-        paths[name] = str(root / name)
-    spec = root / "eval.yaml"
-    spec.write_text("data: data/tiny_arith/eval.jsonl\nmax_samples: 12\nmax_new_tokens: 4\nbatch_size: 6\n"
-                    "bootstrap_resamples: 200\nrewards: [{source: answer_match}, {source: length_target, "
-                    "kwargs: {target: 2}}]\njudge: length_target\n")
-    return paths, spec
+    paths, spec = save_tiny_checkpoints(
+        tmp_path_factory.mktemp("ckpts"),
+        "data: data/tiny_arith/eval.jsonl\nmax_samples: 12\nmax_new_tokens: 4\nbatch_size: 6\n"
+        "bootstrap_resamples: 200\nrewards: [{source: answer_match}, {source: length_target, "
+        "kwargs: {target: 2}}]\njudge: length_target\n")
+    return paths, Path(spec)
 
 
 def test_eval_writes_report_with_every_metric(two_checkpoints, tmp_path):

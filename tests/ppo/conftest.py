@@ -75,12 +75,5 @@ def tokenizer():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each test gets its own accelerate state (gradient accumulation is a process-wide singleton)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def _fresh_accelerate_state(fresh_accelerate_state):
+    """Each test gets its own accelerate state (see tests/conftest.py)."""

@@ -28,15 +28,8 @@ TINY = [
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each run gets its own accelerate state (gradient accumulation is a process-wide singleton)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+def _fresh_accelerate_state(fresh_accelerate_state):
+    """Each test gets its own accelerate state (see tests/conftest.py)."""
 
 
 def load_ppo(overrides):
