@@ -52,6 +52,21 @@ def package_available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def vllm_problem() -> str | None:
+    """Why vLLM generation (`train.use_vllm`) cannot run here (None when it can), without importing vllm.
+
+    Shared by the recipe check (grpo, rloo, ppo) and our PPO trainer; a GPU is checked first.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return "vLLM generates on CUDA GPUs; this machine has none (set train.use_vllm: false to generate with transformers)"
+    if not package_available("vllm"):
+        return (f"the vllm package is not installed: {GPU_EXTRA} (or pip install vllm), or set train.use_vllm: false "
+                "to generate with transformers")
+    return None
+
+
 def quantization_problem(quantization: str | None) -> str | None:
     """Why bitsandbytes `quantization` cannot run here (None when it can): checked before any weight is read.
 

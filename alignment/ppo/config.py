@@ -41,9 +41,14 @@ class PPOConfig:
     # batch_size; tests/scaleout). None: one call per process on the global RNG stream.
     generation_chunk_size: int | None = None
     temperature: float = 0.7  # used for sampling and for every log-prob (0.7..1.0 typical)
-    # Rollouts use transformers' generate (KV-cached); vLLM is not supported for PPO yet, so true is refused.
-    # The key exists so a recipe copied from GRPO/RLOO (trl's use_vllm) gets that answer, not "unknown key".
+    # vLLM sampling (alignment.ppo.vllm_rollout, on trl's VLLMGeneration; needs a CUDA GPU and vllm): the
+    # policy's weights are pushed into vLLM before every rollout, the log-probs PPO uses are still our own
+    # forward pass. False: transformers' generate (KV-cached).
     use_vllm: bool = False
+    vllm_mode: str = "colocate"  # "colocate" (in this process, on the training GPU) or "server" (trl vllm-serve)
+    vllm_gpu_memory_utilization: float = 0.3  # colocate: share of the GPU vLLM takes (weights + KV cache)
+    vllm_server_base_url: str | None = None  # server: e.g. "http://localhost:8000" (None: http://0.0.0.0:8000)
+    vllm_max_model_length: int | None = None  # colocate: vLLM's context length (None: the model config's)
 
     # rewards and KL
     kl_coef: float = 0.05
@@ -74,7 +79,6 @@ class PPOConfig:
     max_nonfinite_updates: int = 3  # raise TrainingError after this many skipped updates in a row
 
     def __post_init__(self):
-        self._refuse_vllm()
         self._check_positive(
             "learning_rate", "adam_eps", "temperature", "cliprange", "cliprange_value", "target_kl"
         )
@@ -100,6 +104,7 @@ class PPOConfig:
             if self.batch_size % self.generation_chunk_size:
                 raise ValueError(f"PPOConfig.batch_size ({self.batch_size}) must be divisible by "
                                  f"generation_chunk_size ({self.generation_chunk_size})")
+        self._check_vllm()
         for key in ("gamma", "lam"):
             self._check_range(key, 0.0, 1.0)
         for key in ("max_kl", "min_entropy", "min_eos_rate", "min_response_length", "missing_eos_penalty"):
@@ -142,11 +147,29 @@ class PPOConfig:
 
     # ------------------------------------------------------------ checks
 
-    def _refuse_vllm(self) -> None:
-        """vLLM rollouts are not built for PPO: say so plainly instead of silently generating with transformers."""
-        if self.use_vllm is not False:
-            raise ValueError("PPOConfig.use_vllm: vLLM is not supported for PPO yet; PPO rollouts use transformers "
-                             "generate (KV-cached). Remove train.use_vllm (the grpo and rloo stages take it)")
+    def _check_vllm(self) -> None:
+        """The vLLM settings' values (whether this machine can run vLLM is checked by the trainer)."""
+        if not isinstance(self.use_vllm, bool):
+            raise ValueError(f"PPOConfig.use_vllm must be true or false, got {self.use_vllm!r}")
+        self._check_choice("vllm_mode", ("colocate", "server"))
+        if isinstance(self.vllm_gpu_memory_utilization, bool) or not (
+            isinstance(self.vllm_gpu_memory_utilization, (int, float)) and 0 < self.vllm_gpu_memory_utilization <= 1
+        ):
+            raise ValueError("PPOConfig.vllm_gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.vllm_gpu_memory_utilization!r}")
+        if self.vllm_server_base_url is not None and not (
+            isinstance(self.vllm_server_base_url, str) and self.vllm_server_base_url.startswith(("http://", "https://"))
+        ):
+            raise ValueError("PPOConfig.vllm_server_base_url must be an http(s) URL such as http://localhost:8000, "
+                             f"got {self.vllm_server_base_url!r}")
+        if self.vllm_max_model_length is not None:
+            self._check_positive_int("vllm_max_model_length")
+        if self.use_vllm and self.vllm_server_base_url is not None and self.vllm_mode != "server":
+            raise ValueError("PPOConfig.vllm_server_base_url is set but vllm_mode is 'colocate' (vLLM in this "
+                             "process): set vllm_mode: server to use the server")
+        if self.use_vllm and self.generation_chunk_size is not None:
+            raise ValueError("PPOConfig.generation_chunk_size seeds transformers' sampling per chunk; vLLM samples "
+                             "on its own RNG, so it cannot be combined with use_vllm: unset one of them")
 
     def _check_number(self, key: str) -> float:
         value = getattr(self, key)

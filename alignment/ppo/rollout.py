@@ -284,27 +284,34 @@ def collect_rollout(
     temperature: float,
     forward_batch_size: int,
     device=None,
+    sampler=None,
 ) -> Rollout:
     """Generate, truncate at EOS, then policy/reference log-probs, entropy and values (no scores).
 
     ``policy``, ``ref_policy`` and ``critic`` are unwrapped modules (no
     DDP); ``critic=None`` means the policy carries a value head. The
-    forward passes run ``forward_batch_size`` rows at a time.
+    forward passes run ``forward_batch_size`` rows at a time. ``sampler``:
+    an object whose ``sample(query_ids, query_mask)`` returns right-padded
+    responses (:class:`alignment.ppo.vllm_rollout.VLLMSampler`); None samples
+    with transformers' generate (:func:`generate_responses`).
     """
     for model in (policy, ref_policy, critic):
         if model is not None:
             model.eval()
     eos_ids = stop_token_ids(tokenizer, _unwrap_lm(policy))
     query_ids, query_mask = left_pad_prompts(tokenizer, prompts, device)
-    raw = generate_responses(
-        _unwrap_lm(policy),
-        query_ids,
-        query_mask,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        eos_token_ids=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    if sampler is not None:
+        raw = sampler.sample(query_ids, query_mask)
+    else:
+        raw = generate_responses(
+            _unwrap_lm(policy),
+            query_ids,
+            query_mask,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_ids=eos_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     response_ids, response_mask, has_eos = truncate_after_eos(raw, eos_ids, tokenizer.pad_token_id)
     batch = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids}
     stats = _token_statistics(

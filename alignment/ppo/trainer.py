@@ -104,6 +104,10 @@ class PPOTrainer:
 
     def __init__(self, config, policy, ref_policy, critic, tokenizer, reward_fn, prompts, accelerator=None):
         _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts)
+        if config.use_vllm:  # refused on a machine without CUDA or vllm, before any model work
+            from alignment.ppo.vllm_rollout import check_vllm_machine
+
+            check_vllm_machine()
         self.config = config
         self.accelerator = accelerator or _make_accelerator(config)
         if self.accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
@@ -126,6 +130,11 @@ class PPOTrainer:
         self.step_count, self.nonfinite_in_a_row, self.skipped_updates = 0, 0, 0
         self.last_rollout, self.minibatch_stats = None, []
         self._poisoned = False
+        self.sampler = None  # vLLM (config.use_vllm), else transformers' generate
+        if config.use_vllm:
+            from alignment.ppo.vllm_rollout import VLLMSampler
+
+            self.sampler = VLLMSampler(config, self.accelerator.unwrap_model(self.policy), self.accelerator, tokenizer)
 
     # ------------------------------------------------------------- the loop
 
@@ -194,6 +203,8 @@ class PPOTrainer:
         from its first prompt's position in the run, so that the union of the processes' rollouts is
         what one process sampling the whole batch gets."""
         prompts, chunk = [row["prompt"] for row in rows], self.config.generation_chunk_size
+        if self.sampler is not None:
+            self.sampler.sync()  # the policy changed in the last update: vLLM samples from the current weights
         if chunk is None:
             rollout = self._collect(prompts)
         else:
@@ -219,6 +230,7 @@ class PPOTrainer:
             temperature=self.config.temperature,
             forward_batch_size=self.config.mini_batch_size,
             device=self.accelerator.device,
+            sampler=self.sampler,
         )
 
     def _score(self, rollout, rows: list[dict]):

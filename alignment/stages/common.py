@@ -186,20 +186,17 @@ def check_quantization(recipe) -> None:
 
 
 def check_vllm(recipe) -> None:
-    """`train.use_vllm` (trl's GRPO/RLOO) without a CUDA GPU or the vllm package: refused before anything loads.
+    """`train.use_vllm` (trl's GRPO/RLOO, our PPO) without a CUDA GPU or the vllm package: refused before anything loads.
 
     trl would otherwise fail deep inside the trainer's set-up, after the model is loaded.
     """
     if not recipe.train.get("use_vllm"):
         return
-    from policies.load import GPU_EXTRA, package_available
+    from policies.load import vllm_problem
 
-    if not on_gpu():
-        raise RecipeError(f"{recipe.source_path}: train.use_vllm: vLLM generates on CUDA GPUs; this machine has "
-                          "none (set train.use_vllm: false to generate with transformers)")
-    if not package_available("vllm"):
-        raise RecipeError(f"{recipe.source_path}: train.use_vllm: the vllm package is not installed: {GPU_EXTRA} "
-                          "(or pip install vllm), or set train.use_vllm: false to generate with transformers")
+    problem = vllm_problem()
+    if problem:
+        raise RecipeError(f"{recipe.source_path}: train.use_vllm: {problem}")
 
 
 def check_machine(recipe) -> None:

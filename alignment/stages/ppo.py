@@ -305,6 +305,8 @@ def run(recipe) -> dict:
     splits = data.load(recipe.data, "prompt", seed=recipe.seed)
     rewards = reward_sources.build([dict(spec) for spec in recipe.reward])
     model, tokenizer = common.load_policy(recipe)
+    if config.use_vllm:  # vLLM (colocate) loads the starting weights from model.name_or_path
+        common.ensure_loadable_path(model, tokenizer, run_dir)
     prompts, too_long = prompt_rows(splits.train, tokenizer, recipe.data.max_prompt_tokens)
     before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
     policy, ref_policy, critic = build_models(recipe, model, tokenizer)

@@ -246,16 +246,27 @@ def test_use_vllm_with_gpu_and_package_is_handed_to_trl(monkeypatch):
     assert "use_vllm" in recipes.config_fields(GRPOConfig)
 
 
-def test_ppo_refuses_vllm(tmp_path):
-    from alignment.ppo import PPOConfig
+def test_ppo_use_vllm_reaches_ppo_config_and_is_refused_without_cuda(tmp_path, monkeypatch):
     from alignment.stages import ppo
 
-    with pytest.raises(ValueError, match="vLLM is not supported for PPO yet; PPO rollouts use transformers generate"):
-        PPOConfig(use_vllm=True)
-    recipe = recipes.load("recipes/tiny/ppo_rule.yaml", ["train.use_vllm=true", f"output_dir={tmp_path / 'run'}"])
-    with pytest.raises(RecipeError, match=r"train: .*use_vllm: vLLM is not supported for PPO yet"):
+    recipe = recipes.load("recipes/tiny/ppo_rule.yaml", [  # validation is offline, as for grpo
+        "train.use_vllm=true", "train.vllm_mode=server", "train.vllm_server_base_url=http://localhost:8000",
+        f"output_dir={tmp_path / 'run'}"])
+    config = ppo.build_config(recipe)
+    assert config.use_vllm is True and config.vllm_mode == "server"
+    assert config.vllm_server_base_url == "http://localhost:8000"
+    fake_machine(monkeypatch, cuda=False, packages=("vllm",))
+    with pytest.raises(RecipeError, match=r"train\.use_vllm: vLLM generates on CUDA GPUs; this machine has none"):
         ppo.run(recipe)
     assert not (tmp_path / "run").exists()
+
+
+def test_ppo_bad_vllm_setting_is_a_recipe_error_naming_the_key():
+    from alignment.stages import ppo
+
+    recipe = recipes.load("recipes/tiny/ppo_rule.yaml", ["train.use_vllm=true", "train.vllm_mode=remote"])
+    with pytest.raises(RecipeError, match=r"train: PPOConfig rejected the settings: PPOConfig\.vllm_mode must be one"):
+        ppo.build_config(recipe)
 
 
 def test_ppo_qlora_with_a_policy_copy_critic_is_refused():
