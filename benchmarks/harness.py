@@ -214,6 +214,9 @@ def summarise_runs(runs: list[dict]) -> list[dict]:
             names = {r.get("metric_name") for r in ok if r.get("metric_name")}
             row["sides"][side]["metric_name"] = ", ".join(sorted(names)) or None
             row["sides"][side]["steps"] = ok[0].get("steps") if ok else None
+            # DPO: held-out preference accuracy of the trained policy (workloads.heldout_preference)
+            held = [r["heldout"]["preference_accuracy"] for r in ok if r.get("heldout")]
+            row["sides"][side]["heldout_accuracy"] = spread(held) if held else None
         pairs = {}
         for ours in by_side["ours"]:
             peer = next((p for p in by_side["peer"] if p["repeat"] == ours["repeat"]), None)
@@ -261,6 +264,8 @@ def markdown_table(rows: list[dict]) -> str:
             metric = _cell(s["metric"], lambda v: f"{v:.4g}")
             if s.get("metric_name"):
                 metric = f"{s['metric_name']} {metric}"
+            if s.get("heldout_accuracy"):
+                metric += f"; held-out acc. {_cell(s['heldout_accuracy'], percent=True)}"
             lines.append(f"| {row['stage']} | {row['preset']} | {side} | {_cell(s['tokens_per_s'])} | "
                          f"{_cell(s['samples_per_s'])} | {_cell(s['peak_rss_mb'])} | {metric} | "
                          f"{_cell(s['mfu'], percent=True)} |")

@@ -194,9 +194,34 @@ def _stage_module(stage: str):
         raise Pending(f"stage {stage!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
 
 
+def heldout_preference(spec: Spec, trainer) -> dict:
+    """Held-out numbers of a trained DPO policy on data/tiny_arith/preference_eval.jsonl (500 pairs), measured
+    the same way for both sides after the timed loop: preference accuracy (the policy ranks the pair right) and
+    implicit-reward accuracy against the starting model (the saved preset)."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignment.stages import preference_common as pref
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.assets["policy"])
+    with open(DATA / "preference_eval.jsonl", encoding="utf-8") as handle:
+        pairs = pref.tokenize_pairs(tokenizer, [json.loads(line) for line in handle])
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    start = AutoModelForCausalLM.from_pretrained(spec.assets["policy"], dtype=torch.float32)
+    model.eval()
+    after = pref.pair_logps(model, tokenizer, pairs)
+    before = pref.pair_logps(start, tokenizer, pairs)
+    metrics = pref.pair_metrics(*after, start=before, beta=trainer.args.beta)
+    return {k: metrics[k] for k in ("pairs", "preference_accuracy", "reward_accuracy", "reward_margin")}
+
+
 def _trainer_result(spec: Spec, trainer, **extra) -> dict:
     from benchmarks.measure import METER, last_logged, matmul_parameters, summarise, trainer_settings
 
+    if spec.stage == "dpo":
+        extra["heldout"] = heldout_preference(spec, trainer)
     args = trainer.args
     steps = trainer.state.global_step
     samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps

@@ -8,21 +8,70 @@ The loss is trl's: `train.loss_type` names one loss or a list combined with
 answer); `train.beta`, `train.label_smoothing` (robust, exo_pair),
 `train.ld_alpha` and the length-normalised losses (`ipo`, `sigmoid_norm`) are
 handed over unchanged.  `options.reference` chooses how the reference model is
-kept (see alignment/stages/preference_common.py and docs/preference.md).
+kept (see alignment/stages/preference_common.py and docs/preference.md), and
+`options.share_prompt` whether each pair's prompt goes through the decoder once
+for both answers (alignment/shared_prompt.py: same numbers, fewer tokens).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Literal
 
+from alignment import shared_prompt
 from alignment.checkpoint import save_run
+from alignment.errors import RecipeError
 from alignment.stages import common
 from alignment.stages import preference_common as pref
-from alignment.stages.preference_common import Options  # noqa: F401  (the stage's `options:` dataclass)
+
+
+@dataclass(frozen=True)
+class Options(pref.Options):
+    """`options:` of a dpo recipe: the shared preference options plus `share_prompt`."""
+
+    # auto: one decoder pass over the prompt of each pair when the model allows it (sdpa/eager attention,
+    # full attention in every layer); true: the same, or an error naming why not; false: trl's own forward
+    share_prompt: Literal["auto", True, False] = "auto"
+
+
+def trainer_class(share_prompt: bool):
+    """trl's DPOTrainer, or a subclass whose loss and reference passes pack each pair's shared prompt."""
+    from trl import DPOTrainer
+
+    if not share_prompt:
+        return DPOTrainer
+
+    class SharedPromptDPOTrainer(DPOTrainer):
+        def _compute_loss(self, model, inputs, return_outputs):
+            with shared_prompt.active():
+                return super()._compute_loss(model, inputs, return_outputs)
+
+        def compute_ref_log_probs(self, model, inputs):
+            with shared_prompt.active():
+                return super().compute_ref_log_probs(model, inputs)
+
+    return SharedPromptDPOTrainer
+
+
+def install_prompt_sharing(recipe, *models) -> bool:
+    """Install the packing forward on the models for `options.share_prompt`; whether it is on."""
+    setting = recipe.options["share_prompt"]
+    if setting is False:
+        return False
+    model = next(m for m in models if m is not None)
+    reason = shared_prompt.unsupported_reason(shared_prompt.decoder_of(model).config)
+    if reason is None and all(shared_prompt.install(m) for m in models if m is not None):
+        return True
+    if setting is True:
+        raise RecipeError(f"options.share_prompt: true, but this model cannot pack pairs: "
+                          f"{reason or 'its decoder forward is already replaced'}; set it to auto or false")
+    print(f"[dpo] prompt sharing off: {reason or 'the decoder forward is already replaced'}", flush=True)
+    return False
 
 
 def run(recipe) -> dict:
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     started = time.time()
     common.offline_defaults()
@@ -37,14 +86,17 @@ def run(recipe) -> dict:
     measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
     measure.before(model)
     train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing, precompute
-    trainer = DPOTrainer(
+    reference_kwargs = pref.reference_setup(reference, model, args)
+    sharing = install_prompt_sharing(recipe, model, reference_kwargs.get("ref_model"))
+    shared_prompt.STATS.reset()
+    trainer = trainer_class(sharing)(
         model=model,
         args=args,
         train_dataset=pairs.train,
         eval_dataset=pairs.eval if args.eval_strategy != "no" else None,
         processing_class=tokenizer,
         peft_config=common.lora_config(recipe.model.lora),
-        **pref.reference_setup(reference, model, args),
+        **reference_kwargs,
     )
     common.train(trainer, run_dir, resume_from)
     train_seconds, train_cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
@@ -54,6 +106,9 @@ def run(recipe) -> dict:
         "loss_weights": list(args.loss_weights) if args.loss_weights else None,
         "beta": args.beta,
         "reference": reference,
+        "share_prompt": sharing,
+        # tokens the decoder did not run thanks to the shared prompts (0.33 = a third fewer)
+        "share_prompt_saved_fraction": shared_prompt.STATS.saved_fraction(),
         "train_loss": common.final_train_loss(trainer),
         "train_steps": trainer.state.global_step,
         "train_seconds": round(train_seconds, 1),

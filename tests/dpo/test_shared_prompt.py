@@ -1,0 +1,179 @@
+"""The shared-prompt packing (alignment/shared_prompt.py): hand-worked layouts, exact equality with the unshared
+forward and its gradients, the cases it must leave alone, and the DPO stage with it on and off."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from alignment import shared_prompt as sp
+
+
+def batch(rows, pad=0):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def test_pack_pairs_by_hand():
+    # pair 0: prompt [5 6 7], chosen tail [8 9], rejected tail [4]; pair 1 shares only [5]: tails [1] and [2 3]
+    ids, mask = batch([[5, 6, 7, 8, 9], [5, 1], [5, 6, 7, 4], [5, 2, 3]])
+    packed = sp.pack_pairs(ids, mask, pad_token_id=0)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 4], [5, 1, 2, 3, 0, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 2, 0, 0]]
+    assert packed.segment.tolist() == [[0, 0, 0, 1, 1, 2], [0, 1, 2, 2, 3, 3]]
+    # the way back: row 2 (pair 0, rejected) = packed positions 0 1 2 5; row 3 = 0 2 3; padding reads position 0
+    assert packed.source.tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 0, 0], [0, 1, 2, 5, 0], [0, 2, 3, 0, 0]]
+    assert (packed.packed_tokens, packed.original_tokens) == (10, 14)
+
+
+def test_pair_mask_by_hand():
+    segment = torch.tensor([[0, 0, 1, 2, 2, 3]])
+    allowed = sp.pair_attention_mask(segment)[0, 0].int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # chosen tail: prefix + itself
+        [1, 1, 0, 1, 0, 0],  # rejected tail: prefix + itself, never the chosen tail
+        [1, 1, 0, 1, 1, 0],
+        [1, 1, 0, 0, 0, 0],  # padding query: the prefix (or position 0), so no row is fully masked
+    ]
+    additive = sp.pair_attention_mask(segment, additive_dtype=torch.float32)[0, 0]
+    assert additive[3, 2] == torch.finfo(torch.float32).min and additive[3, 1] == 0
+
+
+def test_pack_pairs_refuses_what_it_does_not_cover():
+    ids, mask = batch([[5, 6, 7], [5, 6, 8], [5, 9, 9]])
+    assert sp.pack_pairs(ids, mask) is None, "an odd number of rows is not pairs"
+    ids, mask = batch([[5, 6, 7], [5, 6, 8]])
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert sp.pack_pairs(ids, left) is None, "left padding"
+
+
+@pytest.fixture
+def exact_double(monkeypatch):
+    """Pure float64 arithmetic: transformers computes RMSNorm and eager softmax in float32 even for a float64
+    model, and float32 rounding of (a + b) vs a, b (how the prefix gradient sums) would hide a real error."""
+    import transformers.models.llama.modeling_llama as llama
+
+    def rms_norm(self, hidden):
+        return self.weight * hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    softmax = torch.nn.functional.softmax
+    monkeypatch.setattr(llama.LlamaRMSNorm, "forward", rms_norm)
+    monkeypatch.setattr(torch.nn.functional, "softmax", lambda x, dim=None, dtype=None, **_: softmax(x, dim=dim))
+
+
+def pair_rows(generator):
+    """Four pairs: long and short prompts, tails of 0-4 tokens, one pair sharing the answer's first token."""
+    def draw(n):
+        return torch.randint(3, 250, (n,), generator=generator).tolist()
+
+    prompts = [draw(n) for n in (6, 2, 9, 1)]
+    chosen = [draw(3), draw(1), draw(4), []]
+    rejected = [draw(2), chosen[1] + draw(2), draw(1), draw(3)]
+    return [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_forward_and_gradients_equal_the_unshared_ones(attention, exact_double):
+    import policies
+
+    model, _ = policies.load("tiny:1m", seed=0)
+    model = model.double()
+    model.config._attn_implementation = attention
+    ids, mask = batch(pair_rows(torch.Generator().manual_seed(0)))
+    weights = torch.randn(*ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64)
+
+    def hidden_and_grads(packing):
+        model.zero_grad()
+        with sp.active() if packing else torch.enable_grad():
+            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        (hidden * weights * mask.unsqueeze(-1)).sum().backward()
+        return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain_hidden, plain_grads = hidden_and_grads(False)
+    assert sp.install(model)
+    sp.STATS.reset()
+    packed_hidden, packed_grads = hidden_and_grads(True)
+    assert sp.STATS.packed < sp.STATS.original, "the packed call must actually run"
+    valid = mask.bool()
+    assert torch.allclose(packed_hidden[valid], plain_hidden[valid], rtol=0, atol=1e-12)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(packed_grads[name], grad, rtol=1e-10, atol=1e-12), name
+
+
+def test_outside_active_and_for_other_batches_the_forward_is_untouched():
+    import policies
+
+    model, _ = policies.load("tiny:1m", seed=0)
+    ids, mask = batch(pair_rows(torch.Generator().manual_seed(2)))
+    plain = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert sp.install(model)
+    sp.STATS.reset()
+    assert torch.equal(model.model(input_ids=ids, attention_mask=mask).last_hidden_state, plain)
+    with sp.active():
+        odd = model.model(input_ids=ids[:3], attention_mask=mask[:3]).last_hidden_state
+        cached = model.model(input_ids=ids, attention_mask=mask, use_cache=True).last_hidden_state
+    assert sp.STATS.original == 0, "no packing outside active(), for an odd batch, or with a KV cache"
+    assert torch.equal(odd, plain[:3]) and torch.equal(cached, plain)
+
+
+def test_a_deep_copy_packs_with_its_own_weights():
+    """A frozen reference is a deep copy of the policy: its packing forward must run the copy, not the policy."""
+    import policies
+
+    model, _ = policies.load("tiny:1m", seed=0)
+    assert sp.install(model)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.01)
+    ids, mask = batch(pair_rows(torch.Generator().manual_seed(3)))
+    with torch.no_grad():
+        expected = reference.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with sp.active():
+            packed = reference.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert sp.install(reference), "already installed, bound to the copy"
+    assert torch.allclose(packed[mask.bool()], expected[mask.bool()], atol=1e-5)
+
+
+def test_models_it_cannot_pack_are_named():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig()
+    config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in sp.unsupported_reason(config)
+    config._attn_implementation = "sdpa"
+    assert sp.unsupported_reason(config) is None
+    config.layer_types = ["full_attention", "sliding_attention"]
+    assert "sliding" in sp.unsupported_reason(config)
+
+
+def test_dpo_stage_with_and_without_sharing_trains_the_same(tmp_path, repo_root):
+    from alignment import recipe as recipes
+    from alignment.stages import dpo
+
+    def run(setting):
+        out = tmp_path / str(setting)
+        recipe = recipes.load("recipes/tiny/dpo.yaml", [
+            "model.name_or_path=tiny:1m", "data.max_samples=48", "data.eval=null", "eval=null",
+            "options.kl_samples=0", "options.evaluate_before=false", "train.max_steps=3",
+            "train.per_device_train_batch_size=8", "train.logging_steps=1", "train.save_strategy='no'",
+            f"options.share_prompt={str(setting).lower()}", f"output_dir={out}"])
+        metrics = dpo.run(recipe)
+        losses = [e["loss"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+        return metrics, losses
+
+    shared, shared_losses = run(True)
+    plain, plain_losses = run(False)
+    assert shared["share_prompt"] is True and plain["share_prompt"] is False
+    assert 0.2 < shared["share_prompt_saved_fraction"] < 0.7, "demo prompts are most of each pair"
+    assert len(shared_losses) == len(plain_losses) == 3
+    assert shared_losses == pytest.approx(plain_losses, rel=1e-4), "same numbers, fewer tokens"
