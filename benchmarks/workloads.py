@@ -334,7 +334,9 @@ def run_ours_ppo(spec: Spec) -> dict:
     reward_fn = RewardModel(reward_dir, device="cpu", batch_size=PPO_SETTINGS["batch_size"], use_chat_template=False)
     settings = {k: v for k, v in PPO_SETTINGS.items()}
     settings.update(_parse_sets(spec.ours_set))
-    critic_kind = settings.pop("critic", "separate")  # --ours-set critic=value_head: value head on the policy
+    # the stage's default critic (options.critic: value_head, as in recipes/tiny/ppo_rule.yaml, the pipeline's
+    # PPO); --ours-set critic=separate: a second network from the reward model, like the peer's value model
+    critic_kind = settings.pop("critic", "value_head")
     if critic_kind == "value_head":
         from policies.value import CausalLMWithValueHead
 
