@@ -149,11 +149,30 @@ def _register_extra_commands() -> None:
         EXTRA_COMMANDS.append(module.add_command)
 
 
+def busy_machine() -> bool:
+    """Whether more work is queued than there are cores (1-minute load average), e.g. a shared CI box."""
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        return False
+
+
+def set_openmp_wait_policy() -> None:
+    """OMP_WAIT_POLICY=PASSIVE on a busy machine, unless the user chose a policy.
+
+    Idle OpenMP threads then sleep instead of spinning: on a busy or shared CPU
+    spinning threads steal the cores the work needs (measured up to 20x slower
+    steps).  On a quiet machine spinning is the faster choice (SFT on the 20m
+    preset: ~1,100-1,200 tokens/s with libgomp's default against ~1,000 passive),
+    so the default is left alone there.  benchmarks/README.md has both measurements.
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and busy_machine():
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Idle OpenMP threads sleep instead of spinning: on a busy or shared CPU, spinning threads
-    # steal the cores the work needs (measured 20x slower steps; benchmarks/README.md).
     # Set before torch is imported, which happens below.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_wait_policy()
     _register_extra_commands()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

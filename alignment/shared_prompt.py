@@ -1,28 +1,36 @@
-"""One decoder pass for the prompt a chosen and a rejected answer share.
+"""One decoder pass for a prompt that several rows of a batch share.
 
-A preference batch, as trl's DPO collator builds it, holds ``2B`` right-padded
-rows: the ``B`` prompt+chosen rows, then the ``B`` prompt+rejected rows, row
-``i`` and row ``i + B`` starting with the same prompt.  In a causal decoder the
-hidden state at position ``t`` depends on tokens ``0..t`` only, so over the
-prefix the two rows share, both rows have the same hidden states: computing
-them twice is waste, and the prompt is usually most of the sequence (the demo:
-~15 prompt tokens, ~4 answer tokens).
+Two batch layouts repeat a prompt:
 
-:func:`pack_pairs` packs each pair into one row ``[prefix | chosen tail |
-rejected tail]``; the rejected tail's position ids restart where the prefix
-ends, and :func:`pair_attention_mask` lets each tail attend to the prefix and
-to itself (causally), never to the other tail.  The decoder runs once over the
-``B`` packed rows and :func:`unpack_hidden` gathers the hidden states back into
-the ``2B``-row layout the caller expects.  The result equals the unshared
-forward up to float rounding; so do the gradients, since autograd sums the
-gradient of a prefix state over the two rows that read it.
+* preference pairs (trl's DPO and reward-model collators): ``2B`` right-padded rows, the ``B``
+  prompt+chosen rows then the ``B`` prompt+rejected rows, row ``i`` and row
+  ``i + B`` starting with the same prompt (:func:`pack_pairs`; the shared
+  prefix is found from the tokens);
+* groups of completions (trl's GRPO/RLOO): ``N`` rows of a left-padded prompt
+  (columns ``< prompt_width``) then a right-padded completion, ``G`` rows per
+  prompt, in any order (:func:`pack_groups`; rows with identical prompt columns
+  form a group).
 
-:func:`install` wraps a decoder's ``forward`` (the instance attribute, so the
+In a causal decoder the hidden state at position ``t`` depends on tokens
+``0..t`` only, so over a shared prefix every row of a group has the same hidden
+states: computing them once per row is waste, and the prompt is usually most
+of the sequence (the demo: ~15-20 prompt tokens, 1-6 answer tokens).  Each
+group becomes one packed row ``[prefix | tail_1 | ... | tail_k]``; every
+tail's position ids continue from the end of the prefix, and
+:func:`segment_attention_mask` lets each tail attend to the prefix and to
+itself (causally), never to another tail.  The decoder runs once over the
+packed rows and :func:`unpack_hidden` gathers the hidden states back into the
+caller's layout.  The result equals the unshared forward up to float rounding;
+so do the gradients, since autograd sums the gradient of a prefix state over
+the rows that read it.  Position ids are the columns the tokens had, as the
+unpacked forward numbers them (left pads included).
+
+:func:`install` wraps a decoder's ``forward`` (bound to the instance, so the
 module's hooks still see the caller's arguments) and :func:`active` switches
-the packing on around code that passes pair batches (the DPO trainer's loss and
-reference passes).  Outside :func:`active`, and for any call the packing does
-not cover (left padding, an odd batch, cached decoding, extra inputs), the
-original forward runs unchanged.
+the packing on around code that passes such batches (the DPO loss and
+reference passes, GRPO/RLOO log-prob passes).  Outside :func:`active`, and for
+any call the packing does not cover (other padding, an odd batch, cached
+decoding, extra inputs), the original forward runs unchanged.
 
 Needs an attention that takes an explicit 4-D mask (``sdpa`` or ``eager``) and
 full attention in every layer (:func:`unsupported_reason`).
@@ -37,20 +45,24 @@ from dataclasses import dataclass
 
 import torch
 
-_ACTIVE = False
-_PACKABLE_KWARGS = {"input_ids", "attention_mask", "use_cache"}
+_ACTIVE: dict | None = None  # None: off; {"prompt_width": None}: pairs; {"prompt_width": P}: groups
+_PACKABLE_KWARGS = {"input_ids", "attention_mask"}
+
+
+PAD = -1  # the segment id of padding in a packed row
 
 
 @dataclass
-class PackedPairs:
-    """``B`` packed rows for ``2B`` pair rows, and the way back."""
+class Packed:
+    """``M`` packed rows for ``N`` original rows, and the way back."""
 
-    input_ids: torch.Tensor  # (B, T)
-    position_ids: torch.Tensor  # (B, T)
-    segment: torch.Tensor  # (B, T): 0 prefix, 1 chosen tail, 2 rejected tail, 3 padding
-    source: torch.Tensor  # (2B, L): packed position of each original token (0 at padding)
+    input_ids: torch.Tensor  # (M, T)
+    position_ids: torch.Tensor  # (M, T)
+    segment: torch.Tensor  # (M, T): 0 shared prefix, 1..k the tails, PAD padding
+    packed_row: torch.Tensor  # (N,): the packed row holding each original row
+    source: torch.Tensor  # (N, L): packed position of each original token (0 at padding)
     packed_tokens: int  # non-pad tokens of the packed rows
-    original_tokens: int  # non-pad tokens of the 2B rows
+    original_tokens: int  # non-pad tokens of the original rows
 
 
 def right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -72,7 +84,7 @@ def shared_prefix_lengths(input_ids: torch.Tensor, lengths: torch.Tensor) -> tor
     return torch.where(differs.any(dim=1), differs.int().argmax(dim=1), width)
 
 
-def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int = 0) -> PackedPairs | None:
+def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int = 0) -> Packed | None:
     """Pack rows (i, i+B) into ``[prefix | tail_i | tail_{i+B}]``; ``None`` if the batch is not right-padded pairs."""
     rows, width = input_ids.shape
     if rows % 2 or rows == 0:
@@ -91,7 +103,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_
     j = torch.arange(packed_width, device=device).unsqueeze(0)
     p, a = prefix.unsqueeze(1), first_tail.unsqueeze(1)
     end = packed_lengths.unsqueeze(1)
-    segment = torch.full((half, packed_width), 3, dtype=torch.long, device=device)
+    segment = torch.full((half, packed_width), PAD, dtype=torch.long, device=device)
     segment = torch.where(j < end, torch.full_like(segment, 2), segment)
     segment = torch.where(j < p + a, torch.full_like(segment, 1), segment)
     segment = torch.where(j < p, torch.zeros_like(segment), segment)
@@ -100,7 +112,7 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_
     original_position = torch.where(in_second, j - a, j)  # the second tail continues the prefix
     original_row = torch.where(in_second, half + torch.arange(half, device=device).unsqueeze(1),
                                torch.arange(half, device=device).unsqueeze(1))
-    is_pad = segment == 3
+    is_pad = segment == PAD
     original_position = torch.where(is_pad, torch.zeros_like(original_position), original_position)
     packed_ids = input_ids[original_row, original_position].masked_fill(is_pad, pad_token_id)
 
@@ -110,18 +122,78 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_
     prefix_both = torch.cat([prefix, prefix]).unsqueeze(1)
     source = torch.where(t < prefix_both, t, t + shift)
     source = torch.where(t < lengths.unsqueeze(1), source, torch.zeros_like(source))
-    return PackedPairs(
+    return Packed(
         input_ids=packed_ids,
         position_ids=original_position,
         segment=segment,
+        packed_row=torch.arange(rows, device=device) % half,
         source=source,
         packed_tokens=int(packed_lengths.sum()),
         original_tokens=int(lengths.sum()),
     )
 
 
-def pair_attention_mask(segment: torch.Tensor, *, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(B, 1, T, T) mask: query q sees key k iff k <= q and k is in the prefix or in q's own tail.
+def pack_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int,
+                pad_token_id: int = 0) -> Packed | None:
+    """Pack rows with identical prompt columns into ``[prompt | completion_1 | ... | completion_k]``.
+
+    Columns ``< prompt_width`` hold a left-padded prompt, the rest a
+    right-padded completion; ``None`` when the mask is not of that form or no
+    prompt repeats (nothing to share).
+    """
+    rows, width = input_ids.shape
+    if not 0 < prompt_width < width:
+        return None
+    prompt_mask, completion_mask = attention_mask[:, :prompt_width], attention_mask[:, prompt_width:]
+    prompt_lengths = prompt_mask.sum(dim=1)
+    completion_lengths = right_padded_lengths(completion_mask)
+    if completion_lengths is None or right_padded_lengths(prompt_mask.flip(1)) is None:
+        return None
+    keys = input_ids[:, :prompt_width].masked_fill(prompt_mask == 0, -1)
+    unique, group_of_row = torch.unique(keys, dim=0, return_inverse=True)
+    if unique.shape[0] == rows:
+        return None
+    members = [[] for _ in range(unique.shape[0])]
+    for row, group in enumerate(group_of_row.tolist()):
+        members[group].append(row)
+    prompt_len = prompt_lengths.tolist()
+    completion_len = completion_lengths.tolist()
+    packed_lengths = [prompt_len[m[0]] + sum(completion_len[r] for r in m) for m in members]
+    packed_width = max(packed_lengths)
+    ids = torch.full((len(members), packed_width), pad_token_id, dtype=input_ids.dtype)
+    positions = torch.zeros((len(members), packed_width), dtype=torch.long)
+    segment = torch.full((len(members), packed_width), PAD, dtype=torch.long)
+    source = torch.zeros((rows, width), dtype=torch.long)
+    cpu_ids = input_ids.cpu()
+    for g, rows_of_group in enumerate(members):
+        p = prompt_len[rows_of_group[0]]
+        first = rows_of_group[0]
+        ids[g, :p] = cpu_ids[first, prompt_width - p : prompt_width]
+        positions[g, :p] = torch.arange(prompt_width - p, prompt_width)  # the column, as the unpacked forward numbers it
+        segment[g, :p] = 0
+        at = p
+        for k, row in enumerate(rows_of_group, start=1):
+            c = completion_len[row]
+            ids[g, at : at + c] = cpu_ids[row, prompt_width : prompt_width + c]
+            positions[g, at : at + c] = torch.arange(prompt_width, prompt_width + c)
+            segment[g, at : at + c] = k
+            source[row, prompt_width - p : prompt_width] = torch.arange(p)
+            source[row, prompt_width : prompt_width + c] = torch.arange(at, at + c)
+            at += c
+    device = input_ids.device
+    return Packed(
+        input_ids=ids.to(device),
+        position_ids=positions.to(device),
+        segment=segment.to(device),
+        packed_row=group_of_row.to(device),
+        source=source.to(device),
+        packed_tokens=sum(packed_lengths),
+        original_tokens=int(attention_mask.sum()),
+    )
+
+
+def segment_attention_mask(segment: torch.Tensor, *, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(M, 1, T, T) mask: query q sees key k iff k <= q and k is in the prefix or in q's own tail.
 
     Boolean (True = attend) by default, as ``sdpa`` takes it; with
     ``additive_dtype`` 0 / dtype-min, as eager attention adds it to the
@@ -131,8 +203,8 @@ def pair_attention_mask(segment: torch.Tensor, *, additive_dtype: torch.dtype | 
     width = segment.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=segment.device).tril()
     query, key = segment.unsqueeze(2), segment.unsqueeze(1)
-    allowed = causal & (key != 3) & ((key == 0) | (key == query))
-    allowed[:, :, 0] |= query.squeeze(2) == 3
+    allowed = causal & (key != PAD) & ((key == 0) | (key == query))
+    allowed[:, :, 0] |= query.squeeze(2) == PAD
     allowed = allowed.unsqueeze(1)
     if additive_dtype is None:
         return allowed
@@ -140,11 +212,9 @@ def pair_attention_mask(segment: torch.Tensor, *, additive_dtype: torch.dtype | 
     return torch.where(allowed, torch.zeros((), dtype=additive_dtype, device=segment.device), blocked)
 
 
-def unpack_hidden(hidden: torch.Tensor, packed: PackedPairs) -> torch.Tensor:
-    """(B, T, H) packed hidden states -> (2B, L, H) in the original rows (padding positions hold junk)."""
-    half = hidden.shape[0]
-    pair = torch.arange(2 * half, device=hidden.device) % half
-    return hidden[pair.unsqueeze(1), packed.source]
+def unpack_hidden(hidden: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """(M, T, H) packed hidden states -> (N, L, H) in the original rows (padding positions hold junk)."""
+    return hidden[packed.packed_row.unsqueeze(1), packed.source]
 
 
 def unsupported_reason(config) -> str | None:
@@ -189,17 +259,28 @@ def install(model) -> bool:
 
 def _packed_forward(decoder, *args, **kwargs):
     original = functools.partial(type(decoder).forward, decoder)
-    if not _ACTIVE or args or not set(kwargs) <= _PACKABLE_KWARGS or kwargs.get("use_cache"):
+    if _ACTIVE is None:
         return original(*args, **kwargs)
-    input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    # a sequence classifier passes input_ids by position and the unused inputs as None
+    given = {k: v for k, v in kwargs.items() if v is not None and not (k == "use_cache" and v is False)}
+    if len(args) == 1 and "input_ids" not in given:
+        given["input_ids"] = args[0]
+    elif args:
+        return original(*args, **kwargs)
+    if not set(given) <= _PACKABLE_KWARGS or given.get("use_cache"):
+        return original(*args, **kwargs)
+    input_ids, attention_mask = given.get("input_ids"), given.get("attention_mask")
     if input_ids is None or attention_mask is None or attention_mask.dim() != 2:
         return original(*args, **kwargs)
     config = decoder.config
-    packed = pack_pairs(input_ids, attention_mask, config.pad_token_id if config.pad_token_id is not None else 0)
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    prompt_width = _ACTIVE["prompt_width"]
+    packed = (pack_pairs(input_ids, attention_mask, pad) if prompt_width is None
+              else pack_groups(input_ids, attention_mask, prompt_width, pad))
     if packed is None:
         return original(*args, **kwargs)
     additive = decoder.get_input_embeddings().weight.dtype if config._attn_implementation == "eager" else None
-    mask = pair_attention_mask(packed.segment, additive_dtype=additive)
+    mask = segment_attention_mask(packed.segment, additive_dtype=additive)
     outputs = original(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                        use_cache=False)
     outputs.last_hidden_state = unpack_hidden(outputs.last_hidden_state, packed)
@@ -217,7 +298,7 @@ class _Stats:
     def reset(self) -> None:
         self.packed = self.original = 0
 
-    def add(self, packed: PackedPairs) -> None:
+    def add(self, packed: Packed) -> None:
         self.packed += packed.packed_tokens
         self.original += packed.original_tokens
 
@@ -229,11 +310,35 @@ STATS = _Stats()
 
 
 @contextlib.contextmanager
-def active():
-    """Pack pair batches in every installed decoder while inside."""
+def active(prompt_width: int | None = None):
+    """Pack batches in every installed decoder while inside: pairs, or with ``prompt_width`` groups."""
     global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, True
+    previous, _ACTIVE = _ACTIVE, {"prompt_width": prompt_width}
     try:
         yield
     finally:
         _ACTIVE = previous
+
+
+def install_for_recipe(recipe, *models) -> bool:
+    """Install the packing on the models as the recipe's ``options.share_prompt`` says; whether it is on.
+
+    auto: on when the model allows it, else off with a printed reason; true: on, or an error naming why
+    not; false: off.
+    """
+    from alignment.errors import RecipeError
+
+    setting = recipe.options["share_prompt"]
+    models = [m for m in models if m is not None]
+    if setting is False or not models:
+        return False
+    decoder = decoder_of(models[0])
+    reason = "no decoder stack found" if decoder is None else unsupported_reason(decoder.config)
+    if reason is None and all(install(m) for m in models):
+        return True
+    reason = reason or "its decoder forward is already replaced"
+    if setting is True:
+        raise RecipeError(f"{recipe.source_path}: options.share_prompt: true, but this model cannot share "
+                          f"prompts: {reason}; set it to auto or false")
+    print(f"[{recipe.stage}] prompt sharing off: {reason}", flush=True)
+    return False

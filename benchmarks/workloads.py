@@ -55,7 +55,7 @@ PEER_CPU_SETTINGS = {"bf16": False, "gradient_checkpointing": False, "use_cpu": 
 # Stage -> (trl config, trl trainer, training data file, model kind).
 TRL = {
     "sft": ("SFTConfig", "SFTTrainer", "sft.jsonl", "policy"),
-    "reward_model": ("RewardConfig", "RewardTrainer", "preference.jsonl", "reward"),
+    "reward_model": ("RewardConfig", "RewardTrainer", "preference_rm.jsonl", "reward"),
     "dpo": ("DPOConfig", "DPOTrainer", "preference.jsonl", "policy"),
     "grpo": ("GRPOConfig", "GRPOTrainer", "rl_prompts.jsonl", "policy"),
     "rloo": ("RLOOConfig", "RLOOTrainer", "rl_prompts.jsonl", "policy"),
@@ -270,7 +270,10 @@ def run_peer(spec: Spec) -> dict:
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    dataset = load_dataset("json", data_files=str(DATA / data_file), split="train")
+    # the recipe's training file, so both sides read the same rows (the table's file is the fallback)
+    recipe_file = recipe.data.train if isinstance(recipe.data.train, str) else None
+    path_of_data = ROOT / recipe_file if recipe_file and (ROOT / recipe_file).is_file() else DATA / data_file
+    dataset = load_dataset("json", data_files=str(path_of_data), split="train")
     if recipe.data.max_samples:
         dataset = dataset.select(range(min(recipe.data.max_samples, len(dataset))))
     config = getattr(trl, config_name)(**args)

@@ -21,7 +21,6 @@ from typing import Literal
 
 from alignment import shared_prompt
 from alignment.checkpoint import save_run
-from alignment.errors import RecipeError
 from alignment.stages import common
 from alignment.stages import preference_common as pref
 
@@ -54,22 +53,6 @@ def trainer_class(share_prompt: bool):
     return SharedPromptDPOTrainer
 
 
-def install_prompt_sharing(recipe, *models) -> bool:
-    """Install the packing forward on the models for `options.share_prompt`; whether it is on."""
-    setting = recipe.options["share_prompt"]
-    if setting is False:
-        return False
-    model = next(m for m in models if m is not None)
-    reason = shared_prompt.unsupported_reason(shared_prompt.decoder_of(model).config)
-    if reason is None and all(shared_prompt.install(m) for m in models if m is not None):
-        return True
-    if setting is True:
-        raise RecipeError(f"options.share_prompt: true, but this model cannot pack pairs: "
-                          f"{reason or 'its decoder forward is already replaced'}; set it to auto or false")
-    print(f"[dpo] prompt sharing off: {reason or 'the decoder forward is already replaced'}", flush=True)
-    return False
-
-
 def run(recipe) -> dict:
     from trl import DPOConfig
 
@@ -87,7 +70,7 @@ def run(recipe) -> dict:
     measure.before(model)
     train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing, precompute
     reference_kwargs = pref.reference_setup(reference, model, args)
-    sharing = install_prompt_sharing(recipe, model, reference_kwargs.get("ref_model"))
+    sharing = shared_prompt.install_for_recipe(recipe, model, reference_kwargs.get("ref_model"))
     shared_prompt.STATS.reset()
     trainer = trainer_class(sharing)(
         model=model,

@@ -40,9 +40,9 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
-from alignment import data
+from alignment import data, shared_prompt
 from alignment.checkpoint import save_run, write_json
 from alignment.errors import DataError, RecipeError
 from alignment.stages import common
@@ -62,6 +62,24 @@ class Options:
     # learning rate of the new score head (null: train.learning_rate, like the body); it follows the same
     # warm-up and schedule.  The head starts at random and small, and at the body's rate it learns slowly
     head_learning_rate: Union[float, None] = None
+    # auto: chosen and rejected run their shared prompt through the decoder once when the model allows it
+    # (alignment/shared_prompt.py: same rewards and gradients, fewer tokens); true: the same or an error; false: off
+    share_prompt: Literal["auto", True, False] = "auto"
+
+
+def trainer_class(share_prompt: bool):
+    """trl's RewardTrainer, or a subclass whose loss pass packs each pair's shared prompt."""
+    from trl import RewardTrainer
+
+    if not share_prompt:
+        return RewardTrainer
+
+    class SharedPromptRewardTrainer(RewardTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            with shared_prompt.active():
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return SharedPromptRewardTrainer
 
 
 def check_options(recipe) -> None:
@@ -252,7 +270,7 @@ def summary(run_dir: Path, metrics: dict, started: float) -> str:
 
 
 def run(recipe) -> dict:
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig
 
     started = time.time()
     common.offline_defaults()
@@ -263,7 +281,9 @@ def run(recipe) -> dict:
     model, tokenizer = common.load_policy(recipe, task="sequence_classification")
     args = common.build_trainer_config(recipe, RewardConfig, reward_model_defaults(recipe, run_dir))
     train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing the pairs
-    trainer = RewardTrainer(
+    sharing = shared_prompt.install_for_recipe(recipe, model)
+    shared_prompt.STATS.reset()
+    trainer = trainer_class(sharing)(
         model=model,
         args=args,
         train_dataset=splits.train,
@@ -298,6 +318,8 @@ def run(recipe) -> dict:
         "train_cpu_seconds": round(train_cpu_seconds, 1),  # all threads; steadier than wall time on a busy machine
         "train_accuracy_last": last_logged(trainer, "accuracy"),
         "train_margin_last": last_logged(trainer, "margin"),
+        "share_prompt": sharing,
+        "share_prompt_saved_fraction": shared_prompt.STATS.saved_fraction(),  # decoder tokens not run
         "heldout": heldout,
         "reward_bias": centring["bias"] if centring else None,
         "centering": centring,

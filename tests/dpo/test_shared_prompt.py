@@ -26,15 +26,15 @@ def test_pack_pairs_by_hand():
     packed = sp.pack_pairs(ids, mask, pad_token_id=0)
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 4], [5, 1, 2, 3, 0, 0]]
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 2, 0, 0]]
-    assert packed.segment.tolist() == [[0, 0, 0, 1, 1, 2], [0, 1, 2, 2, 3, 3]]
+    assert packed.segment.tolist() == [[0, 0, 0, 1, 1, 2], [0, 1, 2, 2, -1, -1]]
     # the way back: row 2 (pair 0, rejected) = packed positions 0 1 2 5; row 3 = 0 2 3; padding reads position 0
     assert packed.source.tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 0, 0], [0, 1, 2, 5, 0], [0, 2, 3, 0, 0]]
     assert (packed.packed_tokens, packed.original_tokens) == (10, 14)
 
 
 def test_pair_mask_by_hand():
-    segment = torch.tensor([[0, 0, 1, 2, 2, 3]])
-    allowed = sp.pair_attention_mask(segment)[0, 0].int().tolist()
+    segment = torch.tensor([[0, 0, 1, 2, 2, -1]])
+    allowed = sp.segment_attention_mask(segment)[0, 0].int().tolist()
     assert allowed == [
         [1, 0, 0, 0, 0, 0],
         [1, 1, 0, 0, 0, 0],
@@ -43,8 +43,22 @@ def test_pair_mask_by_hand():
         [1, 1, 0, 1, 1, 0],
         [1, 1, 0, 0, 0, 0],  # padding query: the prefix (or position 0), so no row is fully masked
     ]
-    additive = sp.pair_attention_mask(segment, additive_dtype=torch.float32)[0, 0]
+    additive = sp.segment_attention_mask(segment, additive_dtype=torch.float32)[0, 0]
     assert additive[3, 2] == torch.finfo(torch.float32).min and additive[3, 1] == 0
+
+
+def test_pack_groups_by_hand():
+    # prompt columns 0-2 (left padded), completion columns 3-5 (right padded); rows 0 and 2 share prompt [5 6]
+    ids = torch.tensor([[0, 5, 6, 7, 8, 0], [4, 5, 6, 1, 2, 3], [0, 5, 6, 9, 0, 0]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]])
+    packed = sp.pack_groups(ids, mask, prompt_width=3)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 0], [4, 5, 6, 1, 2, 3]]
+    assert packed.position_ids.tolist() == [[1, 2, 3, 4, 3, 0], [0, 1, 2, 3, 4, 5]], "the unpacked columns"
+    assert packed.segment.tolist() == [[0, 0, 1, 1, 2, -1], [0, 0, 0, 1, 1, 1]]
+    assert packed.packed_row.tolist() == [0, 1, 0]
+    assert packed.source.tolist() == [[0, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5], [0, 0, 1, 4, 0, 0]]
+    assert (packed.packed_tokens, packed.original_tokens) == (11, 13)
+    assert sp.pack_groups(ids[:2], mask[:2], prompt_width=3) is None, "no prompt repeats: nothing to share"
 
 
 def test_pack_pairs_refuses_what_it_does_not_cover():
@@ -80,20 +94,46 @@ def pair_rows(generator):
     return [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)]
 
 
+def group_batch(generator, prompt_width=8, completion_width=5):
+    """Three prompts (left padded) with 3, 1 and 2 completions (right padded, one empty), rows shuffled."""
+    prompts = [torch.randint(3, 250, (n,), generator=generator).tolist() for n in (8, 3, 5)]
+    rows = []
+    for prompt, lengths in zip(prompts, ([5, 2, 4], [3], [0, 1])):
+        for n in lengths:
+            rows.append((prompt, torch.randint(3, 250, (n,), generator=generator).tolist()))
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    ids = torch.zeros(len(rows), prompt_width + completion_width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, j in enumerate(order):
+        prompt, completion = rows[j]
+        ids[i, prompt_width - len(prompt) : prompt_width] = torch.tensor(prompt)
+        mask[i, prompt_width - len(prompt) : prompt_width] = 1
+        ids[i, prompt_width : prompt_width + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        mask[i, prompt_width : prompt_width + len(completion)] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("layout", ["pairs", "groups"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_forward_and_gradients_equal_the_unshared_ones(attention, exact_double):
+def test_packed_forward_and_gradients_equal_the_unshared_ones(attention, layout, exact_double):
     import policies
 
     model, _ = policies.load("tiny:1m", seed=0)
     model = model.double()
     model.config._attn_implementation = attention
-    ids, mask = batch(pair_rows(torch.Generator().manual_seed(0)))
+    generator = torch.Generator().manual_seed(0)
+    if layout == "pairs":
+        ids, mask = batch(pair_rows(generator))
+        packing = sp.active()
+    else:
+        ids, mask = group_batch(generator)
+        packing = sp.active(prompt_width=8)
     weights = torch.randn(*ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(1),
                           dtype=torch.float64)
 
-    def hidden_and_grads(packing):
+    def hidden_and_grads(packed):
         model.zero_grad()
-        with sp.active() if packing else torch.enable_grad():
+        with packing if packed else torch.enable_grad():
             hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         (hidden * weights * mask.unsqueeze(-1)).sum().backward()
         return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "alignment.cli", *args], capture_output=True, text=True, cwd=cwd,
@@ -34,3 +36,20 @@ def test_run_with_bad_override_is_a_clean_error(repo_root):
     assert out.returncode == 2
     assert "error:" in out.stderr and "did you mean 'learning_rate'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("load, preset, expected", [
+    (5.0, None, "PASSIVE"),    # busy: idle threads must sleep
+    (0.3, None, None),         # quiet: libgomp's default (spinning) is faster
+    (5.0, "ACTIVE", "ACTIVE"),  # the user's choice always wins
+])
+def test_openmp_wait_policy_follows_the_machine_load(load, preset, expected, monkeypatch):
+    from alignment import cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    if preset:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    cli.set_openmp_wait_policy()
+    assert cli.os.environ.get("OMP_WAIT_POLICY") == expected

@@ -95,3 +95,37 @@ def test_demo_grpo_raises_greedy_accuracy(sft_run, tmp_path, assert_demo_gain):
     assert_demo_gain(metrics)
     assert metrics["after"]["sampled_accuracy"] >= metrics["before"]["sampled_accuracy"]
     assert metrics["train_kl_last"] < 1.0
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_shared_prompt_log_probs_train_the_same_as_trl_alone(stage, tmp_path):
+    """options.share_prompt packs each prompt's group of completions (alignment/shared_prompt.py): the same
+    rewards, losses and weights as trl's own forward, with fewer decoder tokens."""
+    from alignment.stages import online_rl
+    from policies import load
+
+    def run(setting):
+        out = tmp_path / str(setting)
+        recipe = recipes.load(f"recipes/tiny/{stage}.yaml", TINY + [
+            f"output_dir={out}", "eval=null", "train.save_strategy='no'", "train.beta=0.04",
+            # a reward that varies within a group: non-zero advantages, so every weight gets a real gradient
+            # (with all-zero rewards the gradient is exactly 0 on one side and rounding noise on the other,
+            # which Adam scales up to learning-rate-sized steps)
+            "reward=[{source: 'examples/rewards/brevity.py:brevity'}]",
+            f"options.share_prompt={str(setting).lower()}"])
+        metrics = online_rl.run(recipe)
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        trained, _ = load(str(out))
+        return metrics, [e for e in logged if "loss" in e], trained.state_dict()
+
+    shared, shared_logs, shared_weights = run(True)
+    plain, plain_logs, plain_weights = run(False)
+    assert shared["share_prompt"] is True and plain["share_prompt"] is False
+    assert shared["share_prompt_saved_fraction"] > 0.3, "4 completions of 4 tokens after a ~20-token prompt"
+    assert len(shared_logs) == len(plain_logs) == 2
+    for a, b in zip(shared_logs, plain_logs):
+        assert a["reward"] == b["reward"], "same samples: generation is untouched"
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-6)
+    for name, weight in plain_weights.items():
+        assert torch.allclose(shared_weights[name], weight, atol=1e-5), name
