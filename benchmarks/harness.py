@@ -187,7 +187,8 @@ def add_mfu(runs: list[dict], ceiling_gflops: float) -> None:
     """MFU = 6 x matmul parameters x train tokens/s / measured fp32 matmul FLOP/s."""
     for run in runs:
         if run.get("status") == "ok" and run.get("tokens_per_s") and run.get("matmul_params"):
-            run["mfu"] = 6 * run["matmul_params"] * run["tokens_per_s"] / (ceiling_gflops * 1e9)
+            computed = run["tokens_per_s"] * run.get("computed_token_share", 1.0)  # shared prompts: fewer
+            run["mfu"] = 6 * run["matmul_params"] * computed / (ceiling_gflops * 1e9)
         else:
             run["mfu"] = None
 

@@ -222,6 +222,13 @@ def _trainer_result(spec: Spec, trainer, **extra) -> dict:
 
     if spec.stage == "dpo":
         extra["heldout"] = heldout_preference(spec, trainer)
+    if spec.side == "ours":
+        from alignment import shared_prompt
+
+        # tokens counts the rows as trl lays them out (the same work as the peer's); with shared prompts
+        # the decoder computed only this share of them, which is what MFU (hardware use) must count
+        saved = shared_prompt.STATS.saved_fraction()
+        extra["computed_token_share"] = 1.0 - saved if saved else 1.0
     args = trainer.args
     steps = trainer.state.global_step
     samples = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
