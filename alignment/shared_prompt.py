@@ -9,7 +9,10 @@ Two batch layouts repeat a prompt:
 * groups of completions (trl's GRPO/RLOO): ``N`` rows of a left-padded prompt
   (columns ``< prompt_width``) then a right-padded completion, ``G`` rows per
   prompt, in any order (:func:`pack_groups`; rows with identical prompt columns
-  form a group).
+  form a group);
+* supervised batches (trl's SFT collator): right-padded rows that all start
+  with the same tokens, e.g. the chat template's header or a system prompt
+  (:func:`pack_common_prefix`; rows are packed ``group_size`` at a time).
 
 In a causal decoder the hidden state at position ``t`` depends on tokens
 ``0..t`` only, so over a shared prefix every row of a group has the same hidden
@@ -45,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-_ACTIVE: dict | None = None  # None: off; {"prompt_width": None}: pairs; {"prompt_width": P}: groups
+_ACTIVE: dict | None = None  # None: off; else the layout of the batches (see active())
 _PACKABLE_KWARGS = {"input_ids", "attention_mask"}
 
 
@@ -192,6 +195,59 @@ def pack_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_wi
     )
 
 
+def pack_common_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int,
+                       pad_token_id: int = 0, min_saving: float = 0.1) -> Packed | None:
+    """Pack right-padded rows ``group_size`` at a time into ``[common prefix | tail_1 | ... | tail_k]``.
+
+    The prefix is what every row of the batch starts with.  ``None`` when the
+    mask is not right padding or packing would save under ``min_saving`` of the
+    tokens (the longer packed rows cost attention, so a one-token prefix is not worth it).
+    """
+    rows, width = input_ids.shape
+    lengths = right_padded_lengths(attention_mask)
+    if lengths is None or rows < 2 or group_size < 2:
+        return None
+    shortest = int(lengths.min())
+    same = (input_ids[:, :shortest] == input_ids[:1, :shortest]).all(dim=0)
+    prefix = int(same.int().argmin()) if not bool(same.all()) else shortest
+    groups = [list(range(start, min(start + group_size, rows))) for start in range(0, rows, group_size)]
+    original_tokens = int(lengths.sum())
+    packed_lengths = [prefix + sum(int(lengths[r]) - prefix for r in g) for g in groups]
+    if prefix == 0 or 1 - sum(packed_lengths) / original_tokens < min_saving:
+        return None
+    packed_width = max(packed_lengths)
+    ids = torch.full((len(groups), packed_width), pad_token_id, dtype=input_ids.dtype)
+    positions = torch.zeros((len(groups), packed_width), dtype=torch.long)
+    segment = torch.full((len(groups), packed_width), PAD, dtype=torch.long)
+    source = torch.zeros((rows, width), dtype=torch.long)
+    packed_row = torch.zeros(rows, dtype=torch.long)
+    cpu_ids, lengths_list = input_ids.cpu(), lengths.tolist()
+    for g, members in enumerate(groups):
+        ids[g, :prefix] = cpu_ids[members[0], :prefix]
+        positions[g, :prefix] = torch.arange(prefix)
+        segment[g, :prefix] = 0
+        at = prefix
+        for k, row in enumerate(members, start=1):
+            tail = lengths_list[row] - prefix
+            ids[g, at : at + tail] = cpu_ids[row, prefix : prefix + tail]
+            positions[g, at : at + tail] = torch.arange(prefix, prefix + tail)
+            segment[g, at : at + tail] = k
+            source[row, :prefix] = torch.arange(prefix)
+            source[row, prefix : prefix + tail] = torch.arange(at, at + tail)
+            packed_row[row] = g
+            at += tail
+    device = input_ids.device
+    return Packed(
+        input_ids=ids.to(device),
+        position_ids=positions.to(device),
+        segment=segment.to(device),
+        packed_row=packed_row.to(device),
+        source=source.to(device),
+        packed_tokens=sum(packed_lengths),
+        original_tokens=original_tokens,
+    )
+
+
 def segment_attention_mask(segment: torch.Tensor, *, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
     """(M, 1, T, T) mask: query q sees key k iff k <= q and k is in the prefix or in q's own tail.
 
@@ -274,9 +330,12 @@ def _packed_forward(decoder, *args, **kwargs):
         return original(*args, **kwargs)
     config = decoder.config
     pad = config.pad_token_id if config.pad_token_id is not None else 0
-    prompt_width = _ACTIVE["prompt_width"]
-    packed = (pack_pairs(input_ids, attention_mask, pad) if prompt_width is None
-              else pack_groups(input_ids, attention_mask, prompt_width, pad))
+    if _ACTIVE.get("group_size"):
+        packed = pack_common_prefix(input_ids, attention_mask, _ACTIVE["group_size"], pad)
+    elif _ACTIVE.get("prompt_width"):
+        packed = pack_groups(input_ids, attention_mask, _ACTIVE["prompt_width"], pad)
+    else:
+        packed = pack_pairs(input_ids, attention_mask, pad)
     if packed is None:
         return original(*args, **kwargs)
     additive = decoder.get_input_embeddings().weight.dtype if config._attn_implementation == "eager" else None
@@ -310,10 +369,14 @@ STATS = _Stats()
 
 
 @contextlib.contextmanager
-def active(prompt_width: int | None = None):
-    """Pack batches in every installed decoder while inside: pairs, or with ``prompt_width`` groups."""
+def active(prompt_width: int | None = None, group_size: int | None = None):
+    """Pack batches in every installed decoder while inside.
+
+    No argument: preference pairs; ``prompt_width``: groups of completions after a left-padded prompt;
+    ``group_size``: right-padded rows with a common prefix, packed that many at a time.
+    """
     global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, {"prompt_width": prompt_width}
+    previous, _ACTIVE = _ACTIVE, {"prompt_width": prompt_width, "group_size": group_size}
     try:
         yield
     finally:

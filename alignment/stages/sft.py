@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Union
+from typing import Literal, Union
 
-from alignment import data
+from alignment import data, shared_prompt
 from alignment.checkpoint import save_run
 from alignment.stages import common
 
@@ -24,6 +24,26 @@ class Options:
 
     evaluate_before: bool = True  # held-out metrics of the starting model, for the before/after table
     max_train_seconds: Union[float, None] = None  # stop after this much training: equal-time controls
+    # auto: the tokens every row of a batch starts with (chat template header, system prompt) run once per
+    # share_group_size rows when that saves >= 10% of the tokens (alignment/shared_prompt.py: same loss and
+    # gradients); true: the same, or an error if the model cannot; false: trl's own forward
+    share_prompt: Literal["auto", True, False] = "auto"
+    share_group_size: int = 8  # rows packed together: more share the prefix more often, but cost attention
+
+
+def trainer_class(share_prompt: bool, group_size: int):
+    """trl's SFTTrainer, or a subclass whose loss pass runs a batch's common prefix once per group of rows."""
+    from trl import SFTTrainer
+
+    if not share_prompt:
+        return SFTTrainer
+
+    class SharedPrefixSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            with shared_prompt.active(group_size=group_size):
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return SharedPrefixSFTTrainer
 
 
 def sft_defaults(recipe, run_dir) -> dict:
@@ -33,7 +53,7 @@ def sft_defaults(recipe, run_dir) -> dict:
 
 
 def run(recipe) -> dict:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     started = time.time()
     common.offline_defaults()
@@ -43,7 +63,9 @@ def run(recipe) -> dict:
     model, tokenizer = common.load_policy(recipe)
     before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
     args = common.build_trainer_config(recipe, SFTConfig, sft_defaults(recipe, run_dir))
-    trainer = SFTTrainer(
+    sharing = shared_prompt.install_for_recipe(recipe, model)
+    shared_prompt.STATS.reset()
+    trainer = trainer_class(sharing, recipe.options["share_group_size"])(
         model=model,
         args=args,
         train_dataset=splits.train,
@@ -58,6 +80,8 @@ def run(recipe) -> dict:
         "train_loss": common.final_train_loss(trainer),
         "train_steps": trainer.state.global_step,
         "train_seconds": round(time.time() - started, 1),
+        "share_prompt": sharing,
+        "share_prompt_saved_fraction": shared_prompt.STATS.saved_fraction(),  # decoder tokens not run
         "before": before,
         "after": after,
         "data": [vars(report) for report in splits.reports],

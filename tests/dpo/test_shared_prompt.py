@@ -61,6 +61,20 @@ def test_pack_groups_by_hand():
     assert sp.pack_groups(ids[:2], mask[:2], prompt_width=3) is None, "no prompt repeats: nothing to share"
 
 
+def test_pack_common_prefix_by_hand():
+    # every row starts with [5 6]; rows packed two at a time
+    ids, mask = batch([[5, 6, 7, 8], [5, 6, 9], [5, 6, 1, 2, 3]])
+    packed = sp.pack_common_prefix(ids, mask, group_size=2)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 1, 2, 3]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 2, 3, 4]]
+    assert packed.segment.tolist() == [[0, 0, 1, 1, 2], [0, 0, 1, 1, 1]]
+    assert packed.packed_row.tolist() == [0, 0, 1]
+    assert packed.source.tolist() == [[0, 1, 2, 3, 0], [0, 1, 4, 0, 0], [0, 1, 2, 3, 4]]
+    assert (packed.packed_tokens, packed.original_tokens) == (10, 12)
+    ids, mask = batch([[5, 6, 7, 8, 1, 2], [5, 9, 9, 9, 9, 9]])
+    assert sp.pack_common_prefix(ids, mask, group_size=2) is None, "a 1-token prefix saves under 10%"
+
+
 def test_pack_pairs_refuses_what_it_does_not_cover():
     ids, mask = batch([[5, 6, 7], [5, 6, 8], [5, 9, 9]])
     assert sp.pack_pairs(ids, mask) is None, "an odd number of rows is not pairs"
@@ -113,7 +127,13 @@ def group_batch(generator, prompt_width=8, completion_width=5):
     return ids, mask
 
 
-@pytest.mark.parametrize("layout", ["pairs", "groups"])
+def prefix_rows(generator):
+    """Seven rows starting with the same 4 tokens (a chat header), tails of 0-6 tokens."""
+    header = torch.randint(3, 250, (4,), generator=generator).tolist()
+    return [header + torch.randint(3, 250, (n,), generator=generator).tolist() for n in (6, 1, 3, 0, 5, 2, 4)]
+
+
+@pytest.mark.parametrize("layout", ["pairs", "groups", "common_prefix"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_forward_and_gradients_equal_the_unshared_ones(attention, layout, exact_double):
     import policies
@@ -125,9 +145,12 @@ def test_packed_forward_and_gradients_equal_the_unshared_ones(attention, layout,
     if layout == "pairs":
         ids, mask = batch(pair_rows(generator))
         packing = sp.active()
-    else:
+    elif layout == "groups":
         ids, mask = group_batch(generator)
         packing = sp.active(prompt_width=8)
+    else:
+        ids, mask = batch(prefix_rows(generator))
+        packing = sp.active(group_size=3)
     weights = torch.randn(*ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(1),
                           dtype=torch.float64)
 
@@ -217,3 +240,26 @@ def test_dpo_stage_with_and_without_sharing_trains_the_same(tmp_path, repo_root)
     assert 0.2 < shared["share_prompt_saved_fraction"] < 0.7, "demo prompts are most of each pair"
     assert len(shared_losses) == len(plain_losses) == 3
     assert shared_losses == pytest.approx(plain_losses, rel=1e-4), "same numbers, fewer tokens"
+
+
+def test_sft_stage_with_and_without_a_shared_header_trains_the_same(tmp_path):
+    """Every demo SFT row starts with the same 6 chat-template tokens: packed 8 rows at a time they run once."""
+    from alignment import recipe as recipes
+    from alignment.stages import sft
+
+    def run(setting):
+        out = tmp_path / str(setting)
+        recipe = recipes.load("recipes/tiny/sft.yaml", [
+            "model.name_or_path=tiny:1m", "data.max_samples=64", "eval=null", "options.evaluate_before=false",
+            "train.max_steps=3", "train.per_device_train_batch_size=16", "train.logging_steps=1",
+            "train.save_strategy='no'", f"options.share_prompt={str(setting).lower()}", f"output_dir={out}"])
+        metrics = sft.run(recipe)
+        losses = [e["loss"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
+        return metrics, losses
+
+    shared, shared_losses = run(True)
+    plain, plain_losses = run(False)
+    assert shared["share_prompt"] is True and plain["share_prompt"] is False
+    assert shared["share_prompt_saved_fraction"] > 0.15, "a 6-token header of ~20-token rows, 8 rows a pack"
+    assert len(shared_losses) == len(plain_losses) == 3
+    assert shared_losses == pytest.approx(plain_losses, rel=1e-4)
