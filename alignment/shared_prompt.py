@@ -159,40 +159,10 @@ def pack_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_wi
     members = [[] for _ in range(unique.shape[0])]
     for row, group in enumerate(group_of_row.tolist()):
         members[group].append(row)
-    prompt_len = prompt_lengths.tolist()
-    completion_len = completion_lengths.tolist()
-    packed_lengths = [prompt_len[m[0]] + sum(completion_len[r] for r in m) for m in members]
-    packed_width = max(packed_lengths)
-    ids = torch.full((len(members), packed_width), pad_token_id, dtype=input_ids.dtype)
-    positions = torch.zeros((len(members), packed_width), dtype=torch.long)
-    segment = torch.full((len(members), packed_width), PAD, dtype=torch.long)
-    source = torch.zeros((rows, width), dtype=torch.long)
-    cpu_ids = input_ids.cpu()
-    for g, rows_of_group in enumerate(members):
-        p = prompt_len[rows_of_group[0]]
-        first = rows_of_group[0]
-        ids[g, :p] = cpu_ids[first, prompt_width - p : prompt_width]
-        positions[g, :p] = torch.arange(prompt_width - p, prompt_width)  # the column, as the unpacked forward numbers it
-        segment[g, :p] = 0
-        at = p
-        for k, row in enumerate(rows_of_group, start=1):
-            c = completion_len[row]
-            ids[g, at : at + c] = cpu_ids[row, prompt_width : prompt_width + c]
-            positions[g, at : at + c] = torch.arange(prompt_width, prompt_width + c)
-            segment[g, at : at + c] = k
-            source[row, prompt_width - p : prompt_width] = torch.arange(p)
-            source[row, prompt_width : prompt_width + c] = torch.arange(at, at + c)
-            at += c
-    device = input_ids.device
-    return Packed(
-        input_ids=ids.to(device),
-        position_ids=positions.to(device),
-        segment=segment.to(device),
-        packed_row=group_of_row.to(device),
-        source=source.to(device),
-        packed_tokens=sum(packed_lengths),
-        original_tokens=int(attention_mask.sum()),
-    )
+    prompt_len, completion_len = prompt_lengths.tolist(), completion_lengths.tolist()
+    prefixes = [(prompt_width - prompt_len[m[0]], prompt_len[m[0]]) for m in members]
+    tails = {row: (prompt_width, completion_len[row]) for row in range(rows)}
+    return _pack_spans(input_ids, members, prefixes, tails, int(attention_mask.sum()), pad_token_id)
 
 
 def pack_common_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int,
@@ -215,27 +185,40 @@ def pack_common_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, gr
     packed_lengths = [prefix + sum(int(lengths[r]) - prefix for r in g) for g in groups]
     if prefix == 0 or 1 - sum(packed_lengths) / original_tokens < min_saving:
         return None
-    packed_width = max(packed_lengths)
-    ids = torch.full((len(groups), packed_width), pad_token_id, dtype=input_ids.dtype)
-    positions = torch.zeros((len(groups), packed_width), dtype=torch.long)
-    segment = torch.full((len(groups), packed_width), PAD, dtype=torch.long)
+    tails = {row: (prefix, int(lengths[row]) - prefix) for row in range(rows)}
+    return _pack_spans(input_ids, groups, [(0, prefix)] * len(groups), tails, original_tokens, pad_token_id)
+
+
+def _pack_spans(input_ids: torch.Tensor, groups: list, prefixes: list, tails: dict, original_tokens: int,
+                pad_token_id: int) -> Packed:
+    """One packed row per group: its prefix span, then each member's tail span, at their original columns.
+
+    ``prefixes[g] = (first column, length)`` in the group's first row (the same tokens in every member);
+    ``tails[row] = (first column, length)``.  Position ids are the original columns.
+    """
+    packed_lengths = [p + sum(tails[r][1] for r in members) for members, (_, p) in zip(groups, prefixes)]
+    rows, width = input_ids.shape
+    shape = (len(groups), max(packed_lengths))
+    ids = torch.full(shape, pad_token_id, dtype=input_ids.dtype)
+    positions = torch.zeros(shape, dtype=torch.long)
+    segment = torch.full(shape, PAD, dtype=torch.long)
     source = torch.zeros((rows, width), dtype=torch.long)
     packed_row = torch.zeros(rows, dtype=torch.long)
-    cpu_ids, lengths_list = input_ids.cpu(), lengths.tolist()
-    for g, members in enumerate(groups):
-        ids[g, :prefix] = cpu_ids[members[0], :prefix]
-        positions[g, :prefix] = torch.arange(prefix)
-        segment[g, :prefix] = 0
-        at = prefix
+    cpu_ids = input_ids.cpu()
+    for g, (members, (start, p)) in enumerate(zip(groups, prefixes)):
+        ids[g, :p] = cpu_ids[members[0], start : start + p]
+        positions[g, :p] = torch.arange(start, start + p)
+        segment[g, :p] = 0
+        at = p
         for k, row in enumerate(members, start=1):
-            tail = lengths_list[row] - prefix
-            ids[g, at : at + tail] = cpu_ids[row, prefix : prefix + tail]
-            positions[g, at : at + tail] = torch.arange(prefix, prefix + tail)
-            segment[g, at : at + tail] = k
-            source[row, :prefix] = torch.arange(prefix)
-            source[row, prefix : prefix + tail] = torch.arange(at, at + tail)
+            first, n = tails[row]
+            ids[g, at : at + n] = cpu_ids[row, first : first + n]
+            positions[g, at : at + n] = torch.arange(first, first + n)
+            segment[g, at : at + n] = k
+            source[row, start : start + p] = torch.arange(p)
+            source[row, first : first + n] = torch.arange(at, at + n)
             packed_row[row] = g
-            at += tail
+            at += n
     device = input_ids.device
     return Packed(
         input_ids=ids.to(device),

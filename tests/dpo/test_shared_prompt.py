@@ -219,47 +219,44 @@ def test_models_it_cannot_pack_are_named():
     assert "sliding" in sp.unsupported_reason(config)
 
 
-def test_dpo_stage_with_and_without_sharing_trains_the_same(tmp_path, repo_root):
+def run_with_and_without_sharing(stage: str, tmp_path, overrides: list) -> tuple:
+    """Run recipes/tiny/<stage>.yaml with options.share_prompt true, then false: (metrics, logged losses) each."""
+    import importlib
+
     from alignment import recipe as recipes
-    from alignment.stages import dpo
 
-    def run(setting):
+    module = importlib.import_module(f"alignment.stages.{stage}")
+    results = []
+    for setting in (True, False):
         out = tmp_path / str(setting)
-        recipe = recipes.load("recipes/tiny/dpo.yaml", [
-            "model.name_or_path=tiny:1m", "data.max_samples=48", "data.eval=null", "eval=null",
-            "options.kl_samples=0", "options.evaluate_before=false", "train.max_steps=3",
-            "train.per_device_train_batch_size=8", "train.logging_steps=1", "train.save_strategy='no'",
+        recipe = recipes.load(f"recipes/tiny/{stage}.yaml", [
+            *overrides, "train.logging_steps=1", "train.save_strategy='no'",
             f"options.share_prompt={str(setting).lower()}", f"output_dir={out}"])
-        metrics = dpo.run(recipe)
-        losses = [e["loss"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
-        return metrics, losses
-
-    shared, shared_losses = run(True)
-    plain, plain_losses = run(False)
+        metrics = module.run(recipe)
+        logged = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        results.append((metrics, [e["loss"] for e in logged if "loss" in e]))
+    (shared, shared_losses), (plain, plain_losses) = results
     assert shared["share_prompt"] is True and plain["share_prompt"] is False
-    assert 0.2 < shared["share_prompt_saved_fraction"] < 0.7, "demo prompts are most of each pair"
     assert len(shared_losses) == len(plain_losses) == 3
     assert shared_losses == pytest.approx(plain_losses, rel=1e-4), "same numbers, fewer tokens"
+    return shared["share_prompt_saved_fraction"]
+
+
+@pytest.mark.parametrize("reference", [
+    ["options.reference=copy"],
+    ["options.reference=precomputed"],  # trl's precompute pass before step 1 packs too
+    ["options.reference=adapter", "model.lora={r: 4, alpha: 8}"],  # the policy with its adapter off
+])
+def test_dpo_stage_with_and_without_sharing_trains_the_same(reference, tmp_path):
+    saved = run_with_and_without_sharing("dpo", tmp_path, [
+        "model.name_or_path=tiny:1m", "data.max_samples=48", "data.eval=null", "eval=null", "options.kl_samples=0",
+        "options.evaluate_before=false", "train.max_steps=3", "train.per_device_train_batch_size=8", *reference])
+    assert 0.2 < saved < 0.7, "demo prompts are most of each pair"
 
 
 def test_sft_stage_with_and_without_a_shared_header_trains_the_same(tmp_path):
     """Every demo SFT row starts with the same 6 chat-template tokens: packed 8 rows at a time they run once."""
-    from alignment import recipe as recipes
-    from alignment.stages import sft
-
-    def run(setting):
-        out = tmp_path / str(setting)
-        recipe = recipes.load("recipes/tiny/sft.yaml", [
-            "model.name_or_path=tiny:1m", "data.max_samples=64", "eval=null", "options.evaluate_before=false",
-            "train.max_steps=3", "train.per_device_train_batch_size=16", "train.logging_steps=1",
-            "train.save_strategy='no'", f"options.share_prompt={str(setting).lower()}", f"output_dir={out}"])
-        metrics = sft.run(recipe)
-        losses = [e["loss"] for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in e]
-        return metrics, losses
-
-    shared, shared_losses = run(True)
-    plain, plain_losses = run(False)
-    assert shared["share_prompt"] is True and plain["share_prompt"] is False
-    assert shared["share_prompt_saved_fraction"] > 0.15, "a 6-token header of ~20-token rows, 8 rows a pack"
-    assert len(shared_losses) == len(plain_losses) == 3
-    assert shared_losses == pytest.approx(plain_losses, rel=1e-4)
+    saved = run_with_and_without_sharing("sft", tmp_path, [
+        "model.name_or_path=tiny:1m", "data.max_samples=64", "eval=null", "options.evaluate_before=false",
+        "train.max_steps=3", "train.per_device_train_batch_size=16"])
+    assert saved > 0.15, "a 6-token header of ~20-token rows, 8 rows a pack"
