@@ -269,7 +269,7 @@ def out_of_memory_message(trainer, exc: BaseException) -> str:
             f"gradient_accumulation_steps={accumulation}, {', '.join(lengths) or 'max_length=None (no limit)'}. "
             f"Lower train.per_device_train_batch_size (raising train.gradient_accumulation_steps keeps the "
             f"effective batch of {batch * accumulation if batch and accumulation else '?'}) or lower the sequence "
-            f"length; train.gradient_checkpointing=true also saves memory. ({first_line})")
+            f"length; train.activation_checkpointing=true also saves memory. ({first_line})")
 
 
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))

@@ -129,13 +129,23 @@ def precision_defaults() -> dict:
     return {"bf16": torch.cuda.is_bf16_supported(), "fp16": not torch.cuda.is_bf16_supported()}
 
 
+def checkpointing_key(recipe) -> str:
+    """The trainer-config name of activation checkpointing this recipe uses.
+
+    transformers 5 renamed `gradient_checkpointing` to `activation_checkpointing` and warns on the old
+    name; a recipe that still says `gradient_checkpointing` keeps it (setting the new name as well would
+    silently override the recipe's value).
+    """
+    return "gradient_checkpointing" if "gradient_checkpointing" in recipe.train else "activation_checkpointing"
+
+
 def trainer_defaults(recipe, run_dir: Path) -> dict:
     """Defaults for any transformers/trl trainer config; the recipe's `train:` keys win."""
     defaults = {
         "output_dir": str(run_dir / CHECKPOINTS),
         "seed": recipe.seed,
         "report_to": "none",
-        "gradient_checkpointing": on_gpu(),
+        checkpointing_key(recipe): on_gpu(),
         "save_strategy": "steps",
         "save_steps": 200,
         "save_total_limit": 2,
@@ -154,7 +164,7 @@ def build_trainer_config(recipe, config_class, defaults: dict):
     values.update(thaw(recipe.train))
     if not on_gpu():
         # gradient checkpointing only saves memory, and costs a third more compute on CPU.
-        values.setdefault("gradient_checkpointing", False)
+        values.setdefault(checkpointing_key(recipe), False)
     try:
         return config_class(**values)
     except (TypeError, ValueError) as exc:
@@ -214,7 +224,7 @@ def prepare_quantized(model, recipe):
     """
     from peft import prepare_model_for_kbit_training
 
-    checkpointing = bool(recipe.train.get("gradient_checkpointing", True))
+    checkpointing = bool(recipe.train.get(checkpointing_key(recipe), True))
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                            gradient_checkpointing_kwargs={"use_reentrant": False})
 
