@@ -206,7 +206,10 @@ def load(
         if path.exists() and not path.is_dir():
             raise CheckpointError(f"{spec} is a file; a model is loaded from a directory or a hub id")
         _refuse_pickle(path, allow_pickle)
-        kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle)
+        # use_safetensors=None: transformers takes safetensors where they exist and falls back to the pickle
+        # only where they do not (False would prefer the pickle even beside safetensors)
+        kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                      use_safetensors=None if allow_pickle else True)
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         if task != "causal_lm":

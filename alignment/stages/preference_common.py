@@ -6,7 +6,10 @@ Data (every step counted in the run's data report, nothing dropped silently):
    and ``chosen == rejected`` pairs.
 2. :func:`extract_prompt` moves an implicit prompt (shared at the start of
    chosen and rejected) into a ``prompt`` column.
-3. :func:`drop_duplicates` keeps the first of identical (prompt, chosen, rejected) rows.
+3. :func:`count_repeats` counts exact repeats and contradictory pairs (a > b and b > a);
+   only with ``options.drop_duplicates: true`` does :func:`drop_duplicates` keep the first of
+   identical rows.  Repeated comparisons are data: several annotators (or arena votes) saying
+   a > b three times and b > a once is a 75% label, which de-duplication would flatten to 50%.
 4. :func:`length_pass` measures every pair as trl will tokenize it (rows that
    provably fit by byte length are not tokenized), counts the rows trl will
    truncate (``max_length``, keep-start), and drops the rows whose prompt
@@ -47,7 +50,7 @@ class Options:
 
     evaluate_before: bool = True  # held-out task metrics of the starting model, for the before/after table
     reference: Literal["auto", "copy", "adapter", "precomputed"] = "auto"  # see the module docstring
-    drop_duplicates: bool = True  # identical (prompt, chosen, rejected) rows are kept once, and counted
+    drop_duplicates: bool = False  # true: identical (prompt, chosen, rejected) rows kept once; repeats are votes
     kl_samples: int = 200  # held-out prompts sampled for KL(policy || start) after training; 0 = off
     heldout_batch_size: int = 128  # batch size of the held-out log-prob passes
 
@@ -105,6 +108,24 @@ def extract_prompt(row: dict) -> dict:
 
 def _row_key(row: dict, columns) -> str:
     return json.dumps([row.get(c) for c in columns], sort_keys=True, ensure_ascii=False)
+
+
+def _reversed_key(row: dict, columns) -> str:
+    """The key of the opposite judgement: chosen and rejected swapped (paired), or the label flipped (unpaired)."""
+    prompt, first, second = columns
+    if second == "label":
+        return _row_key({prompt: row.get(prompt), first: row.get(first), second: not row.get(second)}, columns)
+    return _row_key({prompt: row.get(prompt), first: row.get(second), second: row.get(first)}, columns)
+
+
+def count_repeats(rows: list[dict], columns=("prompt", "chosen", "rejected")) -> dict:
+    """{"exact repeats": rows equal to an earlier row, "contradictory rows": rows whose opposite judgement
+    (b > a for a > b; the other label for KTO) is also in the data}."""
+    from collections import Counter
+
+    seen = Counter(_row_key(row, columns) for row in rows)
+    contradictory = sum(1 for row in rows if _reversed_key(row, columns) in seen)
+    return {"exact repeats": len(rows) - len(seen), "contradictory rows": contradictory}
 
 
 def drop_duplicates(rows: list[dict], counts: dict, columns=("prompt", "chosen", "rejected")) -> list[dict]:
@@ -266,6 +287,7 @@ def _split_report(load_report, rows_kept: int, extra: dict) -> dict:
     report = dict(vars(load_report))
     report["dropped"] = dict(report["dropped"], **extra["dropped"])
     report["truncated_to_max_length"] = extra.get("truncated", 0)
+    report["repeats"] = extra.get("repeats", {})
     if "pairs_kept" in extra:
         report["rows_kept"] = extra["pairs_kept"]
         report["unpaired_rows"] = rows_kept
@@ -298,7 +320,8 @@ def prepare_pairs(recipe, tokenizer, max_length: int | None, *, fmt: str = "pref
         extra = {"dropped": {}}
         if fmt == "preference":
             rows = [extract_prompt(row) for row in rows]
-            if options.get("drop_duplicates", True):
+            extra["repeats"] = count_repeats(rows)
+            if options.get("drop_duplicates", False):
                 rows = drop_duplicates(rows, extra["dropped"])
             rows_before_length_pass = len(rows)
             rows = length_pass(tokenizer, rows, extra, max_length, recipe.data.max_prompt_tokens)
@@ -313,7 +336,8 @@ def prepare_pairs(recipe, tokenizer, max_length: int | None, *, fmt: str = "pref
 
                 random.Random(seed).shuffle(rows)
         else:  # unpaired (KTO)
-            if options.get("drop_duplicates", True):
+            extra["repeats"] = count_repeats(rows, columns=("prompt", "completion", "label"))
+            if options.get("drop_duplicates", False):
                 rows = drop_duplicates(rows, extra["dropped"], columns=("prompt", "completion", "label"))
             rows_before_length_pass = len(rows)
             rows = length_pass(tokenizer, rows, extra, max_length, recipe.data.max_prompt_tokens,

@@ -49,7 +49,7 @@ class Options:
     """`options:` of an orpo / cpo / simpo recipe (no reference model to choose)."""
 
     evaluate_before: bool = True  # held-out task metrics of the starting model, for the before/after table
-    drop_duplicates: bool = True  # identical (prompt, chosen, rejected) rows are kept once, and counted
+    drop_duplicates: bool = False  # true: identical (prompt, chosen, rejected) rows kept once; repeats are votes
     kl_samples: int = 200  # held-out prompts sampled for KL(policy || start) after training; 0 = off
     heldout_batch_size: int = 128  # batch size of the held-out log-prob passes
 
