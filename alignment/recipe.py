@@ -434,12 +434,41 @@ TRAIN_RULES = {
 }
 
 
+def _hints_one_by_one(config_class) -> tuple[dict[str, Any], dict[str, str]]:
+    """(resolvable hints, {field: why not}) of a class whose hints do not all resolve together.
+
+    Each annotation is evaluated alone, in the module of the class that declares it, so one hint that
+    needs a missing optional package costs the check of that field only, not of every field.
+    """
+    hints, unresolved = {}, {}
+    for base in reversed(config_class.__mro__):
+        for name, annotation in base.__dict__.get("__annotations__", {}).items():
+            holder = type("_OneHint", (), {"__annotations__": {name: annotation}, "__module__": base.__module__})
+            try:
+                hints[name] = typing.get_type_hints(holder)[name]
+                unresolved.pop(name, None)
+            except Exception as exc:  # noqa: BLE001 - any failure to evaluate a hint
+                hints.pop(name, None)
+                unresolved[name] = f"{type(exc).__name__}: {exc}"
+    return hints, unresolved
+
+
 def config_fields(config_class) -> dict[str, Any]:
-    """Field name -> type hint of a dataclass config (trl's SFTConfig, our PPOConfig, ...)."""
+    """Field name -> type hint of a dataclass config (trl's SFTConfig, our PPOConfig, ...).
+
+    A hint that cannot be evaluated (trl configs may name types of optional packages) leaves that field
+    unchecked, with a warning naming it; it never switches the type checks of the other fields off.
+    """
     try:
         hints = typing.get_type_hints(config_class)
-    except Exception:  # trl configs may use hints that need optional packages
-        hints = {}
+    except Exception:  # noqa: BLE001 - fall back to resolving hints one by one
+        hints, unresolved = _hints_one_by_one(config_class)
+        if unresolved:
+            import warnings
+
+            shown = "; ".join(f"{name} ({why})" for name, why in sorted(unresolved.items()))
+            warnings.warn(f"{config_class.__name__}: the type hints of {shown} cannot be resolved, so these "
+                          "train keys are not type-checked (every other key is)", RuntimeWarning, stacklevel=2)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(config_class) if f.init}
 
 

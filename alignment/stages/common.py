@@ -419,7 +419,12 @@ def audit_sft_tokens(trainer, recipe, run_dir: Path) -> dict:
     dataset = trainer.train_dataset
     names = getattr(dataset, "column_names", None) or []
     if "labels" not in names or "input_ids" not in names:
-        return {}
+        # the length, zero-label and EOS checks read these columns: without them every check would pass unseen
+        raise TrainingError(
+            f"the SFT token audit needs the 'input_ids' and 'labels' columns of trl's prepared dataset, which has "
+            f"{sorted(names) or 'no named columns'}; this trl version prepares SFT data differently, so the "
+            "truncation, zero-trainable-token and trained-EOS checks cannot run. Pin the trl version in "
+            "constraints, or update alignment.stages.common.audit_sft_tokens")
     tokenizer = getattr(trainer, "processing_class", None)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     ends = end_token_ids(tokenizer, getattr(trainer, "model", None))

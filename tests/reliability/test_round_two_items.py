@@ -68,3 +68,42 @@ def test_item_46_safetensors_are_preferred_even_when_pickle_is_allowed(tmp_path)
     loaded, _ = policies.load(str(tmp_path), allow_pickle=True, device="cpu", dtype="float32")
     first = next(iter(model.state_dict()))
     assert torch.equal(loaded.state_dict()[first], model.state_dict()[first]), "the pickle was loaded"
+
+
+# ----------------------------------------------------------------------------- 38 (issue item 4): no silent switch-off
+
+
+def _config_with_an_unresolvable_hint():
+    """A trainer config whose hints do not all resolve (like a trl config naming an optional package's type)."""
+    import dataclasses
+
+    namespace: dict = {}
+    exec("from __future__ import annotations\nimport dataclasses\n"  # noqa: S102 - a class with a string hint
+         "@dataclasses.dataclass\nclass SomeConfig:\n    learning_rate: float = 1e-3\n"
+         "    callbacks: NotInstalledType | None = None\n", namespace)
+    assert dataclasses.is_dataclass(namespace["SomeConfig"])
+    return namespace["SomeConfig"]
+
+
+def test_item_38_an_unresolvable_type_hint_does_not_switch_the_type_checks_off():
+    from alignment import recipe as recipes
+    from alignment.errors import RecipeError
+
+    config = _config_with_an_unresolvable_hint()
+    locations = recipes.Locations("r.yaml")
+    with pytest.warns(RuntimeWarning, match="callbacks"):
+        with pytest.raises(RecipeError, match="learning_rate"):
+            recipes.validate_train_section({"learning_rate": "fast"}, config, locations)
+
+
+def test_item_38_sft_token_audit_without_labels_is_an_error():
+    from types import SimpleNamespace
+
+    import datasets
+
+    from alignment.errors import TrainingError
+    from alignment.stages.common import audit_sft_tokens
+
+    trainer = SimpleNamespace(train_dataset=datasets.Dataset.from_list([{"input_ids": [1, 2, 3]}]))
+    with pytest.raises(TrainingError, match="labels"):
+        audit_sft_tokens(trainer, SimpleNamespace(), Path("."))
