@@ -53,6 +53,38 @@ def describe_os_error(exc: OSError) -> str:
     return f"{type(exc).__name__}: {exc.strerror or exc}"
 
 
+def write_failure_reason(exc: BaseException) -> str | None:
+    """Why a write failed, when `exc` is a failed write; None for any other exception.
+
+    A full disk does not always arrive as an OSError: safetensors raises its own
+    ``SafetensorError`` ("I/O error: No space left on device (os error 28)") and
+    ``torch.save`` a ``RuntimeError`` from its zip writer ("[enforce fail at
+    inline_container.cc:...] . unexpected pos ...", no errno at all).
+    """
+    if isinstance(exc, OSError):
+        return describe_os_error(exc)
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" and ("I/O error" in text or "os error" in text):
+        full = "No space left" in text or "os error 28" in text or "os error 122" in text
+        return f"disk full (safetensors: {text})" if full else f"safetensors could not write: {text}"
+    if isinstance(exc, RuntimeError) and ("inline_container.cc" in text or "PytorchStreamWriter" in text):
+        return f"torch.save could not write the file, most often because the disk is full ({text})"
+    return None
+
+
+def fsync_paths(paths, directory: Path) -> None:
+    """Flush files, then their directory, to the disk: a power cut after this keeps them (and their names)."""
+    for path in paths:
+        for file in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
+            with file.open("rb") as handle:
+                os.fsync(handle.fileno())
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def write_json(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -101,6 +133,27 @@ def is_complete(run_dir: str | Path) -> bool:
         return bool(read_json(info).get("complete"))
     except (OSError, json.JSONDecodeError):
         return False
+
+
+# Files a stage writes into its run directory when it starts (prepare_run_dir); run_info.json when it finishes.
+RUN_DIR_MARKERS = (RUN_INFO, "recipe.yaml", "data_fingerprints.json", CHECKPOINTS)
+
+
+def require_finished_run(spec: str) -> None:
+    """Loading or exporting one of our run directories needs its finished run_info.json.
+
+    An interrupted run deletes run_info.json (it may hold its starting weights, or none), so a directory
+    with the files a run writes at its start and no complete run_info.json is refused; naming one of
+    its checkpoints (``<run>/checkpoints/checkpoint-N``) explicitly is the way to use it anyway.
+    Anything else (a hub id, a plain model directory) passes.
+    """
+    path = Path(spec)
+    if not path.is_dir() or is_complete(path) or not any((path / m).exists() for m in RUN_DIR_MARKERS):
+        return
+    checkpoint = latest_checkpoint(path)
+    way_out = f"name a checkpoint explicitly ({checkpoint}) or " if checkpoint else ""
+    raise CheckpointError(f"{spec} is an unfinished run (no complete {RUN_INFO}: it was interrupted, failed or is "
+                          f"still running); {way_out}finish it with --resume first")
 
 
 def mark_incomplete(run_dir: Path) -> None:
@@ -183,27 +236,35 @@ def save_run(run_dir: str | Path, *, model, tokenizer, recipe, run_info: dict, m
         model_to_save = merged_lora(model, recipe)
         model_to_save.save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
-        # Every byte is on disk now; the moves below are renames, which need no space.
+        # Every byte is written now; the moves below are renames, which need no space.
+        moved = []
         for item in staging.iterdir():
             target = run_dir / item.name
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(item, target)
+            moved.append(target)
         staging.rmdir()
         write_atomic(run_dir / "recipe.yaml", recipe.resolved_yaml())
         write_json(run_dir / "metrics.json", metrics)
+        # the weights must be on the disk before run_info.json says the run is complete
+        fsync_paths(moved, run_dir)
         info = dict(run_info, complete=True, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         info.update(tokenizer_hashes(tokenizer))
         write_json(run_dir / RUN_INFO, info)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        reason = write_failure_reason(exc)
+        if reason is None:
+            raise
         checkpoint = latest_checkpoint(run_dir)
         kept = f"; the trainer checkpoint {checkpoint} is kept" if checkpoint else ""
         raise CheckpointError(
-            f"could not save the run to {run_dir}: {describe_os_error(exc)}. The weights already there are "
+            f"could not save the run to {run_dir}: {reason}. The weights already there are "
             f"untouched and the run is not marked complete{kept}; free some space and run again with "
             "resume=true"
         ) from exc
+    unlock_run_dir(run_dir)  # finished: the next run of this directory needs --overwrite or --resume anyway
     wait_for_everyone()
     return run_dir
 
@@ -270,19 +331,82 @@ def drop_partial_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def set_aside_checkpoints(run_dir: str | Path) -> Path | None:
-    """A fresh start moves an earlier run's checkpoints to `checkpoints.previous/` (replacing an older one there).
+    """A fresh start moves an earlier run's checkpoints to `checkpoints.previous/` (then `.previous-2/`, ...).
 
     Left in place, a later resume of the new run could pick a checkpoint of the
-    old one (a higher step number), silently mixing two runs.
+    old one (a higher step number), silently mixing two runs.  Nothing is ever
+    deleted here: forgetting `--resume` twice must not cost the first run's
+    checkpoints, so each set-aside gets a name of its own.
     """
     root = Path(run_dir) / CHECKPOINTS
     if not _numbered_checkpoints(run_dir):
         return None
-    previous = Path(run_dir) / f"{CHECKPOINTS}.previous"
-    if previous.exists():
-        shutil.rmtree(previous)
+    previous, n = Path(run_dir) / f"{CHECKPOINTS}.previous", 1
+    while previous.exists():
+        n += 1
+        previous = Path(run_dir) / f"{CHECKPOINTS}.previous-{n}"
     os.replace(root, previous)
     return previous
+
+
+def refuse_to_replace_a_finished_run(run_dir: str | Path, overwrite: bool) -> None:
+    """A fresh start into a directory that holds a finished run needs `--overwrite` (recipe key `overwrite`)."""
+    if not overwrite and is_complete(run_dir):
+        raise CheckpointError(
+            f"{run_dir} holds a finished run ({RUN_INFO} is complete); a fresh start would replace it. Pass "
+            "--overwrite (overwrite=true) to train it again, --resume to continue it, or choose another output_dir")
+
+
+# Staging folders of an interrupted final save (save_run) and of a PPO checkpoint write (PPOTrainer.save).
+STAGING_PATTERNS = (".staging-*", f"{CHECKPOINTS}/checkpoint-*.tmp")
+
+
+def remove_stale_staging(run_dir: str | Path) -> list[Path]:
+    """Delete the staging folders a crash or a full disk left behind (they can hold gigabytes of weights).
+
+    Called when a run starts, under the run lock, so no live writer owns them.
+    """
+    stale = [p for pattern in STAGING_PATTERNS for p in Path(run_dir).glob(pattern) if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+_LOCKS: dict[str, object] = {}  # run directory -> the open lock file this process holds
+
+
+def lock_run_dir(run_dir: str | Path) -> None:
+    """Hold `<run_dir>/.lock` (flock) for the rest of this process: a second run on the same directory fails.
+
+    The kernel drops the lock when the process ends, however it ends, so a kill never leaves a stale lock.
+    Taking it again in the same process (a resume in the same interpreter) is a no-op.
+    """
+    import fcntl
+
+    key = str(Path(run_dir).resolve())
+    if key in _LOCKS:
+        return
+    handle = open(Path(run_dir) / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 - held until the process ends
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise CheckpointError(
+            f"{run_dir} is in use by another run ({holder}); two runs writing one directory would corrupt "
+            "each other's checkpoints. Wait for it to finish, stop it, or choose another output_dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {platform.node()}\n")
+    handle.flush()
+    _LOCKS[key] = handle
+
+
+def unlock_run_dir(run_dir: str | Path) -> None:
+    handle = _LOCKS.pop(str(Path(run_dir).resolve()), None)
+    if handle is not None:
+        handle.close()  # closing the file releases the flock
 
 
 def resume_checkpoint(run_dir: str | Path, resume: bool) -> str | None:

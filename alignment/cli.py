@@ -4,6 +4,9 @@
     align run recipes/tiny/sft.yaml train.max_steps=50    # key.sub=value overrides
     align run recipes/tiny/sft.yaml --resume              # continue from the last checkpoint
     align validate recipes/                               # check every recipe, load no model
+
+Exit status: 0 done; 2 an error (one `error: ...` line); 75 interrupted by a signal after saving a
+checkpoint (resumable with --resume); 130 Ctrl-C before anything could be saved.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ EXAMPLES = """examples:
   align run recipes/tiny/sft.yaml                      run the SFT stage of the offline demo
   align run recipes/tiny/sft.yaml output_dir=/tmp/sft  override any key as key.sub=value
   align run recipes/tiny/sft.yaml --resume             resume from the run's last checkpoint
+  align run recipes/tiny/sft.yaml --overwrite          train again into a directory holding a finished run
   align validate recipes/                              check every recipe under a folder
 """
 
@@ -28,7 +32,8 @@ def cmd_run(args) -> int:
     from alignment import recipe as recipes
     from alignment.stages import stage_spec
 
-    overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
+    overrides = list(args.overrides) + (["resume=true"] if args.resume else []) + \
+        (["overwrite=true"] if args.overwrite else [])
     recipe = recipes.load(args.recipe, overrides)
     result = stage_spec(recipe.stage).load_module().run(recipe)
     from alignment.distributed import is_main_process
@@ -120,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path to the stage's YAML recipe")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
     run.add_argument("--resume", action="store_true", help="continue from the run's last complete checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start fresh in an output_dir that holds a finished run (refused without it)")
     run.set_defaults(func=cmd_run)
 
     validate = commands.add_parser("validate", help="check recipes without loading any model")
@@ -182,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + overrides
     if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from alignment.guards import Interrupted
+    from alignment.guards import EXIT_INTERRUPTED, Interrupted
 
     try:
         return args.func(args)
     except Interrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
-        return 0
+        print(f"interrupted (resumable, exit {EXIT_INTERRUPTED}): {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except AlignmentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,8 +22,14 @@ from pathlib import Path
 from alignment.errors import AlignmentError, CheckpointError, TrainingError
 
 
+# `align run` / `align pipeline` exit status of a run stopped by a signal after saving a checkpoint: not 0, so
+# `align run sft.yaml && align run dpo.yaml` does not start DPO from an unfinished SFT directory, and not 2
+# (an error) because `--resume` continues it.  75 is EX_TEMPFAIL of sysexits.h: "try again later".
+EXIT_INTERRUPTED = 75
+
+
 class Interrupted(AlignmentError):
-    """The run was stopped by a signal after saving a checkpoint; `--resume` continues it."""
+    """The run was stopped by a signal after saving a checkpoint; `--resume` continues it (exit EXIT_INTERRUPTED)."""
 
 
 def nonfinite_guard(max_consecutive: int = 5):
@@ -272,17 +278,42 @@ def out_of_memory_message(trainer, exc: BaseException) -> str:
             f"length; train.activation_checkpointing=true also saves memory. ({first_line})")
 
 
+def out_of_memory_error(where: str, settings: dict, advice: str, exc: BaseException) -> TrainingError:
+    """The same clear out-of-memory error for loops that are not a trl trainer (our PPO, evaluation).
+
+    where: "PPO step 3"; settings: the values that decide memory, by recipe key; advice: what to lower.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    shown = ", ".join(f"{key}={value}" for key, value in settings.items())
+    return TrainingError(f"out of memory at {where} with {shown}. {advice} ({first_line})")
+
+
 DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
-def disk_error(exc: OSError, run_dir: Path) -> Exception:
-    """A full disk while training (a checkpoint save): keep the last whole checkpoint, drop the partial one."""
-    from alignment.checkpoint import describe_os_error, drop_partial_checkpoints, latest_checkpoint
+def disk_error(exc: BaseException, run_dir: Path) -> Exception | None:
+    """A failed write while training (a checkpoint save): keep the last whole checkpoint, drop the partial one
+    and the staging folders.  None when `exc` is not a failed write (see checkpoint.write_failure_reason)."""
+    from alignment.checkpoint import (
+        drop_partial_checkpoints,
+        latest_checkpoint,
+        remove_stale_staging,
+        write_failure_reason,
+    )
 
-    dropped = drop_partial_checkpoints(run_dir)
+    if isinstance(exc, OSError) and exc.errno not in DISK_FULL:
+        return None  # e.g. a data file that cannot be read: not a failed checkpoint write
+    reason = write_failure_reason(exc)
+    if reason is None:
+        return None
+    dropped = drop_partial_checkpoints(run_dir) + remove_stale_staging(run_dir)
     kept = latest_checkpoint(run_dir)
     return CheckpointError(
-        f"writing under {run_dir} failed: {describe_os_error(exc)}. "
+        f"writing under {run_dir} failed: {reason}. "
         + (f"The half-written {', '.join(p.name for p in dropped)} was removed; " if dropped else "")
         + (f"the last complete checkpoint {kept} is kept; " if kept else "no complete checkpoint exists yet; ")
         + "the run is not marked complete. Free some space and run again"

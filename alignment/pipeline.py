@@ -12,9 +12,12 @@ to the name of an earlier stage, whose output directory is put there.  Each
 stage writes to ``<output_root>/<name>``.
 
 A stage is skipped when its directory is complete and its fingerprint (the
-resolved recipe plus the run_info of every stage it reads) is unchanged; an
-interrupted stage with the same fingerprint resumes from its last checkpoint;
-a changed recipe re-runs that stage, and so every stage after it that reads it.
+resolved recipe, the contents of its data and reward code files, and the
+run_info of every stage it reads) is unchanged; an interrupted stage with the
+same fingerprint resumes from its last checkpoint; a changed fingerprint or
+``--force STAGE`` trains that stage from the start (replacing its directory),
+and so every stage after it that reads it.  A stage stopped by a signal stops
+the pipeline with exit status 75 (resumable: run the same command again).
 The whole pipeline (every recipe, every wiring, tokenizer and chat-template
 identity) is validated before anything trains.
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 from alignment import recipe as recipes
 from alignment.checkpoint import RUN_INFO, is_complete, latest_checkpoint, read_json, write_json
 from alignment.errors import RecipeError
+from alignment.guards import Interrupted
 
 DEFAULT_PIPELINE = "recipes/tiny/pipeline.yaml"
 STATE_FILE = "pipeline_state.json"
@@ -117,9 +121,37 @@ def resolve_stage(pipeline: Pipeline, entry: StageEntry) -> recipes.Recipe:
     return recipes.from_dict(data, locations)
 
 
+def code_files(recipe: recipes.Recipe) -> list[str]:
+    """The Python files of the recipe's reward sources (``file.py:fn`` and ``package.module:fn``)."""
+    import importlib.util
+
+    files = []
+    for spec in recipe.reward:
+        target, _, function = str(spec["source"]).rpartition(":")
+        if not function or target.startswith(("http://", "https://")) or not target:
+            continue  # a registered name, a reward-model directory or a URL: no code file of the user's
+        if target.endswith(".py"):
+            files.append(target)
+            continue
+        try:
+            found = importlib.util.find_spec(target)
+        except (ImportError, ValueError):
+            found = None
+        if found is not None and found.origin and found.origin.endswith(".py"):
+            files.append(found.origin)
+    return files
+
+
 def fingerprint(recipe: recipes.Recipe, entry: StageEntry, pipeline: Pipeline) -> str:
-    """Hash of what decides a stage's result: its resolved recipe and the run_info of every input."""
+    """Hash of what decides a stage's result: its resolved recipe, the contents of its data files and reward
+    code files (an edited file keeps its name: the recipe alone would not change), and the run_info of every
+    input."""
+    from alignment.data import data_fingerprint
+    from alignment.stages.common import data_files
+
     digest = hashlib.sha256(recipe.resolved_yaml().encode("utf-8"))
+    for path in data_files(recipe) + code_files(recipe):
+        digest.update(f"{path}={data_fingerprint(path)}".encode())
     for source in sorted(set(entry.inputs.values())):
         info = stage_output(pipeline, source) / RUN_INFO
         digest.update(source.encode() + (info.read_bytes() if info.is_file() else b"<not run>"))
@@ -171,17 +203,27 @@ def run_pipeline(pipeline: Pipeline, force: list[str] | None = None) -> dict:
         mark = fingerprint(recipe, entry, pipeline)
         previous = state.get(entry.name, {})
         out = stage_output(pipeline, entry.name)
-        if entry.name not in (force or []) and previous.get("fingerprint") == mark and is_complete(out):
+        unchanged, forced = previous.get("fingerprint") == mark, entry.name in (force or [])
+        if unchanged and not forced and is_complete(out):
             print(f"      finished earlier with the same recipe and inputs: skipped ({out})")
             results[entry.name] = {"skipped": True, "output_dir": str(out)}
             continue
-        if previous.get("fingerprint") == mark and latest_checkpoint(out) is not None:
+        if unchanged and not forced and latest_checkpoint(out) is not None:
             print(f"      resuming from {latest_checkpoint(out)}")
-            recipe = resolve_stage(pipeline, StageEntry(entry.name, entry.recipe, entry.inputs,
-                                                        list(entry.overrides) + ["resume=true"]))
+            how = "resume=true"
+        else:  # changed, forced or new: train from the start; the stage's directory is the pipeline's to replace
+            how = "overwrite=true"
+        recipe = resolve_stage(pipeline, StageEntry(entry.name, entry.recipe, entry.inputs,
+                                                    list(entry.overrides) + [how]))
         state[entry.name] = {"fingerprint": mark, "status": "running"}
         write_json(state_path, state)
-        result = stage_spec(recipe.stage).load_module().run(recipe)
+        try:
+            result = stage_spec(recipe.stage).load_module().run(recipe)
+        except Interrupted:
+            # resumable: the next `align pipeline` resumes this stage (same fingerprint, a checkpoint)
+            state[entry.name]["status"] = "interrupted"
+            write_json(state_path, state)
+            raise
         state[entry.name]["status"] = "done"
         write_json(state_path, state)
         print(f"      {result.get('summary', 'done')}")
@@ -229,5 +271,6 @@ def add_command(commands) -> None:
     )
     parser.add_argument("pipeline", nargs="?", default=DEFAULT_PIPELINE, help=f"pipeline YAML (default {DEFAULT_PIPELINE})")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the pipeline file")
-    parser.add_argument("--force", nargs="*", default=[], metavar="STAGE", help="re-run these stages even if finished")
+    parser.add_argument("--force", nargs="*", default=[], metavar="STAGE",
+                        help="train these stages again from the start, even if finished")
     parser.set_defaults(func=cmd_pipeline)

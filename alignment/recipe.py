@@ -5,7 +5,7 @@
 Top-level sections: ``stage``, ``model``, ``data``, ``reward`` (stages that
 score), ``train`` (handed to the stage's trainer config, e.g. trl's
 ``SFTConfig``), ``options`` (the stage's own settings), ``eval``,
-``output_dir``, ``seed``, ``resume``.  Every unknown key, wrong type or value
+``output_dir``, ``seed``, ``resume``, ``overwrite``.  Every unknown key, wrong type or value
 out of range is a :class:`RecipeError` naming the file, the line, the key and
 the closest valid key.  Nothing heavy (no model, no trl trainer) is built here.
 """
@@ -140,6 +140,7 @@ class Recipe:
     eval: Union[EvalSpec, None] = None
     seed: int = 42
     resume: Union[bool, Literal["force"]] = False  # "force": resume even if data/seed/hyper-parameters changed
+    overwrite: bool = False  # a fresh start may replace a finished run in output_dir (`align run --overwrite`)
     source_path: Union[str, None] = None
     raw: Mapping = field(default_factory=dict, repr=False)
 
@@ -658,6 +659,7 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
         eval=eval_spec,
         seed=coerce(data.get("seed", 42), int, ("seed",), locations),
         resume=coerce(data.get("resume", False), Union[bool, Literal["force"]], ("resume",), locations),
+        overwrite=coerce(data.get("overwrite", False), bool, ("overwrite",), locations),
         source_path=locations.path,
         raw=_freeze(data),
     )

@@ -98,9 +98,27 @@ def text_metrics(texts: list[str], references: list[str]) -> dict:
 
 
 def evaluate_policy_checkpoint(path: str, spec, rows: list[dict], reward) -> dict:
-    """Everything measured on one policy: samples, scores and metrics (KL and win rate come later)."""
-    import policies
+    """Everything measured on one policy: samples, scores and metrics (KL and win rate come later).
 
+    Out of memory is a TrainingError naming the batch size and generation length to lower.
+    """
+    from alignment.guards import is_out_of_memory, out_of_memory_error
+
+    try:
+        return _evaluate_policy_checkpoint(path, spec, rows, reward)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise out_of_memory_error(f"evaluating {path}", {"batch_size": spec.batch_size,
+                                                          "max_new_tokens": spec.max_new_tokens},
+                                  "Lower the eval spec's batch_size (or max_new_tokens)", exc) from exc
+
+
+def _evaluate_policy_checkpoint(path: str, spec, rows: list[dict], reward) -> dict:
+    import policies
+    from alignment.checkpoint import require_finished_run
+
+    require_finished_run(path)
     model, tokenizer = policies.load(path)
     prompts = [row["prompt"] for row in rows]
     columns = eval_columns(rows)

@@ -37,7 +37,7 @@ def on_gpu() -> bool:
 
 
 # Keys that may change when resuming: they extend or observe the run, they don't change what it learns.
-RESUMABLE_CHANGES = {"resume", "output_dir", "max_steps", "num_train_epochs", "save_steps", "logging_steps",
+RESUMABLE_CHANGES = {"resume", "overwrite", "output_dir", "max_steps", "num_train_epochs", "save_steps", "logging_steps",
                      "save_total_limit", "report_to", "eval", "disable_tqdm", "logging_dir"}
 
 
@@ -91,13 +91,30 @@ def check_output_dir(recipe) -> Path:
 
 def prepare_run_dir(recipe) -> tuple[Path, str | None]:
     """Create the run directory, mark it unfinished, and find the checkpoint to resume from."""
-    from alignment.checkpoint import drop_partial_checkpoints, set_aside_checkpoints, write_atomic
+    from alignment.checkpoint import (
+        drop_partial_checkpoints,
+        lock_run_dir,
+        refuse_to_replace_a_finished_run,
+        remove_stale_staging,
+        require_finished_run,
+        set_aside_checkpoints,
+        write_atomic,
+    )
     from alignment.data import data_fingerprint
     from alignment.distributed import is_main_process
 
     check_machine(recipe)
     run_dir = check_output_dir(recipe)
+    for start in [recipe.model.name_or_path] + [spec["source"] for spec in recipe.reward]:
+        require_finished_run(start)  # e.g. DPO from an SFT directory whose run was interrupted
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir)  # before anything in the directory changes
+        for stale in remove_stale_staging(run_dir):
+            print(f"removed {stale}: the staging folder of a save that did not finish", flush=True)
     resume_from = resume_checkpoint(run_dir, bool(recipe.resume))
+    if not resume_from:
+        refuse_to_replace_a_finished_run(run_dir, recipe.overwrite)
     if resume_from:
         check_resume_matches(recipe, run_dir)
         for partial in drop_partial_checkpoints(run_dir) if is_main_process() else []:
@@ -316,7 +333,6 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
     the run is never marked complete; `--resume` continues it.
     """
     from alignment.guards import (
-        DISK_FULL,
         disk_error,
         graceful_stop,
         is_out_of_memory,
@@ -348,8 +364,9 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
     except Exception as exc:
         if is_out_of_memory(exc):
             raise TrainingError(out_of_memory_message(trainer, exc)) from exc
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            raise disk_error(exc, run_dir) from exc
+        failed_write = disk_error(exc, run_dir)
+        if failed_write is not None:
+            raise failed_write from exc
         raise
     stopper.check(run_dir)
 

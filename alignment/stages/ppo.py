@@ -166,8 +166,16 @@ class RecipeReward:
 
 def save_checkpoint(trainer, run_dir: Path, keep: int) -> Path:
     """checkpoints/checkpoint-<step> (written whole or not at all), then drop all but the newest `keep`."""
+    from alignment.guards import disk_error
+
     root = run_dir / CHECKPOINTS
-    path = trainer.save(root / f"checkpoint-{trainer.step_count}")
+    try:
+        path = trainer.save(root / f"checkpoint-{trainer.step_count}")
+    except Exception as exc:  # a full disk arrives as OSError, SafetensorError or RuntimeError
+        failed_write = disk_error(exc, run_dir)  # removes checkpoint-<step>.tmp; the last whole one is kept
+        if failed_write is None:
+            raise
+        raise failed_write from exc
     if trainer.accelerator.is_main_process:
         saved = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in root.glob("checkpoint-*")
                        if p.is_dir() and p.name.rsplit("-", 1)[1].isdigit())
@@ -200,7 +208,7 @@ def train(trainer, reward_fn, run_dir: Path, options, eval_spec=None) -> list[di
     started, stopped_early = time.time(), False
     with SignalLatch("PPO step") as stop:
         while trainer.step_count < total:
-            metrics = trainer.step()
+            metrics = ppo_step(trainer)
             record = {"step": trainer.step_count, "time": round(time.time(), 3), **reward_fn.last_metrics, **metrics}
             if main:
                 with log_path.open("a", encoding="utf-8") as handle:
@@ -228,6 +236,25 @@ def train(trainer, reward_fn, run_dir: Path, options, eval_spec=None) -> list[di
     if trainer.step_count % options["save_steps"] and not stopped_early:
         save_checkpoint(trainer, run_dir, options["save_total_limit"])
     return read_log(log_path)
+
+
+def ppo_step(trainer) -> dict:
+    """One PPO step; out of memory is a TrainingError naming the settings that decide memory."""
+    from alignment.guards import is_out_of_memory, out_of_memory_error
+
+    try:
+        return trainer.step()
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        cfg = trainer.config
+        raise out_of_memory_error(
+            f"PPO step {trainer.step_count + 1}",
+            {"train.batch_size": cfg.batch_size, "train.mini_batch_size": cfg.mini_batch_size,
+             "train.gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+             "train.max_new_tokens": cfg.max_new_tokens},
+            "Lower train.mini_batch_size (raising train.gradient_accumulation_steps keeps the update size), "
+            "train.batch_size (the rollout batch) or train.max_new_tokens", exc) from exc
 
 
 def read_log(path: Path) -> list[dict]:

@@ -61,12 +61,10 @@ def is_int8_export(path: Path) -> bool:
 def load_source(spec: str, *, merge_lora: bool = False, base: str | None = None):
     """(fp32 CPU model, tokenizer, description) of the checkpoint to export."""
     import policies
-    from alignment.checkpoint import RUN_INFO, is_complete
+    from alignment.checkpoint import require_finished_run
 
     path = Path(spec)
-    if (path / RUN_INFO).is_file() and not is_complete(path):
-        raise CheckpointError(f"{spec} is an unfinished run (run_info.json is not marked complete); "
-                              "finish or resume it before exporting")
+    require_finished_run(spec)
     if is_int8_export(path):
         raise CheckpointError(f"{spec} is already an int8 export; export from the fp32 checkpoint")
     if is_adapter(path):

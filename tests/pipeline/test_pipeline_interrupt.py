@@ -102,7 +102,10 @@ def test_pipeline_interrupted_during_ppo_continues_and_matches_an_uninterrupted_
     runs = tmp_path / "runs"
     code = stop_during_ppo(pipeline, repo_root, sig)
     if sig == signal.SIGINT:
-        assert code == 0, (tmp_path / "stopped.log").read_text()[-3000:]  # the step finished, saved, clean exit
+        from alignment.guards import EXIT_INTERRUPTED
+
+        # the step finished and saved; exit 75 (resumable), not 0, so a shell `&&` does not run the next command
+        assert code == EXIT_INTERRUPTED, (tmp_path / "stopped.log").read_text()[-3000:]
         assert "interrupted" in (tmp_path / "stopped.log").read_text()
     else:
         assert code == -signal.SIGKILL

@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.reliability.conftest import write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _release_run_locks():
+    """A stage holds its run directory's lock until the process ends; tests end sooner."""
+    yield
+    from alignment import checkpoint
+
+    for run_dir in list(checkpoint._LOCKS):
+        checkpoint.unlock_run_dir(run_dir)
 
 
 # ----------------------------------------------------------------------------- 35 (issue item 1): repeated pairs
@@ -107,3 +117,166 @@ def test_item_38_sft_token_audit_without_labels_is_an_error():
     trainer = SimpleNamespace(train_dataset=datasets.Dataset.from_list([{"input_ids": [1, 2, 3]}]))
     with pytest.raises(TrainingError, match="labels"):
         audit_sft_tokens(trainer, SimpleNamespace(), Path("."))
+
+
+# ----------------------------------------------------------------------------- 39 (issue item 5): interrupted exit code
+
+
+def test_item_39_an_interrupted_run_exits_with_the_documented_resumable_code(monkeypatch, capsys):
+    from alignment import cli
+    from alignment.guards import EXIT_INTERRUPTED, Interrupted
+
+    def interrupted_run(args):
+        raise Interrupted("stopped by SIGTERM; checkpoint saved; run again with --resume")
+
+    monkeypatch.setattr(cli, "cmd_run", interrupted_run)
+    assert EXIT_INTERRUPTED == 75
+    assert cli.main(["run", "recipes/tiny/sft.yaml"]) == EXIT_INTERRUPTED  # so `align run a && align run b` stops
+    assert "resumable" in capsys.readouterr().err
+
+
+# A pipeline whose stages are replaced by fakes that record how they were asked to run.
+
+def _fake_stage(calls: list, name: str, interrupt: bool = False):
+    from alignment.checkpoint import write_json
+    from alignment.guards import Interrupted
+
+    def run(recipe):
+        calls.append((name, recipe.resume, getattr(recipe, "overwrite", None)))
+        out = Path(recipe.output_dir)
+        (out / "checkpoints" / "checkpoint-4").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+        if interrupt:
+            raise Interrupted(f"stopped by SIGTERM during {name}")
+        write_json(out / "run_info.json", {"stage": recipe.stage, "complete": True, "finished_at": time.time()})
+        return {"summary": f"{name} done"}
+
+    return run
+
+
+def _fake_pipeline(tmp_path, monkeypatch, calls, interrupt_dpo=False, data=None):
+    from alignment.stages import dpo, sft
+
+    monkeypatch.setattr(sft, "run", _fake_stage(calls, "sft"))
+    monkeypatch.setattr(dpo, "run", _fake_stage(calls, "dpo", interrupt=interrupt_dpo))
+    sft_overrides = json.dumps([f"data.train={data}"] if data else [])
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"output_root: {tmp_path}/runs\nstages:\n"
+                    f"  - {{name: sft, recipe: recipes/tiny/sft.yaml, overrides: {sft_overrides}}}\n"
+                    "  - {name: dpo, recipe: recipes/tiny/dpo.yaml, inputs: {model.name_or_path: sft}}\n")
+    return path
+
+
+def test_item_39_the_pipeline_stops_at_an_interrupted_stage_exits_75_and_records_it(tmp_path, monkeypatch):
+    from alignment import cli
+    from alignment.guards import EXIT_INTERRUPTED
+
+    calls = []
+    path = _fake_pipeline(tmp_path, monkeypatch, calls, interrupt_dpo=True)
+    assert cli.main(["pipeline", str(path)]) == EXIT_INTERRUPTED
+    state = json.loads((tmp_path / "runs" / "pipeline_state.json").read_text())
+    assert state["sft"]["status"] == "done" and state["dpo"]["status"] == "interrupted", state
+
+
+# ----------------------------------------------------------------------------- 40 (issue item 6): unfinished runs
+
+
+def _unfinished_run(tmp_path, tiny_model_dir):
+    """What an interrupted run leaves: the weights of its start, recipe.yaml, checkpoints, no run_info.json."""
+    import shutil
+
+    run = tmp_path / "unfinished"
+    shutil.copytree(tiny_model_dir, run)
+    (run / "recipe.yaml").write_text("stage: sft\n")
+    shutil.copytree(tiny_model_dir, run / "checkpoints" / "checkpoint-2")
+    (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    return run
+
+
+def test_item_40_exporting_or_loading_an_unfinished_run_is_an_error_unless_a_checkpoint_is_named(
+        tmp_path, tiny_model_dir):
+    from alignment.checkpoint import require_finished_run
+    from alignment.errors import CheckpointError
+    from alignment.tools.export import load_source
+
+    run = _unfinished_run(tmp_path, tiny_model_dir)
+    with pytest.raises(CheckpointError, match=r"unfinished run.*checkpoint-2"):
+        load_source(str(run))
+    with pytest.raises(CheckpointError, match="unfinished run"):
+        require_finished_run(str(run))  # what every stage checks its model.name_or_path with
+    model, _, _ = load_source(str(run / "checkpoints" / "checkpoint-2"))  # named explicitly: allowed
+    assert model is not None
+    require_finished_run(str(tiny_model_dir))  # a plain model directory is not a run directory
+
+
+# ----------------------------------------------------------------------------- 41 (issue item 7): never overwritten
+
+
+def _prepare(tmp_path, *overrides):
+    from alignment import recipe as recipes
+    from alignment.stages import common
+
+    recipe = recipes.load("recipes/tiny/sft.yaml", [f"output_dir={tmp_path / 'run'}", *overrides])
+    return common.prepare_run_dir(recipe)
+
+
+def test_item_41_a_fresh_run_into_a_finished_run_is_refused_unless_overwrite(tmp_path):
+    from alignment.checkpoint import write_json
+    from alignment.errors import CheckpointError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_json(run / "run_info.json", {"complete": True})
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        _prepare(tmp_path)
+    assert (run / "run_info.json").is_file()  # untouched
+    _prepare(tmp_path, "overwrite=true")
+
+
+def test_item_41_forgetting_resume_twice_keeps_the_first_runs_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    first = run / "checkpoints" / "checkpoint-7"
+    first.mkdir(parents=True)
+    (first / "trainer_state.json").write_text('{"run": "first"}')
+    _prepare(tmp_path)  # forgot --resume once
+    second = run / "checkpoints" / "checkpoint-1"
+    second.mkdir(parents=True)
+    (second / "trainer_state.json").write_text('{"run": "second"}')
+    _prepare(tmp_path)  # and again
+    kept = sorted(p.read_text() for p in run.glob("checkpoints*/checkpoint-*/trainer_state.json"))
+    assert kept == ['{"run": "first"}', '{"run": "second"}'], kept
+
+
+def test_item_41_pipeline_force_retrains_instead_of_resuming(tmp_path, monkeypatch):
+    from alignment.pipeline import load_pipeline, run_pipeline
+
+    calls = []
+    path = _fake_pipeline(tmp_path, monkeypatch, calls)
+    run_pipeline(load_pipeline(path))
+    calls.clear()
+    run_pipeline(load_pipeline(path), force=["sft"])
+    assert calls[0] == ("sft", False, True), calls  # fresh (not resume=true), allowed to replace the finished run
+
+
+def test_item_41_pipeline_fingerprint_covers_data_contents_and_reward_code(tmp_path, monkeypatch):
+    from alignment import recipe as recipes
+    from alignment.pipeline import StageEntry, fingerprint, load_pipeline, run_pipeline
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text(Path("data/tiny_arith/sft.jsonl").read_text().splitlines()[0] + "\n")
+    calls = []
+    path = _fake_pipeline(tmp_path, monkeypatch, calls, data=data)
+    run_pipeline(load_pipeline(path))
+    data.write_text(Path("data/tiny_arith/sft.jsonl").read_text().splitlines()[1] + "\n")  # same name, new rows
+    calls.clear()
+    run_pipeline(load_pipeline(path))
+    assert [c[0] for c in calls] == ["sft", "dpo"], "a changed data file was skipped as finished"
+
+    code = tmp_path / "my_reward.py"
+    code.write_text("def score(prompts, completions, **kw):\n    return [1.0] * len(prompts)\n")
+    recipe = recipes.load("recipes/tiny/ppo_rule.yaml", [f"reward=[{{source: '{code}:score'}}]"])
+    pipeline = load_pipeline(path)
+    entry = StageEntry("ppo", "recipes/tiny/ppo_rule.yaml")
+    before = fingerprint(recipe, entry, pipeline)
+    code.write_text("def score(prompts, completions, **kw):\n    return [0.0] * len(prompts)\n")
+    assert fingerprint(recipe, entry, pipeline) != before, "a changed reward code file kept the fingerprint"
