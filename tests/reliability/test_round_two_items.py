@@ -280,3 +280,137 @@ def test_item_41_pipeline_fingerprint_covers_data_contents_and_reward_code(tmp_p
     before = fingerprint(recipe, entry, pipeline)
     code.write_text("def score(prompts, completions, **kw):\n    return [0.0] * len(prompts)\n")
     assert fingerprint(recipe, entry, pipeline) != before, "a changed reward code file kept the fingerprint"
+
+
+# ----------------------------------------------------------------------------- 42 (issue item 8): real disk full
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 6 MB tmpfs: room for one tiny:1m model (4.3 MB of safetensors), not for a second copy beside it."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:  # not root, or no mount namespace: test_item_42_real_exception_types covers the types
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_item_42_a_real_full_disk_during_the_final_save_keeps_the_old_weights_and_no_staging(small_filesystem):
+    from alignment import recipe as recipes
+    from alignment.checkpoint import is_complete, mark_incomplete, save_run
+    from alignment.errors import CheckpointError
+    import policies
+
+    run = small_filesystem / "run"
+    recipe = recipes.load("recipes/tiny/sft.yaml", [f"output_dir={run}"])
+    model, tokenizer = policies.load("tiny:1m", seed=1)
+    save_run(run, model=model, tokenizer=tokenizer, recipe=recipe, run_info={}, metrics={})
+    old = (run / "model.safetensors").read_bytes()
+    mark_incomplete(run)  # a new run starts in the directory
+    with pytest.raises(CheckpointError, match="disk full"):  # safetensors raises SafetensorError, not OSError
+        save_run(run, model=policies.load("tiny:1m", seed=2)[0], tokenizer=tokenizer, recipe=recipe, run_info={},
+                 metrics={})
+    assert (run / "model.safetensors").read_bytes() == old
+    assert not list(run.glob(".staging-*")), "the staging folder was left on the full disk"
+    assert not is_complete(run)
+
+
+def test_item_42_real_exception_types_of_a_full_disk_are_recognised(small_filesystem):
+    import safetensors.torch
+    import torch
+
+    from alignment.checkpoint import write_failure_reason
+
+    big = {"w": torch.zeros(2 << 20)}  # 8 MB
+    caught = []
+    for write in (lambda: safetensors.torch.save_file(big, str(small_filesystem / "a.safetensors")),
+                  lambda: torch.save(big, small_filesystem / "b.pt")):
+        with pytest.raises(Exception) as info:
+            write()
+        caught.append(info.value)
+    assert not any(isinstance(e, OSError) for e in caught), caught  # why an OSError handler missed them
+    assert "disk full" in write_failure_reason(caught[0])
+    assert "torch.save could not write" in write_failure_reason(caught[1])
+    assert write_failure_reason(RuntimeError("shape mismatch")) is None  # other errors are not write failures
+
+
+def test_item_42_a_stale_staging_folder_is_removed_when_the_next_run_starts(tmp_path):
+    run = tmp_path / "run"
+    stale = run / ".staging-12345"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    ppo_stale = run / "checkpoints" / "checkpoint-3.tmp"
+    ppo_stale.mkdir(parents=True)
+    _prepare(tmp_path)
+    assert not stale.exists() and not ppo_stale.exists()
+
+
+def test_item_42_weights_are_fsynced_before_run_info_marks_the_run_complete(tmp_path, monkeypatch):
+    from alignment import checkpoint
+    from alignment import recipe as recipes
+    import policies
+
+    run = tmp_path / "run"
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((name, (run / "run_info.json").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", recording_fsync)
+    model, tokenizer = policies.load("tiny:1m", seed=1)
+    checkpoint.save_run(run, model=model, tokenizer=tokenizer,
+                        recipe=recipes.load("recipes/tiny/sft.yaml", [f"output_dir={run}"]), run_info={}, metrics={})
+    weights = [complete for name, complete in synced if name == str(run / "model.safetensors")]
+    directory = [complete for name, complete in synced if name == str(run)]
+    assert weights == [False] and directory and not directory[0], synced
+
+
+# ----------------------------------------------------------------------------- 43 (issue item 9): hangs, health, OOM, lock
+
+
+def test_item_43_a_second_run_on_the_same_output_directory_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from alignment.errors import CheckpointError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from alignment.checkpoint import lock_run_dir;"
+                               f" lock_run_dir({str(run)!r}); print('locked', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointError, match=rf"in use by another run \(pid {holder.pid}"):
+            _prepare(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    _prepare(tmp_path)  # the lock went with the process
+
+
+def test_item_43_out_of_memory_in_the_ppo_loop_and_in_evaluation_names_what_to_lower(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from alignment.errors import TrainingError
+    from alignment.evaluation import runner
+    from alignment.stages.ppo import ppo_step
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer = SimpleNamespace(step=oom, step_count=4, config=SimpleNamespace(
+        batch_size=64, mini_batch_size=8, gradient_accumulation_steps=1, max_new_tokens=64))
+    with pytest.raises(TrainingError, match=r"out of memory at PPO step 5 .*train.mini_batch_size=8"):
+        ppo_step(trainer)
+    monkeypatch.setattr(runner, "_evaluate_policy_checkpoint", oom)
+    with pytest.raises(TrainingError, match=r"out of memory at evaluating ckpt with batch_size=16"):
+        runner.evaluate_policy_checkpoint("ckpt", SimpleNamespace(batch_size=16, max_new_tokens=8), [], None)
