@@ -93,7 +93,7 @@ class RewardSpec:
     name: Union[str, None] = None
     kwargs: dict = field(default_factory=dict)
     timeout: Union[float, None] = field(default=None, metadata=check(positive))
-    on_error: Literal["raise", "skip"] = "raise"
+    on_error: Literal["raise", "skip", "reweight"] = "raise"  # skip: drop a failed sample; reweight: keep it
     isolate: bool = False
     token_env: Union[str, None] = None
 

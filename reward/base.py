@@ -316,6 +316,9 @@ class RewardSource:
         self.on_error = on_error
         self.max_consecutive_failures = max_consecutive_failures
         self.stats = RewardStats()
+        # indices of the samples of the last call whose score failed (skip mode): "failed" is not "does not
+        # apply", though both come back as None; a combination reads this to drop or re-weight those samples
+        self.last_failed: list[int] = []
         self._params = _parameters(fn)
 
     def __repr__(self) -> str:
@@ -333,6 +336,7 @@ class RewardSource:
                 f"reward source '{self.name}': got {n} prompts but {len(completions)} completions"
             )
         self.stats.calls += 1
+        self.last_failed = []
         if n == 0:
             return []
         if not getattr(self.fn, "accepts_conversations", False):
@@ -363,6 +367,7 @@ class RewardSource:
                         f"reward source '{self.name}' returned an invalid score for sample {i}: {checked}"
                     )
                 invalid.append(f"sample {i}: {checked}")
+                self.last_failed.append(i)
                 out.append(None)
             else:
                 out.append(checked)
@@ -453,6 +458,7 @@ class RewardSource:
         if self.on_error == "raise":
             raise RewardError(msg) from exc
         self.stats.skipped_samples += n
+        self.last_failed = list(range(n))
         self._maybe_abort(what)
         logger.warning("%s; %d samples scored as None (on_error='skip')", msg, n)
         return [None] * n

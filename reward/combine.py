@@ -9,7 +9,7 @@ A recipe's ``reward:`` section is a list of specs::
         name: brevity                   # default derived from the source
         weight: 0.1
         kwargs: {target: 20}            # passed to the source
-        on_error: skip                  # "raise" (default) or "skip"
+        on_error: skip                  # "raise" (default), "skip" or "reweight" (below)
         timeout: 5                      # seconds per call (for a URL: per HTTP request)
       - source: untrusted.py:score
         isolate: true                   # separate process; timeout (default 60 s) and memory_mb (default 2048)
@@ -17,6 +17,15 @@ A recipe's ``reward:`` section is a list of specs::
         token_env: RM_TOKEN             # URL sources: env var holding the bearer token
 
 A plain string is short for ``{source: <string>}``.
+
+"Does not apply" and "failed" differ.  A source returning None for a sample does
+not apply to it: the total sums the sources that did.  A source that *failed* on
+a sample (raised, timed out, NaN; ``on_error: skip``) makes the sample's total
+None, so the sample is dropped from the update and counted
+(``reward/dropped_samples``), never scored 0 for that source.  With
+``on_error: reweight`` the sample is kept instead, its total re-weighted over
+the sources that applied: ``sum_applied w_i s_i * (W_applied + W_failed) / W_applied``
+(counted as ``reward/reweighted_samples``).
 """
 
 from __future__ import annotations
@@ -28,9 +37,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import logging
+
 from alignment.errors import RewardError
 from reward.base import ON_ERROR_CHOICES, RewardSource
 from reward.registry import default_name, resolve
+
+logger = logging.getLogger(__name__)
+
+# on_error of a spec: the RewardSource modes, and "reweight" (skip mode in the source, re-weighting here)
+SPEC_ON_ERROR_CHOICES = ON_ERROR_CHOICES + ("reweight",)
 
 SPEC_KEYS = (
     "source",
@@ -62,6 +78,26 @@ class RewardResult:
     total: list[float | None]
     per_source: dict[str, list[float | None]]
     metrics: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, list[int]] = field(default_factory=dict)  # per source: samples whose score failed
+    dropped: list[int] = field(default_factory=list)  # samples whose total is None because a source failed
+
+
+def failure_scale(weights: list[float], failed: list[bool], applied: list[bool], reweight: list[bool]) -> float | None:
+    """The factor a sample's weighted sum over its applied sources is multiplied by; None: drop the sample.
+
+    1.0 when no source failed.  A failed source drops the sample (None), unless it asked for re-weighting:
+    then the applied sources stand in for the failed ones' weight, (W_applied + W_failed) / W_applied
+    (None too when nothing applied).  Sources that do not apply take no part either way.
+    """
+    if not any(failed):
+        return 1.0
+    if not all(r for r, f in zip(reweight, failed) if f):
+        return None
+    applied_weight = math.fsum(w for w, a in zip(weights, applied) if a)
+    failed_weight = math.fsum(w for w, f in zip(weights, failed) if f)
+    if not applied_weight:
+        return None
+    return (applied_weight + failed_weight) / applied_weight
 
 
 class CombinedReward:
@@ -71,7 +107,7 @@ class CombinedReward:
     (trl sums with nansum, so a sample no source applies to gets 0 there; here it gets None.)
     """
 
-    def __init__(self, sources: list[RewardSource]):
+    def __init__(self, sources: list[RewardSource], reweight: set[str] | None = None):
         if not sources:
             raise RewardError("a combined reward needs at least one source")
         names = [s.name for s in sources]
@@ -81,6 +117,7 @@ class CombinedReward:
                 f"reward source names must be unique; repeated: {dupes} (set 'name' in the spec)"
             )
         self.sources = list(sources)
+        self.reweight = set(reweight or ())  # names of the sources whose failures re-weight (on_error: reweight)
 
     @property
     def weights(self) -> list[float]:
@@ -92,6 +129,18 @@ class CombinedReward:
 
     def __repr__(self) -> str:
         return "CombinedReward(" + ", ".join(f"{s.name}*{s.weight:g}" for s in self.sources) + ")"
+
+    def sample_scales(self, applied: list[list[bool]]) -> list[float | None]:
+        """Per sample of the last call, :func:`failure_scale` (None: drop it).
+
+        applied[j][i]: source j gave sample i a score; the failures come from each source's ``last_failed``.
+        Used here and by the GRPO/RLOO trainers, which call the sources themselves.
+        """
+        reweight = [s.name in self.reweight for s in self.sources]
+        failed_sets = [set(s.last_failed) for s in self.sources]
+        n = len(applied[0]) if applied else 0
+        return [failure_scale(self.weights, [i in f for f in failed_sets], [a[i] for a in applied], reweight)
+                for i in range(n)]
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> RewardResult:
         n = len(prompts)
@@ -107,15 +156,26 @@ class CombinedReward:
             metrics[f"reward/{source.name}/failures"] = float(source.stats.failures - before[0])
             metrics[f"reward/{source.name}/skipped"] = float(source.stats.skipped_samples - before[1])
         total: list[float | None] = []
-        for i in range(n):
-            parts = [
-                s.weight * per_source[s.name][i] for s in self.sources if per_source[s.name][i] is not None
-            ]
-            total.append(math.fsum(parts) if parts else None)
+        dropped, reweighted = [], 0
+        applied_flags = [[v is not None for v in per_source[s.name]] for s in self.sources]
+        for i, scale in enumerate(self.sample_scales(applied_flags)):
+            parts = [s.weight * per_source[s.name][i] for s in self.sources if per_source[s.name][i] is not None]
+            if scale is None:
+                dropped.append(i)
+                total.append(None)
+                continue
+            reweighted += scale != 1.0
+            total.append(scale * math.fsum(parts) if parts else None)
         applied_total = [t for t in total if t is not None]
         if applied_total:
             metrics["reward/total"] = math.fsum(applied_total) / len(applied_total)
-        return RewardResult(total=total, per_source=per_source, metrics=metrics)
+        metrics["reward/dropped_samples"] = float(len(dropped))
+        metrics["reward/reweighted_samples"] = float(reweighted)
+        if dropped:
+            logger.warning("%d of %d samples dropped from the update: a reward source failed on them "
+                           "(a failure is never a score of 0)", len(dropped), n)
+        failed = {s.name: list(s.last_failed) for s in self.sources}
+        return RewardResult(total=total, per_source=per_source, metrics=metrics, failed=failed, dropped=dropped)
 
     def close(self) -> None:
         """Close connections and child processes the sources hold."""
@@ -162,8 +222,8 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
     if not isinstance(kwargs, Mapping):
         raise _spec_error(index, f"{where} 'kwargs' must be a mapping, got {type(kwargs).__name__}")
     on_error = spec.get("on_error", "raise")
-    if on_error not in ON_ERROR_CHOICES:
-        raise _spec_error(index, f"{where} 'on_error' must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+    if on_error not in SPEC_ON_ERROR_CHOICES:
+        raise _spec_error(index, f"{where} 'on_error' must be one of {SPEC_ON_ERROR_CHOICES}, got {on_error!r}")
     isolate = spec.get("isolate", False)
     if not isinstance(isolate, bool):
         raise _spec_error(index, f"{where} 'isolate' must be true or false, got {isolate!r}")
@@ -205,7 +265,7 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
         name=name,
         weight=1.0 if weight is None else weight,
         timeout=call_timeout,
-        on_error=on_error,
+        on_error="skip" if on_error == "reweight" else on_error,
         max_consecutive_failures=max_fail,
     )
 
@@ -220,7 +280,9 @@ def build(specs: list[dict[str, Any] | str]) -> CombinedReward:
     try:
         for i, spec in enumerate(specs):
             sources.append(build_source(spec, i))
-        return CombinedReward(sources)
+        reweight = {source.name for source, spec in zip(sources, specs)
+                    if isinstance(spec, Mapping) and spec.get("on_error") == "reweight"}
+        return CombinedReward(sources, reweight=reweight)
     except BaseException:
         for source in sources:  # stop children / connections already started
             source.close()

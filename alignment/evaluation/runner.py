@@ -74,17 +74,31 @@ def completion_text(value) -> str:
     return value if isinstance(value, str) else value[-1]["content"]
 
 
-def score(reward, prompts, texts, columns) -> dict:
-    result = reward(prompts, texts, **columns)
-    return result.per_source
+def score(reward, prompts, texts, columns):
+    """The recipe's reward sources on the texts: the combined result (scores per source, failures per source)."""
+    return reward(prompts, texts, **columns)
 
 
-def sample_metrics(prefix: str, samples: list[dict], per_source: dict) -> dict:
+def sample_metrics(prefix: str, samples: list[dict], result) -> dict:
+    """Reward means, accuracy and EOS rate of one set of samples.
+
+    A sample whose score *failed* (not "does not apply") is left out of a mean and of the accuracy's
+    denominator, and says so: ``<prefix>_reward_failures`` counts them per source, and the accuracy comes
+    with ``<prefix>_accuracy_scored`` / ``<prefix>_accuracy_failed``.
+    """
+    per_source = result.per_source
     rewards = {name: stats.mean_std(values) for name, values in per_source.items()}
     metrics = {"reward" if prefix == "greedy" else f"{prefix}_reward": rewards}
+    failures = {name: len(indices) for name, indices in result.failed.items() if indices}
+    if failures:
+        metrics[f"{prefix}_reward_failures"] = failures
+        print(f"warning: {prefix} samples whose reward failed (left out of the means, never scored 0): "
+              + ", ".join(f"{name} {n}" for name, n in failures.items()), flush=True)
     if "answer_match" in per_source:
         applied = [v for v in per_source["answer_match"] if v is not None]
         metrics[f"{prefix}_accuracy"] = sum(applied) / len(applied) if applied else None
+        metrics[f"{prefix}_accuracy_scored"] = len(applied)
+        metrics[f"{prefix}_accuracy_failed"] = failures.get("answer_match", 0)
     metrics[f"{prefix}_eos_rate"] = sum(s["ended_with_eos"] for s in samples) / len(samples)
     return metrics
 
@@ -125,8 +139,9 @@ def _evaluate_policy_checkpoint(path: str, spec, rows: list[dict], reward) -> di
     greedy = generate_completions(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
                                   batch_size=spec.batch_size, do_sample=False, seed=spec.seed)
     greedy_texts = [s["text"] for s in greedy]
-    greedy_scores = score(reward, prompts, greedy_texts, columns)
-    metrics = sample_metrics("greedy", greedy, greedy_scores)
+    greedy_result = score(reward, prompts, greedy_texts, columns)
+    greedy_scores = greedy_result.per_source
+    metrics = sample_metrics("greedy", greedy, greedy_result)
     metrics["mean_length"] = sum(s["num_tokens"] for s in greedy) / len(greedy)
     metrics["distinct_1"] = stats.distinct_n(greedy_texts, 1, tokenize=list)
     metrics["distinct_2"] = stats.distinct_n(greedy_texts, 2, tokenize=list)

@@ -425,7 +425,8 @@ class PPOTrainer:
         sums = self._reduce([v for pair in ratios.values() for v in pair], "sum")
         for i, name in enumerate(ratios):
             total, count = sums[2 * i], sums[2 * i + 1]
-            empty = math.nan if name.startswith("reward/") else 0.0  # no sample scored: no mean reward
+            # no sample kept or scored: there is no mean score (a 0.0 would read as a real, bad step)
+            empty = math.nan if name.startswith("reward/") or name == "objective/score" else 0.0
             metrics[name] = total / count if count else empty
         metrics["objective/rlhf_reward"] = metrics["objective/score"] + metrics["objective/non_score_reward"]
         metrics.update(times)

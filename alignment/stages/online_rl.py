@@ -38,12 +38,50 @@ class Options:
     share_prompt: Literal["auto", True, False] = "auto"
 
 
-def trainer_class(base, share_prompt: bool):
-    """trl's GRPOTrainer/RLOOTrainer, or a subclass whose log-prob passes share each group's prompt."""
-    if not share_prompt:
-        return base
+def drop_or_reweight_failures(rewards_per_func, combined, n_local: int, process_index: int):
+    """trl's (samples x sources) reward matrix with our failure semantics applied.
 
-    class SharedPromptTrainer(base):
+    trl reads a None score as NaN and sums with nansum, so a source that *failed* on a sample would count
+    as 0 there.  Each row is multiplied by :meth:`CombinedReward.sample_scales` of this process's rows,
+    gathered: NaN for a sample to drop (every entry NaN is trl's "unscorable": left out of the group
+    baseline, advantage 0, no gradient), the re-weighting factor for ``on_error: reweight``, else 1.
+    """
+    import math
+
+    import torch
+    from accelerate.utils import gather
+
+    local = rewards_per_func[process_index * n_local:(process_index + 1) * n_local]
+    applied = [(~torch.isnan(local[:, j])).tolist() for j in range(local.shape[1])]
+    scales = combined.sample_scales(applied)
+    factors = torch.tensor([math.nan if s is None else s for s in scales], dtype=rewards_per_func.dtype,
+                           device=rewards_per_func.device)
+    factors = gather(factors)
+    return rewards_per_func * factors.unsqueeze(1), int(torch.isnan(factors).sum())
+
+
+def trainer_class(base, share_prompt: bool):
+    """trl's GRPOTrainer/RLOOTrainer with our reward-failure semantics; with `share_prompt`, its log-prob
+    passes also share each group's prompt."""
+
+    class RecipeRewardTrainer(base):
+        combined = None  # the recipe's CombinedReward (set by build_trainer)
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            if self.combined is None:
+                return rewards_per_func
+            rewards_per_func, dropped = drop_or_reweight_failures(
+                rewards_per_func, self.combined, len(prompts), self.accelerator.process_index)
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["rewards/dropped_samples"].append(float(dropped))  # a failed source: never 0
+            return rewards_per_func
+
+    RecipeRewardTrainer.__name__ = f"Recipe{base.__name__}"
+    if not share_prompt:
+        return RecipeRewardTrainer
+
+    class SharedPromptTrainer(RecipeRewardTrainer):
         def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args,
                                                **kwargs):
             multimodal = args or any(v is not None for k, v in kwargs.items()
@@ -87,6 +125,7 @@ def build_trainer(recipe, model, tokenizer, rewards, splits, run_dir):
         processing_class=tokenizer,
         peft_config=common.lora_config(recipe.model.lora),
     )
+    trainer.combined = rewards
     if sharing and getattr(trainer, "ref_model", None) is not None:  # trl loads its reference itself
         shared_prompt.install(trainer.ref_model)
     trainer.share_prompt = sharing

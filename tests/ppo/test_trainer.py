@@ -357,3 +357,12 @@ def test_generation_chunks_are_seeded_by_position_so_two_ranks_sample_one_batch(
         for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values"):
             assert torch.allclose(getattr(whole, name)[rows, :width].float(), getattr(part, name).float(),
                                   atol=1e-6), name
+
+
+def test_a_step_with_no_kept_sample_logs_no_score_not_zero(tokenizer):
+    """Issue 17 item 2: every sample dropped (every reward failed) -> objective/score is NaN, not 0.0."""
+    import math
+
+    metrics = build(tokenizer, small_config(), reward=lambda p, c, **k: [None] * len(c)).step()
+    assert metrics["val/dropped_rate"] == 1.0
+    assert math.isnan(metrics["objective/score"]) and math.isnan(metrics["objective/rlhf_reward"]), metrics

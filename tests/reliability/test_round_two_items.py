@@ -414,3 +414,78 @@ def test_item_43_out_of_memory_in_the_ppo_loop_and_in_evaluation_names_what_to_l
     monkeypatch.setattr(runner, "_evaluate_policy_checkpoint", oom)
     with pytest.raises(TrainingError, match=r"out of memory at evaluating ckpt with batch_size=16"):
         runner.evaluate_policy_checkpoint("ckpt", SimpleNamespace(batch_size=16, max_new_tokens=8), [], None)
+
+
+# ----------------------------------------------------------------------------- 36 (issue item 2): failed is not 0
+
+
+def _two_sources(on_error="skip"):
+    import reward
+
+    def exact(prompts, completions, **kw):
+        return [0.0 if c == "n/a" else 1.0 for c in completions]
+
+    def judge(prompts, completions, **kw):  # fails (NaN) on "bad", does not apply (None) to "n/a"
+        return [float("nan") if c == "bad" else None if c == "n/a" else 0.5 for c in completions]
+
+    from reward.registry import register
+
+    register("r2_exact")(exact)
+    register("r2_judge")(judge)
+    return reward.build([{"source": "r2_exact", "weight": 1.0},
+                         {"source": "r2_judge", "weight": 2.0, "on_error": on_error}])
+
+
+def test_item_36_a_failed_source_drops_the_sample_instead_of_adding_zero():
+    combined = _two_sources()
+    result = combined(["p"] * 3, ["ok", "bad", "n/a"])
+    assert result.total[0] == pytest.approx(1.0 + 2 * 0.5)
+    assert result.total[1] is None, "the failed judge was read as 0: total = 1 * exact only"
+    assert result.total[2] == 0.0  # "does not apply" is not a failure: the others still sum
+    assert result.dropped == [1] and result.metrics["reward/dropped_samples"] == 1.0
+    assert result.failed == {"r2_exact": [], "r2_judge": [1]}
+
+
+def test_item_36_reweight_is_explicit_and_spreads_the_failed_weight_over_the_sources_that_applied():
+    result = _two_sources(on_error="reweight")(["p"] * 2, ["ok", "bad"])
+    assert result.total[0] == pytest.approx(2.0)
+    assert result.total[1] == pytest.approx(1.0 * (1.0 + 2.0) / 1.0) and result.dropped == []  # exact stands in
+    assert result.metrics["reward/reweighted_samples"] == 1.0
+    from reward.combine import failure_scale
+
+    assert failure_scale([1.0, 2.0], [False, True], [True, False], [False, True]) == pytest.approx(3.0)
+    assert failure_scale([1.0, 2.0], [False, True], [True, False], [False, False]) is None
+    assert failure_scale([1.0, 2.0], [False, False], [True, False], [False, False]) == 1.0
+
+
+def test_item_36_grpo_and_rloo_drop_a_sample_whose_source_failed_instead_of_nansumming_it_to_zero():
+    import math
+
+    import torch
+    import trl
+
+    from alignment.stages.online_rl import drop_or_reweight_failures, trainer_class
+
+    combined = _two_sources()
+    combined(["p"] * 3, ["ok", "bad", "n/a"])  # what trl's _calculate_rewards does: each source on the batch
+    # trl's matrix for that batch: None (and a skipped failure) arrive as NaN
+    rewards_per_func = torch.tensor([[1.0, 0.5], [1.0, math.nan], [0.0, math.nan]])
+    out, dropped = drop_or_reweight_failures(rewards_per_func, combined, n_local=3, process_index=0)
+    assert dropped == 1 and torch.isnan(out[1]).all(), out  # every entry NaN: trl's "unscorable", advantage 0
+    assert out[0].tolist() == [1.0, 0.5] and out[2, 0] == 0.0  # "does not apply" keeps the other source
+    for base in (trl.GRPOTrainer, trl.RLOOTrainer):  # the stage's trainers (with and without sharing) apply it
+        for sharing in (False, True):
+            assert trainer_class(base, sharing)._calculate_rewards is not base._calculate_rewards
+
+
+def test_item_36_evaluation_says_how_many_samples_failed_instead_of_shrinking_the_denominator_silently():
+    from alignment.evaluation.runner import sample_metrics
+    from reward.combine import RewardResult
+
+    result = RewardResult(total=[1.0, None, 0.0], per_source={"answer_match": [1.0, None, 0.0]},
+                          failed={"answer_match": [1]})
+    samples = [{"ended_with_eos": True}] * 3
+    metrics = sample_metrics("greedy", samples, result)
+    assert metrics["greedy_accuracy"] == 0.5
+    assert metrics["greedy_accuracy_scored"] == 2 and metrics["greedy_accuracy_failed"] == 1, metrics
+    assert metrics["greedy_reward_failures"] == {"answer_match": 1}
