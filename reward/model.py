@@ -137,7 +137,7 @@ class RewardModel:
             )
         self.append_eos = append_eos
         self.truncated = 0
-        self._head = getattr(self.model, "score", None)  # decoder models: per-token head named `score`
+        pool_at_last_real_token(self.model)  # the rule reward-model training uses too
 
     def __repr__(self) -> str:
         return f"RewardModel({self.path!r}, device={str(self.device)!r}, bias={self.bias})"
@@ -214,25 +214,11 @@ class RewardModel:
             input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
             mask[row, span] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        last = last_token_index(mask)
         extra = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)} if self._takes_position_ids else {}
 
-        captured: dict[str, Any] = {}
-        hook = None
-        if isinstance(self._head, torch.nn.Module):
-            hook = self._head.register_forward_hook(lambda _m, _i, out: captured.__setitem__("logits", out))
-        try:
-            with torch.inference_mode():
-                output = self.model(input_ids=input_ids, attention_mask=mask, **extra)
-        finally:
-            if hook is not None:
-                hook.remove()
-        per_token = captured.get("logits")
-        if per_token is not None and per_token.dim() == 3:
-            rows = torch.arange(len(batch), device=per_token.device)
-            scores = per_token[rows, last.to(per_token.device), 0]
-        else:  # encoder-style head (pools its own first token): padding-invariant already
-            scores = output.logits[:, 0]
+        with torch.inference_mode():  # pooled at the last real token (pool_at_last_real_token)
+            output = self.model(input_ids=input_ids, attention_mask=mask, **extra)
+        scores = output.logits[:, 0]
         return [float(s) - self.bias for s in scores.float().cpu()]
 
 
@@ -271,6 +257,47 @@ def read_reward_config(path: str) -> dict[str, Any]:
             raise RewardError(f"reward model '{path}': {REWARD_CONFIG}: bias must be finite, got {value!r}")
         out[key] = value
     return out
+
+
+def pool_at_last_real_token(model: Any) -> Any:
+    """Make a decoder sequence classifier return its score at the last position whose attention mask is 1.
+
+    The one pooling rule of the toolkit, used by reward-model training (the stage's trainer) and by
+    :class:`RewardModel` scoring.  transformers' own rule reads the last token that is not the pad
+    token: when pad == EOS (GPT-2, Pythia) that is the token *before* the closing EOS, while the mask
+    rule reads the EOS itself, so training one rule and serving the other scores a different token.
+
+    The instance's ``forward`` is wrapped (under peft, the base model's: LoRA calls ``forward``
+    directly, so a module hook on the model would not fire); the per-token scores come from a hook on
+    the ``score`` head at call time (peft may have replaced it by a wrapper).  Models without a
+    per-token ``score`` head (encoder classifiers pool their own first token) are left as they are.
+    """
+    import functools
+
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner.forward, "pools_at_last_real_token", False) or not hasattr(inner, "score"):
+        return model
+    original = inner.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        captured: dict[str, Any] = {}
+        hook = inner.score.register_forward_hook(lambda _m, _i, out: captured.__setitem__("logits", out))
+        try:
+            output = original(*args, **kwargs)
+        finally:
+            hook.remove()
+        per_token, mask = captured.get("logits"), kwargs.get("attention_mask")
+        if per_token is not None and per_token.dim() == 3 and mask is not None:
+            rows = torch.arange(per_token.shape[0], device=per_token.device)
+            output.logits = per_token[rows, last_token_index(mask).to(per_token.device)]
+        return output
+
+    forward.pools_at_last_real_token = True
+    inner.forward = forward
+    return model
 
 
 def last_token_index(attention_mask: Any) -> Any:

@@ -68,13 +68,22 @@ class Options:
 
 
 def trainer_class(share_prompt: bool):
-    """trl's RewardTrainer, or a subclass whose loss pass packs each pair's shared prompt."""
+    """trl's RewardTrainer reading the score where scoring reads it (the last real token, also when
+    pad == EOS: reward.model.pool_at_last_real_token); with `share_prompt`, its loss pass also packs each
+    pair's shared prompt."""
     from trl import RewardTrainer
 
-    if not share_prompt:
-        return RewardTrainer
+    from reward.model import pool_at_last_real_token
 
-    class SharedPromptRewardTrainer(RewardTrainer):
+    class LastTokenRewardTrainer(RewardTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pool_at_last_real_token(self.model)  # after trl's peft wrapping, which replaces the score head
+
+    if not share_prompt:
+        return LastTokenRewardTrainer
+
+    class SharedPromptRewardTrainer(LastTokenRewardTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
             with shared_prompt.active():
                 return super().compute_loss(model, inputs, *args, **kwargs)

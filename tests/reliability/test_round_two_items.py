@@ -489,3 +489,41 @@ def test_item_36_evaluation_says_how_many_samples_failed_instead_of_shrinking_th
     assert metrics["greedy_accuracy"] == 0.5
     assert metrics["greedy_accuracy_scored"] == 2 and metrics["greedy_accuracy_failed"] == 1, metrics
     assert metrics["greedy_reward_failures"] == {"answer_match": 1}
+
+
+# ----------------------------------------------------------------------------- 37 (issue item 3): one pooling rule
+
+
+def test_item_37_training_and_scoring_read_the_reward_at_the_same_token_when_pad_is_eos(tmp_path, tiny_model_dir):
+    import datasets
+    import torch
+    from trl import RewardConfig
+
+    import policies
+    from alignment.stages.reward_model import trainer_class
+    from reward.model import RewardModel
+    from tests.reliability.conftest import model_dir_with_tokenizer
+
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token
+    rm_dir = model_dir_with_tokenizer(tiny_model_dir, tmp_path / "rm", pad_token=eos)  # GPT-2 / Pythia style
+    model, tokenizer = policies.load(str(rm_dir), task="sequence_classification", device="cpu", dtype="float32")
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(rm_dir)
+    pairs = datasets.Dataset.from_list([{"chosen": "What is 2 + 2? 4", "rejected": "What is 2 + 2? 5 and more"}])
+    trainer = trainer_class(share_prompt=False)(
+        model=model, processing_class=tokenizer, train_dataset=pairs,
+        args=RewardConfig(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, max_length=64))
+    batch = trainer.data_collator([trainer.train_dataset[0]])  # chosen and rejected, right-padded with EOS
+    assert batch["input_ids"][0, batch["attention_mask"][0].sum() - 1] == tokenizer.eos_token_id
+    trainer.model.eval()
+    with torch.no_grad():
+        _, outputs = trainer.compute_loss(trainer.model, dict(batch), return_outputs=True)
+    trained = outputs.logits.squeeze(-1).tolist()
+
+    scorer = RewardModel(str(rm_dir), device="cpu", bias=0.0)
+    served = [scorer._score_ids([ids[mask.bool()].tolist()])[0]
+              for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert trained == pytest.approx(served, abs=1e-5), "training and scoring read different tokens"

@@ -54,15 +54,20 @@ def test_no_source_applies_gives_none_and_no_mean():
     assert "reward/answer_match" not in result.metrics and "reward/total" not in result.metrics
 
 
-def test_skip_mode_failure_keeps_other_sources_and_counts(tmp_path):
+def test_skip_mode_failure_drops_the_samples_and_counts(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def flaky(prompts, completions, **kw):\n    raise RuntimeError('scorer down')\n")
     combined = build(["answer_match", {"source": f"{bad}:flaky", "on_error": "skip", "weight": 3.0}])
     result = combined(["p", "p"], ["4", "5"], answer=[4, 4])
-    assert result.per_source["flaky"] == [None, None]
-    assert result.total == [1.0, 0.0]  # the failed source is left out, never read as 0 * weight
+    assert result.per_source["flaky"] == [None, None] and result.per_source["answer_match"] == [1.0, 0.0]
+    # a failed source is neither 0 * weight nor left out of a sum that then reads as complete: no total
+    assert result.total == [None, None] and result.dropped == [0, 1]
+    assert result.metrics["reward/dropped_samples"] == 2.0
     assert result.metrics["reward/flaky/failures"] == 1.0 and result.metrics["reward/flaky/skipped"] == 2.0
     assert combined.sources[1].stats.failures == 1
+    reweighted = build(["answer_match", {"source": f"{bad}:flaky", "on_error": "reweight", "weight": 3.0}])
+    # answer_match (weight 1) stands in for the failed weight 3: x (1 + 3) / 1
+    assert reweighted(["p", "p"], ["4", "5"], answer=[4, 4]).total == [4.0, 0.0]
 
 
 def test_raise_mode_failure_propagates_with_the_source_name(tmp_path):

@@ -108,7 +108,7 @@ def test_isolated_source_through_build_and_skip_mode():
     try:
         result = combined(["p", "p"], ["ab", "abcd"])
         assert result.per_source == {"fine": [2.0, 4.0], "hang": [None, None]}
-        assert result.total == [2.0, 4.0]
+        assert result.total == [None, None] and result.dropped == [0, 1]  # a hung source drops, never a 0
         assert result.metrics["reward/hang/failures"] == 1.0
     finally:
         combined.close()
