@@ -1,17 +1,37 @@
 """Run an untrusted reward source in a separate process with a time and memory limit.
 
-The child is started with multiprocessing's "spawn" method (a fresh
-interpreter: no state copied from the trainer), limits its own address space
-with ``resource.setrlimit(RLIMIT_AS)`` before it imports the source, and then
-serves calls over a pipe. A call that overruns the wall-clock timeout, or a
-child that dies (a crash, a signal, the memory limit), is a `RewardError`; the
-child is killed and a fresh one is started on the next call.
+This is a **resource limit, not a sandbox**: the child runs with the trainer's
+user, can read and write every file that user can, and can use the network.
+What it guarantees:
+
+* nothing the child sends back is unpickled: results arrive as JSON, and only
+  a list of numbers or nulls is accepted (an object with a crafted
+  ``__reduce__`` cannot run code in the trainer);
+* the child starts in its own session and process group, and a timeout, a
+  crash or ``close()`` kills the whole group, so processes it started die with
+  it (a grandchild that starts a session of its own escapes this);
+* the child gets a scrubbed environment: only ``SAFE_ENVIRONMENT`` variables
+  (paths, locale, thread counts, offline switches), never tokens or keys;
+  pass what a source needs through ``kwargs``;
+* the child limits its own address space (``RLIMIT_AS``) before it imports
+  the source, and a call that overruns the wall-clock timeout is killed.
+
+The child is ``python -m reward.isolation`` started with ``subprocess``
+(not multiprocessing, whose spawn copies the whole environment and pickles
+both ways); it reads requests and writes replies as JSON lines on two pipes of
+its own, so whatever the source prints goes to the trainer's output unharmed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import multiprocessing
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
 import traceback
 from typing import Any
 
@@ -20,14 +40,68 @@ from reward.base import data_columns
 
 logger = logging.getLogger(__name__)
 
+# Environment variables the child inherits; everything else (HF_TOKEN, API keys, cloud credentials) stays behind.
+SAFE_ENVIRONMENT = (
+    "PATH", "HOME", "USER", "LANG", "LANGUAGE", "TMPDIR", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "VIRTUAL_ENV",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+    "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
+)
 
-def _child_main(conn: Any, source: str, kwargs: dict[str, Any], memory_mb: int | None) -> None:
-    """Child process: limit memory, resolve the source, then answer calls until the pipe closes."""
+
+def scrubbed_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: the SAFE_ENVIRONMENT variables (and LC_*) of `environ`, nothing else."""
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in environ.items() if k in SAFE_ENVIRONMENT or k.startswith("LC_")}
+
+
+def checked_scores(value: Any, n: int) -> list[float | None]:
+    """The child's reply decoded from JSON must be a list of n numbers or nulls; anything else is refused.
+
+    (NaN arrives as a float and is refused later by RewardSource, as from any source: never read as 0.)
+    """
+    if not isinstance(value, list) or len(value) != n:
+        raise ValueError(f"expected a JSON list of {n} scores, got {type(value).__name__}"
+                         + (f" of {len(value)}" if isinstance(value, list) else ""))
+    for i, score in enumerate(value):
+        if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)):
+            raise ValueError(f"score {i} is a {type(score).__name__}, not a number or null")
+    return [None if s is None else float(s) for s in value]
+
+
+# ----------------------------------------------------------------------------- the child
+
+
+def _as_json_scores(result: Any) -> list[float | None]:
+    """What the child may send: plain numbers (NaN and inf pass, as floats, for the parent to refuse)."""
+    out = []
+    for i, score in enumerate(result):
+        if score is None:
+            out.append(None)
+        elif isinstance(score, bool) or not isinstance(score, int | float):
+            try:  # numpy / torch scalars
+                out.append(float(score.item()))
+            except Exception:  # noqa: BLE001 - anything else is refused here, before it leaves the child
+                raise TypeError(f"score {i} is a {type(score).__name__}, not a number") from None
+        else:
+            out.append(float(score))
+    return out
+
+
+def _child_main(read_fd: int, write_fd: int) -> None:
+    """Child: read the set-up line, limit memory, resolve the source, then answer one JSON line per call."""
+    reader, writer = os.fdopen(read_fd, "rb"), os.fdopen(write_fd, "wb")
+
+    def reply(status: str, detail: Any = None) -> None:
+        writer.write(json.dumps({"status": status, "detail": detail}).encode() + b"\n")
+        writer.flush()
+
     try:
-        if memory_mb:
+        setup = json.loads(reader.readline())
+        sys.path[:] = setup["sys_path"]  # what the trainer could import, the child can
+        if setup["memory_mb"]:
             import resource
 
-            limit = int(memory_mb) * 1024 * 1024
+            limit = int(setup["memory_mb"]) * 1024 * 1024
             _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
             if hard != resource.RLIM_INFINITY:
                 limit = min(limit, hard)
@@ -35,47 +109,40 @@ def _child_main(conn: Any, source: str, kwargs: dict[str, Any], memory_mb: int |
         from reward.base import _await
         from reward.registry import resolve
 
-        fn = resolve(source, **kwargs)
+        fn = resolve(setup["source"], **setup["kwargs"])
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        reply("error", f"{type(exc).__name__}: {exc}")
         return
-    conn.send(("ready", None))
-    while True:
+    reply("ready")
+    for line in reader:
+        request = json.loads(line)
         try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        prompts, completions, columns = msg
-        try:
-            result = list(_await(fn(prompts, completions, **columns)))
-            reply = ("ok", result)
+            result = _as_json_scores(_await(fn(request["prompts"], request["completions"], **request["columns"])))
+            reply("ok", result)
         except MemoryError:
-            reply = ("memory", None)
+            reply("memory")
+            return
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
-            tb = traceback.format_exc(limit=-3)
-            reply = ("error", f"{type(exc).__name__}: {exc}\n{tb}")
-        try:
-            conn.send(reply)
-        except MemoryError:
-            conn.send(("memory", None))
-        except Exception as exc:  # noqa: BLE001 - e.g. an unpicklable score
-            conn.send(("error", f"the result could not be sent back: {type(exc).__name__}: {exc}"))
-        if reply[0] == "memory":
-            return
+            reply("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=-3)}")
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+class _ChildGone(Exception):
+    pass
 
 
 class IsolatedReward:
-    """A reward source run in a child process (spawn) with a timeout and a memory cap.
+    """A reward source run in a child process with a timeout and a memory cap (see the module docstring).
 
     Args:
         source_string: any source `reward.registry.resolve` accepts; resolved in the child.
-        timeout: wall-clock seconds per call; on overrun the child is killed.
+        timeout: wall-clock seconds per call; on overrun the child's process group is killed.
         memory_mb: address-space limit of the child (RLIMIT_AS), or None for no limit.
             It bounds virtual memory, so leave room for the interpreter and
             libraries (a few hundred MB; more with numpy/torch).
-        kwargs: keyword arguments for `resolve`, e.g. ``{"pattern": "..."}``.
+        kwargs: keyword arguments for `resolve`, e.g. ``{"pattern": "..."}`` (JSON values).
         start_timeout: seconds the child may take to start and resolve the source.
     """
 
@@ -98,9 +165,9 @@ class IsolatedReward:
         self.memory_mb = memory_mb
         self.kwargs = dict(kwargs or {})
         self.start_timeout = float(start_timeout)
-        self._ctx = multiprocessing.get_context("spawn")
-        self._proc: Any = None
-        self._conn: Any = None
+        self._proc: subprocess.Popen | None = None
+        self._to_child = self._from_child = None
+        self._buffer = b""
         self._start()
 
     def __repr__(self) -> str:
@@ -109,7 +176,7 @@ class IsolatedReward:
     @property
     def pid(self) -> int | None:
         """The child's process id (None when no child is running)."""
-        return self._proc.pid if self._proc is not None and self._proc.is_alive() else None
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def __getstate__(self) -> dict[str, Any]:
         """Settings only: an unpickled copy starts its own child on its first call."""
@@ -118,82 +185,128 @@ class IsolatedReward:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._ctx = multiprocessing.get_context("spawn")
-        self._proc = self._conn = None
+        self._proc = self._to_child = self._from_child = None
+        self._buffer = b""
+
+    # -- the pipe protocol -----------------------------------------------
+
+    def _send(self, message: dict) -> None:
+        os.write(self._to_child, json.dumps(message).encode() + b"\n")
+
+    def _receive(self, timeout: float) -> dict | None:
+        """The child's next JSON line; None on timeout; _ChildGone when the pipe closes."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._from_child], [], [], left)[0]:
+                return None
+            chunk = os.read(self._from_child, 1 << 16)
+            if not chunk:
+                raise _ChildGone
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        try:
+            message = json.loads(line)  # JSON only: nothing from the child is ever unpickled
+        except ValueError:
+            message = None
+        if not isinstance(message, dict) or "status" not in message:
+            self._kill()
+            raise RewardError(f"isolated reward '{self.source}': the child sent something that is not our "
+                              "JSON protocol; child killed")
+        return message
+
+    # -- lifecycle -------------------------------------------------------
 
     def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(
-            target=_child_main,
-            args=(child, self.source, self.kwargs, self.memory_mb),
-            daemon=True,
-            name="isolated-reward",
-        )
-        proc.start()
-        child.close()
-        self._proc, self._conn = proc, parent
-        if not parent.poll(self.start_timeout):
-            self._kill()
-            raise RewardError(
-                f"isolated reward '{self.source}': the child did not start in {self.start_timeout:g} s"
-            )
+        parent_read, child_write = os.pipe()
+        child_read, parent_write = os.pipe()
         try:
-            status, detail = parent.recv()
-        except (EOFError, OSError):
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "reward.isolation", str(child_read), str(child_write)],
+                pass_fds=(child_read, child_write), env=scrubbed_environment(),
+                start_new_session=True,  # its own process group: killed as one, grandchildren included
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.close(child_read)
+            os.close(child_write)
+        self._to_child, self._from_child, self._buffer = parent_write, parent_read, b""
+        self._send({"source": self.source, "kwargs": self.kwargs, "memory_mb": self.memory_mb,
+                    "sys_path": [p for p in sys.path if p]})
+        try:
+            message = self._receive(self.start_timeout)
+        except _ChildGone:
             code = self._kill()
             raise RewardError(
                 f"isolated reward '{self.source}': the child died while starting (exit code {code})"
             ) from None
-        if status != "ready":
+        if message is None:
             self._kill()
             raise RewardError(
-                f"isolated reward '{self.source}': loading the source in the child failed: {detail}"
+                f"isolated reward '{self.source}': the child did not start in {self.start_timeout:g} s"
+            )
+        if message["status"] != "ready":
+            self._kill()
+            raise RewardError(
+                f"isolated reward '{self.source}': loading the source in the child failed: {message.get('detail')}"
             )
 
     def _kill(self) -> int | None:
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
-        if conn is not None:
-            conn.close()
+        """Kill the child's whole process group; return the child's exit code."""
+        proc, self._proc = self._proc, None
+        for fd in (self._to_child, self._from_child):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._to_child = self._from_child = None
         if proc is None:
             return None
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
-        return proc.exitcode
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group is the child's pid (start_new_session)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone already (or the child only just exited)
+        try:
+            return proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
 
     def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[Any]:
-        if self._proc is None or not self._proc.is_alive():
+        if self._proc is None or self._proc.poll() is not None:
             self._kill()
             self._start()
         n = len(prompts)
         try:
-            self._conn.send((list(prompts), list(completions), data_columns(columns, n)))
-        except (BrokenPipeError, EOFError, OSError):
+            self._send({"prompts": list(prompts), "completions": list(completions),
+                        "columns": data_columns(columns, n)})
+        except (BrokenPipeError, OSError):
             code = self._kill()
+            raise RewardError(f"isolated reward '{self.source}': the child is gone (exit code {code})") from None
+        except (TypeError, ValueError) as exc:
             raise RewardError(
-                f"isolated reward '{self.source}': the child is gone (exit code {code})"
-            ) from None
-        except Exception as exc:
-            raise RewardError(
-                f"isolated reward '{self.source}': the batch cannot be sent to the child: {exc}"
+                f"isolated reward '{self.source}': the batch cannot be sent to the child as JSON: {exc}"
             ) from exc
-        if not self._conn.poll(self.timeout):
-            self._kill()
-            raise RewardError(
-                f"isolated reward '{self.source}': timed out after {self.timeout:g} s on a batch of {n} samples; "
-                "child killed"
-            )
         try:
-            status, detail = self._conn.recv()
-        except (EOFError, OSError):
+            message = self._receive(self.timeout)
+        except _ChildGone:
             code = self._kill()
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
             raise RewardError(
                 f"isolated reward '{self.source}': the child crashed on a batch of {n} samples ({how})"
             ) from None
+        if message is None:
+            self._kill()
+            raise RewardError(
+                f"isolated reward '{self.source}': timed out after {self.timeout:g} s on a batch of {n} samples; "
+                "child killed"
+            )
+        status, detail = message["status"], message.get("detail")
         if status == "ok":
-            return detail
+            try:
+                return checked_scores(detail, n)
+            except ValueError as exc:
+                raise RewardError(f"isolated reward '{self.source}': {exc}") from None
         if status == "memory":
             self._kill()
             raise RewardError(
@@ -203,14 +316,7 @@ class IsolatedReward:
         raise RewardError(f"isolated reward '{self.source}' raised {detail}")
 
     def close(self) -> None:
-        """Stop the child."""
-        if self._conn is not None:
-            try:
-                self._conn.send(None)
-            except (OSError, ValueError):
-                pass
-        if self._proc is not None:
-            self._proc.join(2)
+        """Stop the child (and anything it started)."""
         self._kill()
 
     def __enter__(self) -> IsolatedReward:
@@ -224,3 +330,7 @@ class IsolatedReward:
             self._kill()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+if __name__ == "__main__":
+    _child_main(int(sys.argv[1]), int(sys.argv[2]))

@@ -527,3 +527,51 @@ def test_item_37_training_and_scoring_read_the_reward_at_the_same_token_when_pad
     served = [scorer._score_ids([ids[mask.bool()].tolist()])[0]
               for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     assert trained == pytest.approx(served, abs=1e-5), "training and scoring read different tokens"
+
+
+# ----------------------------------------------------------------------------- 44 (issue item 10): isolation
+
+
+ESCAPING = "tests/reward/fixtures/escaping_reward.py"
+
+
+def test_item_44_a_crafted_result_cannot_run_code_in_the_trainer(tmp_path):
+    from alignment.errors import RewardError
+    from reward.isolation import IsolatedReward
+
+    marker = tmp_path / "escaped"
+    with IsolatedReward(f"{ESCAPING}:crafted_result", timeout=20, memory_mb=1024) as iso:
+        with pytest.raises(RewardError, match="not a number"):
+            iso(["p"], ["x"], marker=[str(marker)])
+    assert not marker.exists(), "the trainer unpickled the child's result and ran its __reduce__"
+
+
+def test_item_44_the_timeout_kills_the_childs_own_children_too(tmp_path):
+    from alignment.errors import RewardError
+    from reward.isolation import IsolatedReward
+
+    pid_file = tmp_path / "grandchild.pid"
+    iso = IsolatedReward(f"{ESCAPING}:spawn_grandchild_then_hang", timeout=3, memory_mb=None)
+    with pytest.raises(RewardError, match="timed out"):
+        iso(["p"], ["x"], pid_file=[str(pid_file)])
+    grandchild = int(pid_file.read_text())
+    deadline = time.time() + 5
+    while time.time() < deadline and _alive(grandchild):
+        time.sleep(0.1)
+    assert not _alive(grandchild), "a process the reward started survived the timeout kill"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_item_44_the_child_does_not_inherit_the_trainers_secrets(monkeypatch):
+    from reward.isolation import IsolatedReward
+
+    monkeypatch.setenv("R2_SECRET_TOKEN", "hf_abcdefghijklmnop")
+    with IsolatedReward(f"{ESCAPING}:secret_length", timeout=20, memory_mb=1024) as iso:
+        assert iso(["p"], ["x"]) == [0.0]  # neither os.environ nor /proc/self/environ holds it
