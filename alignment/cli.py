@@ -190,14 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(overrides) != len(extra) or (overrides and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from alignment.guards import EXIT_INTERRUPTED, Interrupted
+    from alignment.recipe import install_log_redaction, redact_text
 
+    install_log_redaction()
     try:
         return args.func(args)
     except Interrupted as exc:
-        print(f"interrupted (resumable, exit {EXIT_INTERRUPTED}): {exc}", file=sys.stderr)
+        print(f"interrupted (resumable, exit {EXIT_INTERRUPTED}): {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except AlignmentError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except AlignmentError as exc:  # messages may quote a URL or a value: scrubbed by value, not only by key
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

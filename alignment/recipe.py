@@ -28,7 +28,7 @@ import yaml
 
 from alignment.errors import RecipeError
 
-SECRET_MARKERS = ("token", "api_key", "apikey", "secret", "password")
+SECRET_MARKERS = ("token", "api_key", "apikey", "secret", "password", "authorization", "cookie")
 SECRET_EXCEPTIONS = ("token_env", "max_tokens", "max_new_tokens", "pad_token", "eos_token", "bos_token")
 
 
@@ -576,17 +576,88 @@ def is_secret_key(key: str) -> bool:
 
 
 URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^@/\s]+@")
+# ?token=..., &api_key=... in a URL (the parameter names of SECRET_MARKERS, and the usual short ones)
+URL_SECRET_PARAMETER = re.compile(r"(?i)(?P<head>[?&;](?:[a-z0-9_-]*(?:token|api_?key|secret|password)[a-z0-9_-]*"
+                                  r"|key|sig|signature|auth)=)[^&#\s'\"]+")
+# an Authorization header, written as "Authorization: Bearer x" or {"Authorization": "Bearer x"}
+AUTHORIZATION = re.compile(r"(?i)(?P<head>\b(?:proxy-)?authorization['\"]?\s*[:=]\s*['\"]?(?:bearer\s+|basic\s+|token\s+)?)"
+                           r"[^\s'\",}]+")
+BEARER = re.compile(r"(?i)(?P<head>\bbearer\s+)[A-Za-z0-9._~+/=-]{6,}")
+
+# Secret values known to this process (the variables `token_env` names), scrubbed from text by value:
+# a key name says nothing when the value turns up in a URL, an error message or a log line.
+SECRET_VALUES: set[str] = set()
+
+
+def register_secret_value(value: str | None) -> None:
+    """Scrub `value` from every redacted text from now on (values under 4 characters would hit innocent text)."""
+    if isinstance(value, str) and len(value) >= 4:
+        SECRET_VALUES.add(value)
+        install_log_redaction()
+
+
+def register_token_env_values(data) -> None:
+    """Register the values of the environment variables that `token_env` keys of a raw recipe name."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if key == "token_env" and isinstance(value, str):
+                register_secret_value(os.environ.get(value))
+            else:
+                register_token_env_values(value)
+    elif isinstance(data, (list, tuple)):
+        for item in data:
+            register_token_env_values(item)
+
+
+def redact_text(text: str) -> str:
+    """A text with URL passwords and secret parameters, Authorization / Bearer values and every registered
+    secret value replaced by '***'."""
+    for pattern in (URL_PASSWORD, URL_SECRET_PARAMETER, AUTHORIZATION, BEARER):
+        text = pattern.sub(lambda m: m.group("head") + ("***@" if pattern is URL_PASSWORD else "***"), text)
+    for secret in sorted(SECRET_VALUES, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def redact(value):
-    """Replace the values of secret-looking keys (tokens, API keys, passwords) and URL passwords with '***'."""
+    """Values of secret-looking keys as '***', and every string through :func:`redact_text`."""
     if isinstance(value, Mapping):
         return {k: ("***" if is_secret_key(k) and isinstance(v, str) and v else redact(v)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
     if isinstance(value, str):
-        return URL_PASSWORD.sub(r"\g<head>***@", value)
+        return redact_text(value)
     return value
+
+
+_LOG_REDACTION = []
+
+
+def install_log_redaction() -> None:
+    """Every log record's message goes through :func:`redact_text` (once per process).
+
+    A record factory rather than a handler filter: it covers every logger and handler, including ones
+    libraries add later.
+    """
+    import logging
+
+    if _LOG_REDACTION:
+        return
+    make_record = logging.getLogRecordFactory()
+
+    def redacted_record(*args, **kwargs):
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record: leave it to logging to report
+            return record
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return record
+
+    logging.setLogRecordFactory(redacted_record)
+    _LOG_REDACTION.append(redacted_record)
 
 
 def _section(data: Mapping, name: str, empty):
@@ -622,6 +693,8 @@ def check_quantization(stage: str, model: ModelSpec, locations: Locations) -> No
 def from_dict(data: dict, locations: Locations) -> Recipe:
     """Validate a raw recipe dict (already overridden) into a frozen :class:`Recipe`."""
     from alignment.stages import stage_spec
+
+    register_token_env_values(data)  # first: every later message, log line and saved file is scrubbed by value
 
     check_unknown_keys(data, TOP_LEVEL_KEYS, (), locations, "the recipe")
     for required in ("stage", "model", "data", "output_dir"):

@@ -575,3 +575,36 @@ def test_item_44_the_child_does_not_inherit_the_trainers_secrets(monkeypatch):
     monkeypatch.setenv("R2_SECRET_TOKEN", "hf_abcdefghijklmnop")
     with IsolatedReward(f"{ESCAPING}:secret_length", timeout=20, memory_mb=1024) as iso:
         assert iso(["p"], ["x"]) == [0.0]  # neither os.environ nor /proc/self/environ holds it
+
+
+# ----------------------------------------------------------------------------- 45 (issue item 11): redaction by value
+
+
+def test_item_45_secrets_are_redacted_by_value_in_saved_recipes_errors_and_logs(monkeypatch, capsys, caplog):
+    import logging
+
+    from alignment import cli
+    from alignment import recipe as recipes
+    from alignment.errors import RecipeError
+
+    env_secret, url_secret, header_secret = "sk-live-r2-0123456789", "urltok-r2-123456", "hdrtok-r2-987654321"
+    monkeypatch.setenv("R2_RM_TOKEN", env_secret)
+    reward = (f"[{{source: 'https://rm.example.org/score?token={url_secret}&model=x', token_env: R2_RM_TOKEN, "
+              f"name: judge, kwargs: {{headers: {{Authorization: 'Bearer {header_secret}'}}}}}}]")
+    recipe = recipes.load("recipes/tiny/ppo_rule.yaml", [f"reward={reward}"])
+    for text in (recipe.resolved_yaml(), repr(recipe)):
+        for secret in (env_secret, url_secret, header_secret):
+            assert secret not in text, (secret, text)
+    assert "model=x" in recipe.resolved_yaml()  # only the secret parts go
+
+    def failing_run(args):  # an error that quotes the token's value (e.g. a server echoing it back)
+        raise RecipeError(f"the reward server refused the token {env_secret}")
+
+    monkeypatch.setattr(cli, "cmd_run", failing_run)
+    assert cli.main(["run", "recipes/tiny/ppo_rule.yaml"]) == 2
+    assert env_secret not in capsys.readouterr().err
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("some.library").warning("retrying %s with Authorization: Bearer %s", "u", header_secret)
+        logging.getLogger("some.library").warning("calling https://h/x?api_key=%s", url_secret)
+        logging.getLogger("some.library").warning("token is %s", env_secret)
+    assert not any(s in caplog.text for s in (env_secret, url_secret, header_secret)), caplog.text
