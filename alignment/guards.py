@@ -169,6 +169,16 @@ def time_budget(max_seconds: float):
     return TimeBudget()
 
 
+# Default RL health bounds (PPO's train.*, GRPO/RLOO's options.*; null turns one off).  Each sits far from a
+# healthy run and is crossed by a collapsed one: a policy that samples one token has an entropy of ~0 nats
+# (0.01 means the top token holds ~99.9% at every position); one that never stops has an EOS rate of 0; and
+# KL explodes past 1 nat per token (trl's `kl`) or 50 nats per sequence (PPO's `objective/kl`, summed).
+DEFAULT_MIN_ENTROPY = 0.01
+DEFAULT_MIN_EOS_RATE = 0.01
+DEFAULT_MAX_KL_PER_TOKEN = 1.0
+DEFAULT_MAX_KL_PER_SEQUENCE = 50.0
+
+
 def health_problems(metrics: dict, bounds: list[tuple[str, float | None, str]]) -> list[str]:
     """The broken health bounds: each bound is (metric name, value or None = off, "max" | "min").
 

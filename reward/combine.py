@@ -10,7 +10,7 @@ A recipe's ``reward:`` section is a list of specs::
         weight: 0.1
         kwargs: {target: 20}            # passed to the source
         on_error: skip                  # "raise" (default), "skip" or "reweight" (below)
-        timeout: 5                      # seconds per call (for a URL: per HTTP request)
+        timeout: 5                      # seconds per call (default 300; for a URL: per HTTP request)
       - source: untrusted.py:score
         isolate: true                   # separate process; timeout (default 60 s) and memory_mb (default 2048)
       - source: https://rm.example.org
@@ -44,6 +44,10 @@ from reward.base import ON_ERROR_CHOICES, RewardSource
 from reward.registry import default_name, resolve
 
 logger = logging.getLogger(__name__)
+
+# Seconds per call of an in-process source without a `timeout`: a hung reward must fail the call (counted, or
+# an error), not hang the run forever.  Generous, since one call scores a whole batch (a reward model on a CPU).
+DEFAULT_TIMEOUT_S = 300.0
 
 # on_error of a spec: the RewardSource modes, and "reweight" (skip mode in the source, re-weighting here)
 SPEC_ON_ERROR_CHOICES = ON_ERROR_CHOICES + ("reweight",)
@@ -259,7 +263,7 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
         call_timeout = None  # per HTTP request, with bounded retries
     else:
         fn = resolve(source, **kwargs)
-        call_timeout = timeout
+        call_timeout = timeout or DEFAULT_TIMEOUT_S
     return RewardSource(
         fn,
         name=name,

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from alignment.guards import DEFAULT_MAX_KL_PER_SEQUENCE, DEFAULT_MIN_ENTROPY, DEFAULT_MIN_EOS_RATE
+
 __all__ = ["PPOConfig"]
 
 
@@ -70,10 +72,10 @@ class PPOConfig:
     seed: int = 42
     logging_steps: int = 10
 
-    # health (None disables a check)
-    max_kl: float | None = None  # objective/kl (per sequence) above this
-    min_entropy: float | None = None  # objective/entropy (per token) below this
-    min_eos_rate: float | None = None  # val/eos_rate below this
+    # health (None disables a check); the defaults fire only on a collapsed run (alignment.guards)
+    max_kl: float | None = DEFAULT_MAX_KL_PER_SEQUENCE  # objective/kl (per sequence) above this
+    min_entropy: float | None = DEFAULT_MIN_ENTROPY  # objective/entropy (per token) below this
+    min_eos_rate: float | None = DEFAULT_MIN_EOS_RATE  # val/eos_rate below this
     min_response_length: float | None = None  # val/response_length below this
     warn_or_stop: str = "warn"  # "warn" or "stop" (raise TrainingError)
     max_nonfinite_updates: int = 3  # raise TrainingError after this many skipped updates in a row

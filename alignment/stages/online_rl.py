@@ -18,6 +18,7 @@ from typing import Literal, Union
 
 from alignment import data, shared_prompt
 from alignment.checkpoint import save_run
+from alignment.guards import DEFAULT_MAX_KL_PER_TOKEN, DEFAULT_MIN_ENTROPY, DEFAULT_MIN_EOS_RATE
 from alignment.stages import common
 
 TRAINERS = {"grpo": ("GRPOConfig", "GRPOTrainer"), "rloo": ("RLOOConfig", "RLOOTrainer")}
@@ -28,10 +29,11 @@ class Options:
     """`options:` of a grpo/rloo recipe."""
 
     evaluate_before: bool = True  # held-out metrics of the starting policy, for the before/after table
-    # health of trl's logged metrics at each log (None = off), as PPO's train.max_kl etc.
-    max_kl: Union[float, None] = None  # kl (mean per token, to the reference) above this
-    min_entropy: Union[float, None] = None  # entropy (per token) below this: the policy is collapsing
-    min_eos_rate: Union[float, None] = None  # share of completions that end (1 - completions/clipped_ratio)
+    # health of trl's logged metrics at each log (None = off), as PPO's train.max_kl etc.; the defaults fire
+    # only on a collapsed run (alignment.guards)
+    max_kl: Union[float, None] = DEFAULT_MAX_KL_PER_TOKEN  # kl (mean per token, to the reference) above this
+    min_entropy: Union[float, None] = DEFAULT_MIN_ENTROPY  # entropy (per token) below this: collapsing
+    min_eos_rate: Union[float, None] = DEFAULT_MIN_EOS_RATE  # completions that end (1 - completions/clipped_ratio)
     warn_or_stop: Literal["warn", "stop"] = "warn"  # stop = save a checkpoint, stop, fail the run
     # auto: the log-prob passes run each prompt once for its group of completions when the model allows it
     # (alignment/shared_prompt.py: same numbers, fewer tokens); true: the same or an error; false: trl's own

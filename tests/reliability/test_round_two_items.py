@@ -608,3 +608,66 @@ def test_item_45_secrets_are_redacted_by_value_in_saved_recipes_errors_and_logs(
         logging.getLogger("some.library").warning("calling https://h/x?api_key=%s", url_secret)
         logging.getLogger("some.library").warning("token is %s", env_secret)
     assert not any(s in caplog.text for s in (env_secret, url_secret, header_secret)), caplog.text
+
+
+def test_item_43_an_in_process_reward_without_a_timeout_gets_the_default_one(tmp_path, monkeypatch):
+    import reward
+    from alignment.errors import RewardError
+    from reward import combine
+
+    hang = tmp_path / "hang.py"
+    hang.write_text("import time\ndef score(prompts, completions, **kw):\n    time.sleep(30)\n    return [1.0]\n")
+    assert reward.build([f"{hang}:score"]).sources[0].timeout == combine.DEFAULT_TIMEOUT_S == 300.0
+    monkeypatch.setattr(combine, "DEFAULT_TIMEOUT_S", 0.3)
+    combined = reward.build([f"{hang}:score"])
+    started = time.monotonic()
+    with pytest.raises(RewardError, match="timed out after 0.3 s"):
+        combined(["p"], ["x"])
+    assert time.monotonic() - started < 5
+
+
+def _tiny_ppo(temperature: float, eos_bias: float = 0.0):
+    """The PPO tests' tiny policy; `eos_bias` raises the EOS logit so that responses end (a healthy run)."""
+    import copy
+
+    import torch
+
+    from alignment.ppo import PPOConfig, PPOTrainer
+    from tests.ppo.conftest import make_llama, make_seq_critic, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    lm = make_llama(tokenizer)
+    bias = torch.zeros(lm.lm_head.out_features)
+    bias[tokenizer.eos_token_id] = eos_bias
+    lm.lm_head.bias = torch.nn.Parameter(bias)
+    config = PPOConfig(learning_rate=1e-3, batch_size=8, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8,
+                       temperature=temperature, total_steps=2, seed=0)
+    prompts = [{"prompt": f"{w} {w}"} for w in ("a", "b", "c", "d", "e", "f", "g", "h")]
+    return PPOTrainer(config, lm, copy.deepcopy(lm), make_seq_critic(tokenizer), tokenizer,
+                      lambda p, c, **k: [float(len(x)) for x in c], prompts)
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_item_43_rl_health_checks_are_on_by_default_silent_when_healthy_firing_when_collapsed():
+    import warnings
+
+    from alignment.stages.online_rl import Options
+
+    assert Options().min_entropy is not None and Options().max_kl is not None and Options().min_eos_rate is not None
+    _reset_accelerate()
+    with warnings.catch_warnings(record=True) as caught:  # healthy: samples vary, responses end
+        warnings.simplefilter("always")
+        healthy = _tiny_ppo(temperature=1.0, eos_bias=2.0).step()
+    assert healthy["objective/entropy"] > 0.5 and healthy["val/eos_rate"] > 0.2, healthy
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning) and "PPO step" in str(w.message)]
+    _reset_accelerate()
+    with pytest.warns(RuntimeWarning, match=r"objective/entropy = .* is below 0.01.*val/eos_rate = 0 is below"):
+        collapsed = _tiny_ppo(temperature=1e-3, eos_bias=-20.0).step()  # one token every time, never stops
+    assert collapsed["objective/entropy"] < 0.01 and collapsed["val/eos_rate"] == 0.0, collapsed
+    _reset_accelerate()
