@@ -85,11 +85,12 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def pair_recipe(train, evaluation=None, **data):
+def pair_recipe(train, evaluation=None, options=None, **data):
     spec = {"train": train, "max_dropped_fraction": 0.9, **data}
     if evaluation:
         spec["eval"] = evaluation
-    raw = {"stage": "dpo", "model": {"name_or_path": "tiny:1m"}, "data": spec, "output_dir": "/tmp/unused"}
+    raw = {"stage": "dpo", "model": {"name_or_path": "tiny:1m"}, "data": spec, "output_dir": "/tmp/unused",
+           "options": dict(options or {})}
     return recipes.from_dict(raw, recipes.Locations("<test>"))
 
 
@@ -105,14 +106,20 @@ def test_prepare_pairs_counts_every_dropped_and_truncated_row(tmp_path, tiny_tok
         {"prompt": user("What is 9 + 9? " * 10), "chosen": assistant("18"), "rejected": assistant("8")},  # prompt too long
         {"prompt": user("What is 5 + 5?"), "chosen": assistant("10"), "rejected": assistant("0")},
     ]
-    recipe = pair_recipe(write_jsonl(tmp_path / "pairs.jsonl", rows))
-    prepared = pref.prepare_pairs(recipe, tiny_tokenizer, max_length=40)
-    report = prepared.reports[0]
-    assert report["rows_read"] == 7 and report["rows_kept"] == 3
-    assert report["dropped"] == {"chosen == rejected": 1, "duplicate pair": 2, "prompt fills max_length": 1}
+    train = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    prepared = pref.prepare_pairs(pair_recipe(train), tiny_tokenizer, max_length=40)
+    report = prepared.reports[0]  # repeats are kept by default (votes), and counted
+    assert report["rows_read"] == 7 and report["rows_kept"] == 5
+    assert report["dropped"] == {"chosen == rejected": 1, "prompt fills max_length": 1}
+    assert report["repeats"] == {"exact repeats": 2, "contradictory rows": 0}
     assert report["truncated_to_max_length"] == 1
     assert prepared.train.column_names == ["prompt", "chosen", "rejected"]
-    assert len(prepared.train) == 3
+    assert len(prepared.train) == 5
+
+    deduplicated = pref.prepare_pairs(pair_recipe(train, options={"drop_duplicates": True}), tiny_tokenizer,
+                                      max_length=40).reports[0]
+    assert deduplicated["rows_kept"] == 3
+    assert deduplicated["dropped"] == {"chosen == rejected": 1, "duplicate pair": 2, "prompt fills max_length": 1}
 
 
 def test_max_prompt_tokens_drops_long_prompts(tmp_path, tiny_tokenizer):
@@ -168,6 +175,9 @@ def test_eval_fraction_split_is_reported_as_held_out(tmp_path, tiny_tokenizer):
     assert len(prepared.eval_rows) == 5
 
 
+DEDUPLICATE = {"drop_duplicates": True}  # opt-in since issue 17: repeated pairs are votes by default
+
+
 def test_rows_lost_to_length_above_max_dropped_fraction_fail_with_the_counts(tmp_path, tiny_tokenizer):
     """Duplicates are free to drop; pairs dropped or cut for length count against data.max_dropped_fraction."""
     long_answer = " ".join(["9"] * 40)
@@ -179,6 +189,8 @@ def test_rows_lost_to_length_above_max_dropped_fraction_fail_with_the_counts(tmp
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(DataError, match=r"pairs.jsonl: 2 of 20 rows are too long \(1 dropped.*1 cut at max_length=40\)"
                                         r".*max_dropped_fraction=0.05"):
-        pref.prepare_pairs(pair_recipe(path, max_dropped_fraction=0.05), tiny_tokenizer, max_length=40)
-    report = pref.prepare_pairs(pair_recipe(path, max_dropped_fraction=0.1), tiny_tokenizer, max_length=40).reports[0]
+        pref.prepare_pairs(pair_recipe(path, options=DEDUPLICATE, max_dropped_fraction=0.05), tiny_tokenizer,
+                           max_length=40)
+    report = pref.prepare_pairs(pair_recipe(path, options=DEDUPLICATE, max_dropped_fraction=0.1), tiny_tokenizer,
+                                max_length=40).reports[0]
     assert report["rows_kept"] == 19 and report["truncated_to_max_length"] == 1
