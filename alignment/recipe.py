@@ -96,6 +96,12 @@ class RewardSpec:
     on_error: Literal["raise", "skip", "reweight"] = "raise"  # skip: drop a failed sample; reweight: keep it
     isolate: bool = False
     token_env: Union[str, None] = None
+    # how the function is written: trl (keyword call), verl (compute_score) or openrlhf (reward_func);
+    # null: read from its signature (reward.conventions.detect_convention)
+    convention: Union[Literal["trl", "verl", "openrlhf"], None] = None
+    columns: dict = field(default_factory=dict)  # argument name -> dataset column, e.g. {solution: answer}
+    input: Union[Literal["text", "messages", "as_given"], None] = None  # null: messages for trl.rewards
+    factory: bool = False  # the source builds the reward function (trl.rewards:get_*): kwargs go to it
 
 
 @dataclass(frozen=True)

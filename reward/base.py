@@ -1,12 +1,16 @@
 """The reward contract and the wrapper that enforces it.
 
-A reward source is any callable
+A reward source is any callable, called **by keyword** exactly as trl 1.x's
+GRPOTrainer / RLOOTrainer call ``reward_funcs`` (``GRPOTrainer._calculate_rewards``):
 
-    fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+    fn(prompts=[...], completions=[...], completion_ids=[...], <column>=[...], ...,
+       trainer_state=..., log_extra=..., log_metric=...) -> list[float | None]
 
-(the call trl's GRPOTrainer / RLOOTrainer make on ``reward_funcs``). ``None``
-means "this source does not apply to this sample". Extra dataset columns arrive
-as keyword arguments holding one value per sample (``answer=[...]``).
+A function takes what it names, or ``**kwargs`` (then it gets everything).
+``None`` means "this source does not apply to this sample". Dataset columns
+arrive holding one value per sample (``answer=[...]``). One older form is kept:
+a function whose first two parameters carry none of trl's names
+(``lambda p, c: ...``) gets prompts and completions positionally.
 
 `RewardSource` wraps such a callable and makes its failures loud:
 
@@ -26,6 +30,7 @@ A failure is never turned into a score of 0.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import math
@@ -46,6 +51,16 @@ ON_ERROR_CHOICES = ("raise", "skip")
 
 # Keyword arguments trl's trainers add to every reward call that are not dataset columns.
 TRAINER_KWARGS = frozenset({"trainer_state", "log_extra", "log_metric", "environments"})
+
+# The batch itself, by the names trl gives it (completion_ids: the sampled token ids, where a trainer has them).
+BATCH_KWARGS = frozenset({"prompts", "completions", "completion_ids"})
+
+# Keyword arguments of a call that are not dataset columns.
+NOT_COLUMNS = TRAINER_KWARGS | {"completion_ids"}
+
+# How prompts and completions reach a source: "text" (strings; conversations reduced to their last message),
+# "messages" (trl's conversational form; strings wrapped as one message), "as_given" (untouched).
+INPUT_FORMATS = ("text", "messages", "as_given")
 
 
 # ---------------------------------------------------------------------------
@@ -115,17 +130,37 @@ def normalize_batch(
     return out_p, out_c
 
 
+def as_messages(prompts: Sequence[Any], completions: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """trl's conversational form: a string prompt -> one user message, a string completion -> one assistant
+    message; conversations are kept as they are."""
+    def wrap(value: Any, role: str) -> Any:
+        return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+    return [wrap(p, "user") for p in prompts], [wrap(c, "assistant") for c in completions]
+
+
+def default_input_format(fn: Callable[..., Any]) -> str:
+    """"as_given" for ``accepts_conversations = True``; "messages" for trl.rewards' functions, which read
+    ``completion[0]["content"]`` (their documented input: a list of one message); else "text"."""
+    if getattr(fn, "accepts_conversations", False):
+        return "as_given"
+    target = fn.func if isinstance(fn, functools.partial) else fn
+    module = getattr(target, "__module__", None) or type(target).__module__
+    return "messages" if str(module).startswith("trl.rewards") else "text"
+
+
 def data_columns(columns: Mapping[str, Any], n: int) -> dict[str, list[Any]]:
     """The keyword arguments that are dataset columns (one value per sample).
 
     Drops what trl's trainers add to every call (``trainer_state``, ``log_extra``,
-    ``log_metric``, ``environments``) and anything that is not a list of length n;
-    used by sources that ship columns elsewhere (HTTP, a child process).
+    ``log_metric``, ``environments``), the sampled ``completion_ids``, and anything
+    that is not a list of length n; used by sources that ship columns elsewhere
+    (HTTP, a child process).
     """
     return {
         k: list(v)
         for k, v in columns.items()
-        if k not in TRAINER_KWARGS and isinstance(v, list | tuple) and len(v) == n
+        if k not in NOT_COLUMNS and isinstance(v, list | tuple) and len(v) == n
     }
 
 
@@ -154,6 +189,14 @@ def to_score(value: Any) -> float | None | str:
     if math.isinf(x):
         return f"{x} is not a finite score"
     return x
+
+
+def _prompt_shown(prompt: Any) -> Any:
+    """A prompt as an error message shows it: its text where it has one (a conversation's last user turn)."""
+    try:
+        return prompt_text(prompt)
+    except TypeError:
+        return prompt
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -254,8 +297,9 @@ class RewardSource:
     """A reward callable with validation, failure accounting and an optional timeout.
 
     Args:
-        fn: ``fn(prompts, completions, **columns) -> list[float | None]``; sync or
-            async (a coroutine function, or an object with an async ``__call__``).
+        fn: called by keyword as trl calls reward functions (module docstring) ->
+            ``list[float | None]``; sync or async (a coroutine function, or an object
+            with an async ``__call__``).
         name: logged name (trl reads it as ``__name__``); also used in metrics
             (``reward/<name>``) and in every error message.
         weight: the weight a combination gives this source.
@@ -265,15 +309,18 @@ class RewardSource:
             are logged and counted, the affected scores are None).
         max_consecutive_failures: after this many failed calls in a row, raise
             `RewardError` whatever ``on_error`` says.
+        input_format: one of `INPUT_FORMATS`; default `default_input_format` (fn).
+        columns: argument name -> dataset column it is read from (``{"solution": "answer"}``
+            hands the ``answer`` column to a function that names ``solution``).
 
-    Columns: if ``fn`` takes ``**kwargs`` it receives every keyword argument;
-    otherwise only the ones it names (so ``def f(prompts, completions, answer)``
-    works under trl, which adds ``trainer_state`` and others). A required
-    column missing from the batch is an error naming it.
+    Arguments: if ``fn`` takes ``**kwargs`` it receives every keyword argument;
+    otherwise only the ones it names (so ``def f(completions, answer)`` works
+    under trl, which adds ``trainer_state`` and others). A required argument
+    missing from the call is an error naming it.
 
-    Conversational inputs are turned into strings before ``fn`` sees them
-    (completion -> content of its last message, prompt -> content of its last
-    user message), unless ``fn`` has ``accepts_conversations = True``.
+    Input format "text" (the default) turns conversational inputs into strings
+    before ``fn`` sees them (completion -> content of its last message, prompt ->
+    content of its last user message).
     """
 
     LOCATE_BUDGET_S = 10.0
@@ -286,6 +333,8 @@ class RewardSource:
         timeout: float | None = None,
         on_error: str = "raise",
         max_consecutive_failures: int = 5,
+        input_format: str | None = None,
+        columns: Mapping[str, str] | None = None,
     ):
         if not callable(fn):
             raise RewardError(f"reward source '{name}': {type(fn).__name__} object is not callable")
@@ -308,6 +357,13 @@ class RewardSource:
                 f"reward source '{name}': max_consecutive_failures must be an integer >= 1, "
                 f"got {max_consecutive_failures!r}"
             )
+        input_format = default_input_format(fn) if input_format is None else input_format
+        if input_format not in INPUT_FORMATS:
+            raise RewardError(
+                f"reward source '{name}': input format must be one of {INPUT_FORMATS}, got {input_format!r}"
+            )
+        self.input_format = input_format
+        self.column_map = dict(columns or {})
         self.fn = fn
         self.name = name
         self.__name__ = name
@@ -319,7 +375,7 @@ class RewardSource:
         # indices of the samples of the last call whose score failed (skip mode): "failed" is not "does not
         # apply", though both come back as None; a combination reads this to drop or re-weight those samples
         self.last_failed: list[int] = []
-        self._params = _parameters(fn)
+        self._plan = call_plan(fn)
 
     def __repr__(self) -> str:
         return (
@@ -339,20 +395,23 @@ class RewardSource:
         self.last_failed = []
         if n == 0:
             return []
-        if not getattr(self.fn, "accepts_conversations", False):
+        if self.input_format == "text":
             prompts, completions = normalize_batch(prompts, completions, self.name)
+        elif self.input_format == "messages":
+            prompts, completions = as_messages(prompts, completions)
         else:
             prompts, completions = list(prompts), list(completions)
-        kwargs = self._select_columns(columns)
+        columns = self._renamed(columns)
+        args, kwargs = self._arguments({"prompts": prompts, "completions": completions, **columns})
 
         try:
-            raw = _call_with_timeout(lambda: self.fn(prompts, completions, **kwargs), self.timeout)
+            raw = _call_with_timeout(lambda: self.fn(*args, **kwargs), self.timeout)
         except _Timeout:
             return self._batch_failure(
                 n, f"timed out after {self.timeout:g} s on a batch of {n} samples", None
             )
         except Exception as exc:  # noqa: BLE001 - any failure of user code becomes a RewardError or a counted skip
-            where = self._locate(prompts, completions, kwargs, exc)
+            where = self._locate(prompts, args, kwargs, exc)
             return self._batch_failure(n, f"raised {type(exc).__name__}{where}: {exc}", exc)
 
         scores = self._check_count(raw, n)
@@ -389,19 +448,38 @@ class RewardSource:
 
     # -- helpers ---------------------------------------------------------
 
-    def _select_columns(self, columns: dict[str, Any]) -> dict[str, Any]:
-        params = self._params
-        if params is None or params["var_kw"]:
-            return dict(columns)
-        kwargs = {k: v for k, v in columns.items() if k in params["names"]}
-        missing = [k for k in params["required"] if k not in kwargs]
+    def _renamed(self, columns: dict[str, Any]) -> dict[str, Any]:
+        """The columns with each mapped one also under its argument name (`column_map`)."""
+        out = dict(columns)
+        for argument, column in self.column_map.items():
+            if column not in columns:
+                given = sorted(k for k in columns if k not in NOT_COLUMNS)
+                raise RewardError(f"reward source '{self.name}': columns maps '{argument}' to column '{column}', "
+                                  f"which the batch lacks (columns given: {given or 'none'})")
+            out[argument] = columns[column]
+        return out
+
+    def _arguments(self, offered: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """(positional, keyword) arguments for ``fn`` out of everything the call offers (see `call_plan`)."""
+        plan = self._plan
+        if plan is None:  # no readable signature: everything by keyword, as trl does
+            return (), dict(offered)
+        args: tuple = ()
+        if plan.positional:
+            args = (offered["prompts"], offered["completions"])
+            offered = {k: v for k, v in offered.items() if k not in ("prompts", "completions")}
+        kwargs = dict(offered) if plan.var_kw else {k: v for k, v in offered.items() if k in plan.names}
+        missing = [k for k in plan.required if k not in kwargs]
         if missing:
-            available = sorted(k for k in columns if k not in TRAINER_KWARGS)
+            columns = sorted(k for k in offered if k not in NOT_COLUMNS | BATCH_KWARGS)
+            hint = (" (completion_ids are the sampled token ids: only trainers that sample pass them)"
+                    if "completion_ids" in missing else "")
+            what = "argument(s)" if set(missing) & BATCH_KWARGS else "column(s)"
             raise RewardError(
-                f"reward source '{self.name}' needs column(s) {missing} that the batch lacks "
-                f"(columns given: {available or 'none'})"
+                f"reward source '{self.name}' needs {what} {missing} that the batch lacks{hint} "
+                f"(columns given: {columns or 'none'})"
             )
-        return kwargs
+        return args, kwargs
 
     def _check_count(self, raw: Any, n: int) -> list[Any]:
         if isinstance(raw, str | bytes | Mapping) or raw is None:
@@ -421,24 +499,34 @@ class RewardSource:
             raise RewardError(f"reward source '{self.name}': expected {n} scores, got {len(scores)}")
         return scores
 
-    def _locate(self, prompts: list, completions: list, kwargs: dict, exc: Exception) -> str:
+    def _locate(self, prompts: list, args: tuple, kwargs: dict, exc: Exception) -> str:
         """In raise mode, find the first sample that fails alone (re-running samples one by one).
 
-        Bounded by ``LOCATE_BUDGET_S`` seconds. Skipped where re-running makes no sense: skip mode, a batch of one, a
-        `RewardError` (already explicit, e.g. from a remote scorer), or a timeout.
+        Bounded by ``LOCATE_BUDGET_S`` seconds in all, each re-run by the source's own timeout too (a sample
+        that hangs alone stops the search). Skipped where re-running makes no sense: skip mode, a batch of
+        one, or a `RewardError` (already explicit, e.g. from a remote scorer).
         """
         n = len(prompts)
-        if self.on_error != "raise" or n == 1 or isinstance(exc, RewardError) or self.timeout is not None:
+        if self.on_error != "raise" or n == 1 or isinstance(exc, RewardError):
             return f" on a batch of {n} samples" if n > 1 else " on sample 0"
         deadline = time.monotonic() + self.LOCATE_BUDGET_S
+
+        def one(values: Any, i: int) -> Any:
+            return values[i : i + 1] if isinstance(values, list) and len(values) == n else values
+
         for i in range(n):
-            if time.monotonic() > deadline:
-                return f" on a batch of {n} samples (samples 0..{i - 1} pass alone; search stopped)"
-            row = {k: (v[i : i + 1] if isinstance(v, list) and len(v) == n else v) for k, v in kwargs.items()}
+            left = deadline - time.monotonic()
+            stopped = f" on a batch of {n} samples (samples 0..{i - 1} pass alone; search stopped)"
+            if left <= 0:
+                return stopped
+            row_args = tuple(one(v, i) for v in args)
+            row = {k: one(v, i) for k, v in kwargs.items()}
             try:
-                _await(self.fn(prompts[i : i + 1], completions[i : i + 1], **row))
+                _call_with_timeout(lambda: self.fn(*row_args, **row), min(left, self.timeout or left))
+            except _Timeout:
+                return stopped
             except Exception:  # noqa: BLE001 - this sample reproduces the failure
-                return f" on sample {i} (prompt {_short(prompts[i], 50)})"
+                return f" on sample {i} (prompt {_short(_prompt_shown(prompts[i]), 50)})"
         return f" on a batch of {n} samples (no single sample fails alone)"
 
     def _failed(self) -> None:
@@ -470,19 +558,42 @@ class RewardSource:
             close()
 
 
-def _parameters(fn: Callable) -> dict[str, Any] | None:
-    """Names ``fn`` accepts beyond the first two positional ones; None if unknown."""
+@dataclass(frozen=True)
+class CallPlan:
+    """How a source is called. positional: prompts and completions go positionally (the older form, for a
+    function whose first two parameters carry none of trl's names, e.g. ``lambda p, c``); the rest by keyword:
+    everything if var_kw, else only ``names``; ``required`` must all be offered."""
+
+    positional: bool
+    var_kw: bool
+    names: frozenset[str]
+    required: tuple[str, ...]
+
+
+def call_plan(fn: Callable) -> CallPlan | None:
+    """The `CallPlan` of ``fn`` from its signature; None if it has none readable.
+
+    trl calls by keyword; a function trl could call is called the same way here. Only a function trl could
+    never call - its first two positional parameters positional-only or named neither ``prompts``,
+    ``completions`` nor ``completion_ids``, or only ``*args`` - gets prompts and completions by position.
+    """
     try:
-        sig = inspect.signature(fn)
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return None
-    params = list(sig.parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind == p.VAR_POSITIONAL for p in params):
-        positional = []
-    rest = positional[2:] + [p for p in params if p.kind == p.KEYWORD_ONLY]
-    return {
-        "var_kw": any(p.kind == p.VAR_KEYWORD for p in params),
-        "names": {p.name for p in rest},
-        "required": [p.name for p in rest if p.default is p.empty],
-    }
+    var_pos = any(p.kind == p.VAR_POSITIONAL for p in params)
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
+    first_two = positional[:2]
+    by_position = (
+        (len(first_two) == 2 and not {p.name for p in first_two} & BATCH_KWARGS)
+        or any(p.kind == p.POSITIONAL_ONLY for p in first_two)
+        or (var_pos and not var_kw and not positional)
+    )
+    rest = (positional[2:] if by_position else positional) + [p for p in params if p.kind == p.KEYWORD_ONLY]
+    return CallPlan(
+        positional=by_position,
+        var_kw=var_kw,
+        names=frozenset(p.name for p in rest),
+        required=tuple(p.name for p in rest if p.default is p.empty and p.kind != p.POSITIONAL_ONLY),
+    )

@@ -15,6 +15,13 @@ A recipe's ``reward:`` section is a list of specs::
         isolate: true                   # separate process; timeout (default 60 s) and memory_mb (default 2048)
       - source: https://rm.example.org
         token_env: RM_TOKEN             # URL sources: env var holding the bearer token
+      - source: trl.rewards:get_soft_overlong_punishment
+        factory: true                   # the function builds the reward function: kwargs go to it
+        kwargs: {max_completion_len: 16, soft_punish_cache: 4}
+      - source: my_verl.py:compute_score
+        convention: verl                # trl (default) | verl | openrlhf; without it, read from the signature
+        columns: {ground_truth: answer} # argument name -> dataset column
+        input: text                     # text | messages | as_given (default: messages for trl.rewards)
 
 A plain string is short for ``{source: <string>}``.
 
@@ -40,7 +47,7 @@ from typing import Any
 import logging
 
 from alignment.errors import RewardError
-from reward.base import ON_ERROR_CHOICES, RewardSource
+from reward.base import INPUT_FORMATS, ON_ERROR_CHOICES, RewardSource
 from reward.registry import default_name, resolve
 
 logger = logging.getLogger(__name__)
@@ -63,6 +70,10 @@ SPEC_KEYS = (
     "token_env",
     "memory_mb",
     "max_consecutive_failures",
+    "convention",
+    "columns",
+    "input",
+    "factory",
 )
 
 
@@ -102,6 +113,18 @@ def failure_scale(weights: list[float], failed: list[bool], applied: list[bool],
     if not applied_weight:
         return None
     return (applied_weight + failed_weight) / applied_weight
+
+
+def with_metric_logger(columns: dict[str, Any], logged: dict[str, list[float]]) -> dict[str, Any]:
+    """The call's keyword arguments with a trl-style ``log_metric(name, value)`` collecting into ``logged``,
+    unless the caller (trl's trainer) passes its own."""
+    if "log_metric" in columns:
+        return columns
+
+    def log_metric(name: str, value: float) -> None:
+        logged.setdefault(str(name), []).append(float(value))
+
+    return {**columns, "log_metric": log_metric}
 
 
 class CombinedReward:
@@ -152,7 +175,10 @@ class CombinedReward:
         metrics: dict[str, float] = {}
         for source in self.sources:
             before = (source.stats.failures, source.stats.skipped_samples)
-            scores = source(prompts, completions, **columns)
+            logged: dict[str, list[float]] = {}
+            scores = source(prompts, completions, **with_metric_logger(columns, logged))
+            for key, values in logged.items():
+                metrics[f"reward/{source.name}/{key}"] = math.fsum(values) / len(values)
             per_source[source.name] = scores
             applied = [s for s in scores if s is not None]
             if applied:
@@ -244,6 +270,9 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
         raise _spec_error(index, f"{where} 'memory_mb' needs 'isolate: true' and an integer number of MB")
     max_fail = spec.get("max_consecutive_failures", 5)
 
+    local_only = [key for key in ("convention", "factory") if spec.get(key)]
+    if local_only and (is_url or isolate):
+        raise _spec_error(index, f"{where} {local_only} apply to in-process functions only")
     if isolate:
         if is_url:
             raise _spec_error(
@@ -262,7 +291,7 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
         fn = resolve(source, **url_kwargs)
         call_timeout = None  # per HTTP request, with bounded retries
     else:
-        fn = resolve(source, **kwargs)
+        fn = _local_function(index, spec, source, kwargs)
         call_timeout = timeout or DEFAULT_TIMEOUT_S
     return RewardSource(
         fn,
@@ -271,7 +300,45 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
         timeout=call_timeout,
         on_error="skip" if on_error == "reweight" else on_error,
         max_consecutive_failures=max_fail,
+        input_format=_choice(index, spec, "input", INPUT_FORMATS),
+        columns=_column_map(index, spec),
     )
+
+
+def _choice(index: int, spec: Mapping, key: str, choices: tuple[str, ...]) -> str | None:
+    value = spec.get(key)
+    if value is not None and value not in choices:
+        raise _spec_error(index, f"({spec['source']}) '{key}' must be one of {choices}, got {value!r}")
+    return value
+
+
+def _column_map(index: int, spec: Mapping) -> dict[str, str]:
+    mapping = spec.get("columns") or {}
+    if not isinstance(mapping, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in mapping.items()):
+        raise _spec_error(index, f"({spec['source']}) 'columns' must map argument names to column names, "
+                                 f"got {mapping!r}")
+    return dict(mapping)
+
+
+def _local_function(index: int, spec: Mapping, source: str, kwargs: Mapping) -> Any:
+    """The in-process callable of a spec: resolved, built by its factory if so marked, adapted to trl's form."""
+    from reward.conventions import CONVENTIONS, adapt
+
+    factory = spec.get("factory", False)
+    if not isinstance(factory, bool):
+        raise _spec_error(index, f"({source}) 'factory' must be true or false, got {factory!r}")
+    if factory:
+        maker = resolve(source)
+        try:
+            fn = maker(**kwargs)
+        except Exception as exc:
+            raise _spec_error(index, f"({source}) the factory failed: {type(exc).__name__}: {exc}") from exc
+        if not callable(fn):
+            raise _spec_error(index, f"({source}) the factory returned a {type(fn).__name__}, not a function")
+    else:
+        fn = resolve(source, **kwargs)
+    return adapt(fn, _choice(index, spec, "convention", CONVENTIONS), source)
 
 
 def build(specs: list[dict[str, Any] | str]) -> CombinedReward:

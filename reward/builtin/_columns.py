@@ -6,13 +6,14 @@ import math
 from typing import Any
 
 from alignment.errors import RewardError
+from reward.base import NOT_COLUMNS
 
 
 def column(columns: dict[str, Any], name: str, n: int, source: str) -> list[Any]:
     """The column ``name`` as a list of n values; RewardError if absent or the wrong length."""
     if name not in columns:
         given = sorted(
-            k for k in columns if k not in ("trainer_state", "log_extra", "log_metric", "environments")
+            k for k in columns if k not in NOT_COLUMNS
         )
         raise RewardError(f"{source}: the batch has no '{name}' column (columns given: {given or 'none'})")
     values = columns[name]
