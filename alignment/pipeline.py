@@ -7,6 +7,7 @@
       - {name: dpo, recipe: recipes/tiny/dpo.yaml, inputs: {model.name_or_path: sft}}
     evaluate: {checkpoints: [sft, dpo], baseline: sft, reference: sft}
 
+A top-level ``seed: N`` (or ``align pipeline P seed=N``) sets every stage's seed.
 `inputs` maps a recipe key (dotted; list items by index, e.g. ``reward.0.source``)
 to the name of an earlier stage, whose output directory is put there.  Each
 stage writes to ``<output_root>/<name>``.
@@ -61,13 +62,15 @@ class Pipeline:
     output_root: str
     stages: list
     evaluate: EvaluateEntry | None = None
+    seed: int | None = None  # when set, every stage's `seed` (a seed study runs the same pipeline per seed)
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     """Read and check a pipeline file (structure and wiring; each stage recipe is checked by `plan`)."""
     data, locations = recipes.read_yaml(path)
     data = recipes.apply_overrides(data, list(overrides or []), locations)
-    recipes.check_unknown_keys(data, ["output_root", "stages", "evaluate"], (), locations, "the pipeline")
+    recipes.check_unknown_keys(data, ["output_root", "stages", "evaluate", "seed"], (), locations,
+                              "the pipeline")
     raw_stages = recipes.coerce(data.get("stages"), list, ("stages",), locations)
     stages, seen = [], set()
     for index, raw in enumerate(raw_stages):
@@ -87,7 +90,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             if name is not None and name not in seen:
                 raise locations.error(("evaluate",), f"{name!r} is not a stage of this pipeline")
     output_root = recipes.coerce(data.get("output_root", "runs/pipeline"), str, ("output_root",), locations)
-    return Pipeline(path=str(path), output_root=output_root, stages=stages, evaluate=evaluate)
+    seed = None if data.get("seed") is None else recipes.coerce(data["seed"], int, ("seed",), locations)
+    return Pipeline(path=str(path), output_root=output_root, stages=stages, evaluate=evaluate, seed=seed)
 
 
 def set_path(data: dict, dotted: str, value) -> None:
@@ -110,6 +114,8 @@ def stage_output(pipeline: Pipeline, name: str) -> Path:
 def resolve_stage(pipeline: Pipeline, entry: StageEntry) -> recipes.Recipe:
     """The stage's recipe with its overrides, its wired inputs and its output directory applied."""
     data, locations = recipes.read_yaml(entry.recipe)
+    if pipeline.seed is not None:  # before the stage's own overrides: an entry that names its seed keeps it
+        data["seed"] = pipeline.seed
     data = recipes.apply_overrides(data, list(entry.overrides), locations)
     for key, source in entry.inputs.items():
         try:

@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run | ceiling | peer-env``."""
+"""Command line: ``python -m benchmarks run | efficacy | table | ceiling | peer-env``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def main(argv=None) -> int:
     table = commands.add_parser("table", help="print one Markdown table from report JSON files "
                                 "(a later file's rows replace an earlier one's for the same stage and preset)")
     table.add_argument("reports", nargs="+")
+    efficacy = commands.add_parser("efficacy", help="the seed study: the default pipeline once per seed, one table "
+                                   "of every checkpoint's held-out results with min / median / max")
+    efficacy.add_argument("--seeds", type=lambda text: [int(s) for s in _list(text)], default=[0, 1, 2, 3, 4])
+    efficacy.add_argument("--pipeline", default="recipes/tiny/pipeline.yaml")
+    efficacy.add_argument("--isa", choices=["default", "avx2"], default="default",
+                          help="avx2: force torch, oneDNN and MKL onto their AVX2 kernels (another CPU's path)")
+    efficacy.add_argument("--workdir", default="runs/efficacy", help="each seed's pipeline runs under WORKDIR/<stamp>")
+    efficacy.add_argument("--output", default="benchmarks/results/", help="folder for the JSON and Markdown table")
     commands.add_parser("ceiling", help="measure the fp32 matmul ceiling and print it as JSON")
     commands.add_parser("peer-env", help="create (or check) the trl 1.12.0 venv of the PPO peer")
     args = parser.parse_args(argv)
@@ -49,6 +57,12 @@ def main(argv=None) -> int:
 
         print(merged_table(args.reports))
         return 0
+    if args.command == "efficacy":
+        from benchmarks.efficacy import all_claims_hold, run_study
+
+        report = run_study(args.seeds, pipeline=args.pipeline, isa=args.isa, workdir=args.workdir,
+                           output=args.output)
+        return 0 if all_claims_hold(report) else 1
     if args.command == "ceiling":
         from benchmarks.ceiling import measure
 

@@ -90,3 +90,17 @@ def test_default_pipeline_validates(repo_root):
 
     planned = plan(load_pipeline(repo_root / DEFAULT_PIPELINE))
     assert [entry.name for entry, _ in planned][:2] == ["sft", "reward_model"]
+
+
+def test_pipeline_seed_sets_every_stage_seed_unless_the_entry_names_its_own(tmp_path, repo_root):
+    from alignment.pipeline import DEFAULT_PIPELINE, StageEntry, plan, resolve_stage
+
+    default = plan(load_pipeline(repo_root / DEFAULT_PIPELINE))
+    assert {recipe.seed for _, recipe in default} == {42}  # the recipes' own seed
+    seeded = load_pipeline(repo_root / DEFAULT_PIPELINE, ["seed=3", f"output_root={tmp_path}"])
+    assert seeded.seed == 3
+    assert {recipe.seed for _, recipe in plan(seeded)} == {3}
+    pinned = StageEntry("sft", "recipes/tiny/sft.yaml", overrides=["seed=7"])
+    assert resolve_stage(seeded, pinned).seed == 7  # an entry's own override wins over the pipeline's seed
+    with pytest.raises(RecipeError, match="seed"):
+        load_pipeline(repo_root / DEFAULT_PIPELINE, ["seed=three"])

@@ -1,0 +1,252 @@
+"""The seed study: run the default pipeline once per seed and report the spread of every result.
+
+    python -m benchmarks efficacy --seeds 0,1,2,3,4
+    python -m benchmarks efficacy --seeds 0,1,2 --isa avx2      # the AVX2 kernel path on an AVX-512 CPU
+
+Each seed runs ``align pipeline PIPELINE seed=S output_root=WORK/seed-S`` in a
+fresh directory (a child process, so the ISA variables reach torch before it
+loads).  From each seed's ``eval/report.json`` it takes, per checkpoint, held-out
+greedy and sampled accuracy, KL to the SFT model and the reward model's pair
+accuracy, and from the run directories the stage times.  It prints one table
+(per seed, then min / median / max), checks the demo's claims on every seed
+(``CLAIMS``), names the CPU, the kernel path torch used and the package
+versions, and writes the JSON and Markdown next to each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PIPELINE = "recipes/tiny/pipeline.yaml"
+MAX_PIPELINE_SECONDS = 600.0  # the demo's promise: the whole pipeline in 10 minutes on 2 cores
+
+# What forcing the AVX2 path sets, and what each variable changes (checked in `kernel_path`):
+#   ATEN_CPU_CAPABILITY   torch's own vectorised kernels (softmax, norms, elementwise): default -> avx2
+#   ONEDNN_MAX_CPU_ISA    oneDNN's matmul/convolution JIT (torch's mkldnn path and bf16 matmuls)
+#   MKL_ENABLE_INSTRUCTIONS  MKL's sgemm, which serves torch's fp32 nn.Linear on x86
+ISA_ENVIRONMENTS = {
+    "default": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+# (checkpoint, metric) columns of the table, in order
+COLUMNS = [
+    ("sft", "greedy_accuracy"), ("sft", "sampled_accuracy"),
+    ("sft_control", "greedy_accuracy"), ("sft_control", "sampled_accuracy"),
+    ("dpo", "greedy_accuracy"), ("dpo", "sampled_accuracy"), ("dpo", "kl_to_reference"),
+    ("ppo", "greedy_accuracy"), ("ppo", "sampled_accuracy"), ("ppo", "kl_to_reference"),
+    ("reward_model", "preference_accuracy"),
+]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One promise of the demo, checked on every seed: `value(row) >= threshold`."""
+
+    text: str
+    threshold: float
+    left: tuple
+    minus: tuple | None = None  # the value is left - minus (a gain over another checkpoint)
+
+    def value(self, row: dict) -> float | None:
+        left = row.get(self.left)
+        right = 0.0 if self.minus is None else row.get(self.minus)
+        return None if left is None or right is None else left - right
+
+
+G = "greedy_accuracy"
+CLAIMS = [
+    Claim("SFT >= 45% greedy", 0.45, ("sft", G)),
+    Claim("reward model >= 85% held-out pair accuracy", 0.85, ("reward_model", "preference_accuracy")),
+    Claim("DPO >= SFT + 10 points greedy", 0.10, ("dpo", G), ("sft", G)),
+    Claim("DPO >= SFT control + 5 points greedy", 0.05, ("dpo", G), ("sft_control", G)),
+    Claim("PPO >= SFT + 10 points greedy", 0.10, ("ppo", G), ("sft", G)),
+    Claim("PPO >= SFT control + 5 points greedy", 0.05, ("ppo", G), ("sft_control", G)),
+]
+
+
+def seed_row(root: Path) -> dict:
+    """(checkpoint, metric) -> value for one seed's pipeline output, plus stage times."""
+    report = json.loads((root / "eval" / "report.json").read_text())
+    row: dict = {}
+    for name, entry in report["checkpoints"].items():
+        for metric, value in entry.get("metrics", {}).items():
+            if isinstance(value, dict) and metric == "kl_to_reference":
+                value = value.get("k1")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[(name, metric)] = float(value)
+    for stage_dir in sorted(p for p in root.iterdir() if (p / "metrics.json").is_file()):
+        seconds = json.loads((stage_dir / "metrics.json").read_text()).get("train_seconds")
+        if seconds is not None:
+            row[(stage_dir.name, "seconds")] = float(seconds)
+    return row
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+def check_claims(rows: dict[int, dict]) -> list[dict]:
+    """Each claim's value per seed and whether it holds on every seed."""
+    results = []
+    for claim in CLAIMS:
+        per_seed = {seed: claim.value(row) for seed, row in rows.items()}
+        holds = [v is not None and v >= claim.threshold - 1e-9 for v in per_seed.values()]
+        results.append({"claim": claim.text, "per_seed": per_seed, "holds_on": sum(holds), "seeds": len(holds)})
+    return results
+
+
+def kernel_path(env: dict) -> dict:
+    """The CPU and the kernel path torch takes under `env` (asked of a child, where the variables apply)."""
+    probe = ("import json, torch; print(json.dumps({'aten_capability': torch.backends.cpu.get_cpu_capability(),"
+             " 'torch': torch.__version__, 'threads': torch.get_num_threads()}))")
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True,
+                         check=True)
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info["cpu"] = cpu_model()
+    info["cpu_flags"] = sorted(set(cpu_flags()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8",
+                                                  "avx512_vnni", "avx_vnni"})
+    info["forced"] = env
+    return info
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
+
+
+def run_seed(pipeline: str, seed: int, root: Path, env: dict, log_path: Path, timeout: float) -> dict:
+    """One pipeline run in a fresh directory; returns its status, wall time and results."""
+    command = [sys.executable, "-m", "alignment.cli", "pipeline", pipeline, f"seed={seed}", f"output_root={root}"]
+    started = time.time()
+    with open(log_path, "w") as log:
+        try:
+            finished = subprocess.run(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                      timeout=timeout)
+            status = "ok" if finished.returncode == 0 else f"exit {finished.returncode}"
+        except subprocess.TimeoutExpired:
+            status = f"timed out after {timeout:.0f}s"
+    seconds = time.time() - started
+    row = seed_row(root) if status == "ok" else {}
+    return {"seed": seed, "status": status, "seconds": round(seconds, 1), "row": row, "log": str(log_path)}
+
+
+def versions_of(root: Path) -> dict:
+    for info in sorted(root.glob("*/run_info.json")):
+        data = json.loads(info.read_text())
+        if "versions" in data:
+            return data["versions"]
+    return {}
+
+
+def fmt(metric: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if metric in ("kl_to_reference",):
+        return f"{value:.2f}"
+    if metric == "seconds":
+        return f"{value:.0f}"
+    return f"{100 * value:.1f}"
+
+
+def markdown(report: dict) -> str:
+    runs = [r for r in report["runs"] if r["status"] == "ok"]
+    header = ["seed", "pipeline s"] + [f"{name} {metric.replace('_accuracy', '').replace('kl_to_reference', 'KL')}"
+                                        for name, metric in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    for run in report["runs"]:
+        cells = [str(run["seed"]), f"{run['seconds']:.0f}" + ("" if run["status"] == "ok" else f" ({run['status']})")]
+        cells += [fmt(metric, run["row"].get(f"{name}/{metric}")) for name, metric in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    for stat in ("min", "median", "max"):
+        cells = [f"**{stat}**", fmt("seconds", report["pipeline_seconds"][stat]) if runs else "-"]
+        for name, metric in COLUMNS:
+            summary = report["summary"].get(f"{name}/{metric}")
+            cells.append(fmt(metric, summary[stat]) if summary else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    path = report["kernel_path"]
+    text = [f"Seed study of `{report['pipeline']}` ({len(runs)} of {len(report['runs'])} seeds finished), "
+            f"{report['date']}",
+            f"CPU: {path['cpu']} ({', '.join(path['cpu_flags']) or 'no AVX2'}); torch kernel path "
+            f"{path['aten_capability']}" + (f", forced by {path['forced']}" if path["forced"] else "") +
+            f"; {path['threads']} threads",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items())),
+            "Accuracies in %, held-out (500 prompts; reward model: 500 pairs); KL to the SFT model in nats per "
+            "sequence.", "", *lines, "", "| claim (every seed) | holds on | per seed |", "|---|---:|---|"]
+    for claim in report["claims"]:
+        values = ", ".join("-" if v is None else f"{100 * v:+.1f}" for v in claim["per_seed"].values())
+        text.append(f"| {claim['claim']} | {claim['holds_on']} of {claim['seeds']} | {values} |")
+    return "\n".join(text)
+
+
+def run_study(seeds: list[int], pipeline: str = DEFAULT_PIPELINE, isa: str = "default",
+              workdir: str = "runs/efficacy", output: str = "benchmarks/results/",
+              timeout: float = 2 * MAX_PIPELINE_SECONDS) -> dict:
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
+           **ISA_ENVIRONMENTS[isa]}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    work = Path(workdir) / f"{stamp}-{isa}"
+    work.mkdir(parents=True, exist_ok=True)
+    path = kernel_path(env)
+    print(f"seed study: {pipeline}, seeds {seeds}, CPU {path['cpu']}, torch kernel path {path['aten_capability']}"
+          f"{' (forced ' + isa + ')' if path['forced'] else ''}; runs under {work}", flush=True)
+    runs = []
+    for seed in seeds:
+        root = work / f"seed-{seed}"
+        result = run_seed(pipeline, seed, root, env, work / f"seed-{seed}.log", timeout)
+        print(f"  seed {seed}: {result['status']} in {result['seconds']:.0f}s  " +
+              "  ".join(f"{n} {m.replace('_accuracy', '')} {fmt(m, result['row'].get((n, m)))}"
+                        for n, m in COLUMNS if m == G or m == "preference_accuracy"), flush=True)
+        runs.append(result)
+    finished = [r for r in runs if r["status"] == "ok"]
+    keys = sorted({key for r in finished for key in r["row"]})
+    summary = {f"{n}/{m}": spread([r["row"][(n, m)] for r in finished if (n, m) in r["row"]]) for n, m in keys}
+    claims = check_claims({r["seed"]: r["row"] for r in finished})
+    for r in runs:
+        r["row"] = {f"{n}/{m}": v for (n, m), v in r["row"].items()}
+    report = {
+        "pipeline": pipeline, "isa": isa, "date": time.strftime("%Y-%m-%d %H:%M"), "kernel_path": path,
+        "versions": versions_of(work / f"seed-{seeds[0]}") if seeds else {},
+        "runs": runs, "summary": summary, "claims": claims,
+        "pipeline_seconds": spread([r["seconds"] for r in finished]) if finished else {},
+        "within_time_limit": all(r["seconds"] <= MAX_PIPELINE_SECONDS for r in finished),
+        "time_limit_seconds": MAX_PIPELINE_SECONDS,
+    }
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"efficacy-{stamp}-{isa}"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / f"{name}.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"\nwritten: {out / name}.json and .md")
+    return report
+
+
+def all_claims_hold(report: dict) -> bool:
+    finished = [r for r in report["runs"] if r["status"] == "ok"]
+    return (len(finished) == len(report["runs"]) and report["within_time_limit"]
+            and all(c["holds_on"] == c["seeds"] for c in report["claims"]))
