@@ -74,9 +74,11 @@ def completion_text(value) -> str:
     return value if isinstance(value, str) else value[-1]["content"]
 
 
-def score(reward, prompts, texts, columns):
-    """The recipe's reward sources on the texts: the combined result (scores per source, failures per source)."""
-    return reward(prompts, texts, **columns)
+def score(reward, prompts, samples: list[dict], columns):
+    """The recipe's reward sources on the samples' texts (and their token ids, trl's ``completion_ids``):
+    the combined result (scores per source, failures per source)."""
+    return reward(prompts, [s["text"] for s in samples], completion_ids=[s["token_ids"] for s in samples],
+                  **columns)
 
 
 def sample_metrics(prefix: str, samples: list[dict], result) -> dict:
@@ -139,7 +141,7 @@ def _evaluate_policy_checkpoint(path: str, spec, rows: list[dict], reward) -> di
     greedy = generate_completions(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
                                   batch_size=spec.batch_size, do_sample=False, seed=spec.seed)
     greedy_texts = [s["text"] for s in greedy]
-    greedy_result = score(reward, prompts, greedy_texts, columns)
+    greedy_result = score(reward, prompts, greedy, columns)
     greedy_scores = greedy_result.per_source
     metrics = sample_metrics("greedy", greedy, greedy_result)
     metrics["mean_length"] = sum(s["num_tokens"] for s in greedy) / len(greedy)
@@ -149,7 +151,7 @@ def _evaluate_policy_checkpoint(path: str, spec, rows: list[dict], reward) -> di
     sampled = generate_completions(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
                                    batch_size=spec.batch_size, do_sample=True, temperature=spec.temperature,
                                    seed=spec.seed)
-    metrics.update(sample_metrics("sampled", sampled, score(reward, prompts, [s["text"] for s in sampled], columns)))
+    metrics.update(sample_metrics("sampled", sampled, score(reward, prompts, sampled, columns)))
     references = [completion_text(row["completion"]) for row in rows if row.get("completion")]
     if references and len(references) == len(rows):
         if spec.perplexity:

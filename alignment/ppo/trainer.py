@@ -85,6 +85,11 @@ def make_kl_controller(config: PPOConfig) -> FixedKLController:
     return FixedKLController(config.kl_coef)
 
 
+def sampled_ids(response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[list[int]]:
+    """Each response's real tokens (EOS included, padding not), as trl hands ``completion_ids`` to rewards."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(response_ids, response_mask)]
+
+
 class PPOTrainer:
     """PPO with a learned critic for causal language models.
 
@@ -238,6 +243,8 @@ class PPOTrainer:
         columns = {
             key: [row.get(key) for row in rows] for key in sorted({k for r in rows for k in r} - {"prompt"})
         }
+        if getattr(self.reward_fn, "wants_completion_ids", False):  # trl's argument: the sampled token ids
+            columns["completion_ids"] = sampled_ids(rollout.response_ids, rollout.response_mask)
         raw = score_responses(self.reward_fn, rollout.prompts, rollout.completions, columns)
         scores = [0.0 if s is None else s for s in raw]
         keep = [s is not None for s in raw]

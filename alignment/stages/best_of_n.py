@@ -84,7 +84,8 @@ def score(rewards, rows: list[dict], samples: list[list[dict]]) -> tuple[list[li
     completions = [as_completion(row["prompt"], s["text"]) for row, group in zip(rows, samples) for s in group]
     names = sorted({key for row in rows for key in row} - {"prompt"})
     columns = {name: [row.get(name) for row in rows for _ in range(n)] for name in names}
-    result = rewards(prompts, completions, **columns)
+    completion_ids = [s["token_ids"] for group in samples for s in group]  # trl's argument: the sampled ids
+    result = rewards(prompts, completions, completion_ids=completion_ids, **columns)
     flat = result.total
     return [flat[i * n:(i + 1) * n] for i in range(len(rows))], result.metrics
 

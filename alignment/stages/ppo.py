@@ -146,6 +146,7 @@ class RecipeReward:
     """The recipe's combined reward as the trainer's ``reward_fn``; keeps each source's metrics of the last call."""
 
     __name__ = "total"  # the trainer logs its mean as reward/total
+    wants_completion_ids = True  # the trainer passes the sampled token ids, as trl does (trl.rewards read them)
 
     def __init__(self, combined):
         from reward.base import is_conversation
