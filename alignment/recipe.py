@@ -102,6 +102,11 @@ class RewardSpec:
     columns: dict = field(default_factory=dict)  # argument name -> dataset column, e.g. {solution: answer}
     input: Union[Literal["text", "messages", "as_given"], None] = None  # null: messages for trl.rewards
     factory: bool = False  # the source builds the reward function (trl.rewards:get_*): kwargs go to it
+    # URL sources: the wire protocol and the limits on requests (reward.remote.RemoteReward)
+    protocol: Union[Literal["align", "openrlhf", "llamafactory"], None] = None
+    requests_per_minute: Union[float, None] = field(default=None, metadata=check(positive))
+    max_in_flight: Union[int, None] = field(default=None, metadata=check(positive))
+    batch_size: Union[int, None] = field(default=None, metadata=check(positive))
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,12 @@ import argparse
 import os
 
 from alignment.errors import RewardError
+from reward.protocols import PROTOCOLS
 
 EXAMPLES = """examples:
   align serve-reward runs/tiny/reward_model                 a trained reward model, on 127.0.0.1:8000
   align serve-reward examples/rewards/brevity.py:brevity    a Python function
+  align serve-reward answer_match --protocol openrlhf       for OpenRLHF's --remote_rm_url http://127.0.0.1:8000/get_reward
   REWARD_TOKEN=secret align serve-reward runs/tiny/reward_model --host 0.0.0.0 --token-env REWARD_TOKEN
 """
 
@@ -40,7 +42,7 @@ def cmd_serve_reward(args) -> int:
     from reward.remote import serve
 
     check_exposure(args.host, args.token_env)
-    serve(args.source, host=args.host, port=args.port, token_env=args.token_env)
+    serve(args.source, host=args.host, port=args.port, token_env=args.token_env, protocol=args.protocol)
     return 0
 
 
@@ -56,6 +58,9 @@ def add_command(commands) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1; any other needs --token-env)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="align",
+                        help="align: POST /score (ours); openrlhf: POST /get_reward (OpenRLHF's remote RM); "
+                        "llamafactory: POST /v1/score/evaluation (LLaMA-Factory's reward_model_type: api)")
     parser.add_argument("--token-env", default=None, metavar="NAME",
                         help="environment variable holding the bearer token clients must send")
     parser.set_defaults(func=cmd_serve_reward)

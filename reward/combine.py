@@ -15,6 +15,10 @@ A recipe's ``reward:`` section is a list of specs::
         isolate: true                   # separate process; timeout (default 60 s) and memory_mb (default 2048)
       - source: https://rm.example.org
         token_env: RM_TOKEN             # URL sources: env var holding the bearer token
+        protocol: openrlhf              # align (default) | openrlhf | llamafactory (reward.protocols)
+        requests_per_minute: 120        # rate limit over every HTTP attempt, retries included
+        max_in_flight: 4                # concurrent requests of one call, each of batch_size samples
+        batch_size: 16
       - source: trl.rewards:get_soft_overlong_punishment
         factory: true                   # the function builds the reward function: kwargs go to it
         kwargs: {max_completion_len: 16, soft_punish_cache: 4}
@@ -74,7 +78,14 @@ SPEC_KEYS = (
     "columns",
     "input",
     "factory",
+    "protocol",
+    "requests_per_minute",
+    "max_in_flight",
+    "batch_size",
 )
+
+# Keys of URL sources only (reward.remote.RemoteReward's settings)
+URL_KEYS = ("protocol", "requests_per_minute", "max_in_flight", "batch_size")
 
 
 @dataclass
@@ -270,6 +281,9 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
         raise _spec_error(index, f"{where} 'memory_mb' needs 'isolate: true' and an integer number of MB")
     max_fail = spec.get("max_consecutive_failures", 5)
 
+    url_only = [key for key in URL_KEYS if spec.get(key) is not None]
+    if url_only and not is_url:
+        raise _spec_error(index, f"{where} {url_only} apply to http(s) URL sources only")
     local_only = [key for key in ("convention", "factory") if spec.get(key)]
     if local_only and (is_url or isolate):
         raise _spec_error(index, f"{where} {local_only} apply to in-process functions only")
@@ -284,6 +298,7 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
         call_timeout = None  # the child is killed on overrun; no second timer
     elif is_url:
         url_kwargs = dict(kwargs)
+        url_kwargs.update({key: spec[key] for key in URL_KEYS if spec.get(key) is not None})
         if token_env:
             url_kwargs["token_env"] = token_env
         if timeout:

@@ -1,6 +1,8 @@
-"""Rewards over HTTP: a client (`RemoteReward`) and the reference server (`create_app`, `serve`).
+"""Rewards over HTTP: the client (`RemoteReward`); the server is `reward.server` (re-exported here).
 
-Protocol (JSON over HTTP, documented in docs/rewards.md):
+Three protocols (`reward.protocols`): ours ("align", below), OpenRLHF's remote reward model
+(``POST /get_reward``) and LLaMA-Factory's ``reward_model_type: api``. Ours
+(JSON over HTTP, documented in docs/rewards.md):
 
     POST <url>/score   {"prompts": [...], "completions": [...], "columns": {"answer": [...], ...}}
                     -> {"scores": [float | null, ...]}          one per completion, same order
@@ -13,22 +15,26 @@ request is wrong: not retried) or 5xx (the scorer failed: retried).
 The client retries, with exponential backoff, only connection errors,
 timeouts, HTTP 5xx and 429; anything else is a `RewardError` at once. The
 bearer token is read from an environment variable and never appears in a log
-line, a repr or an error message.
+line, a repr or an error message. All of that holds for every protocol.
+
+Limits, as verl's rate-limited reward manager has: ``requests_per_minute``
+(every HTTP attempt, retries included, waits for its slot) and ``max_in_flight``
+(concurrent requests when a call is split into ``batch_size`` chunks).
 """
 
-import hmac
-import ipaddress
 import json
 import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from alignment.errors import RewardError
-from reward.base import RewardSource, data_columns
+from reward.base import data_columns
+from reward.protocols import PATHS, PROTOCOLS, ProtocolError, decode_response, encode_request
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +83,35 @@ def _jsonable_columns(columns: dict[str, Any], n: int, where: str) -> dict[str, 
     return out
 
 
+class RateLimiter:
+    """At most ``per_minute`` acquisitions in any 60 s, spaced evenly (one every 60/per_minute s)."""
+
+    def __init__(self, per_minute: float | None):
+        self.interval = 60.0 / per_minute if per_minute else 0.0
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Wait for the next slot; returns the seconds waited."""
+        if not self.interval:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval
+        wait = start - now
+        if wait > 0:
+            time.sleep(wait)
+        return wait
+
+
+def _positive_or_none(value: Any, what: str, where: str, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, kinds) or value <= 0):
+        raise RewardError(f"remote reward {where}: {what} must be a positive {'integer' if integer else 'number'}, "
+                          f"got {value!r}")
+
+
 class RemoteReward:
     """A reward source served over HTTP (see the module docstring for the protocol).
 
@@ -87,7 +122,15 @@ class RemoteReward:
         retries: retries after the first attempt, for retryable failures only.
         backoff: first retry delay in seconds; doubles each retry (capped at
             ``max_backoff``); a 429's numeric Retry-After is honoured up to the cap.
-        health_check: ``GET /health`` now, RewardError if it fails.
+        health_check: ``GET /health`` now, RewardError if it fails (protocol "align" only:
+            the others define no health endpoint).
+        protocol: "align" | "openrlhf" | "llamafactory" (`reward.protocols`). For the last two a URL
+            without a path gets the protocol's path (``/get_reward``, ``/v1/score/evaluation``); a URL
+            with one is posted to as it is, as OpenRLHF's ``--remote_rm_url`` is.
+        requests_per_minute: rate limit over every HTTP attempt; None: unlimited.
+        max_in_flight: concurrent requests of one call (with ``batch_size``); default 1.
+        batch_size: samples per request; None: the whole call in one request.
+        model: the ``model`` field of LLaMA-Factory's request.
     """
 
     def __init__(
@@ -99,10 +142,21 @@ class RemoteReward:
         backoff: float = 0.2,
         health_check: bool = True,
         max_backoff: float = 30.0,
+        protocol: str = "align",
+        requests_per_minute: float | None = None,
+        max_in_flight: int = 1,
+        batch_size: int | None = None,
+        model: str = "model",
     ):
         import httpx
 
         parts = urlsplit(url)
+        if protocol not in PROTOCOLS:
+            raise RewardError(f"remote reward {_display_url(url)}: protocol must be one of {PROTOCOLS}, "
+                              f"got {protocol!r}")
+        _positive_or_none(requests_per_minute, "requests_per_minute", _display_url(url))
+        _positive_or_none(max_in_flight, "max_in_flight", _display_url(url), integer=True)
+        _positive_or_none(batch_size, "batch_size", _display_url(url), integer=True)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise RewardError(f"remote reward: not an http(s) URL: {_display_url(url)!r}")
         if not (isinstance(timeout, int | float) and timeout > 0):
@@ -114,6 +168,12 @@ class RemoteReward:
         if not (isinstance(backoff, int | float) and backoff >= 0):
             raise RewardError(f"remote reward {_display_url(url)}: backoff must be >= 0, got {backoff!r}")
         self.url = url.rstrip("/")
+        self.protocol = protocol
+        # ours appends its paths to a base URL; the others post to the URL given, or to their path under it
+        self.score_path = PATHS[protocol] if protocol == "align" or not parts.path.strip("/") else ""
+        self.requests_per_minute, self.max_in_flight = requests_per_minute, max_in_flight
+        self.batch_size, self.model = batch_size, model
+        self._limiter = RateLimiter(requests_per_minute)
         self.display_url = _display_url(self.url)
         self.token_env = token_env
         self.timeout = float(timeout)
@@ -131,16 +191,19 @@ class RemoteReward:
                 )
             self._token = _Secret(value)
             headers["Authorization"] = f"Bearer {value}"
-        self._client = httpx.Client(timeout=self.timeout, headers=headers, follow_redirects=False)
-        if health_check:
+        limits = httpx.Limits(max_connections=max_in_flight)
+        self._client = httpx.Client(timeout=self.timeout, headers=headers, follow_redirects=False, limits=limits)
+        if health_check and protocol == "align":
             self.health()
 
     def __repr__(self) -> str:
-        return f"RemoteReward({self.display_url!r}, token_env={self.token_env!r}, timeout={self.timeout})"
+        return (f"RemoteReward({self.display_url!r}, protocol={self.protocol!r}, token_env={self.token_env!r}, "
+                f"timeout={self.timeout})")
 
     def __getstate__(self) -> dict[str, Any]:
         """Settings only: never the token (re-read from ``token_env`` on unpickling) nor the connection."""
-        keys = ("url", "token_env", "timeout", "retries", "backoff", "max_backoff")
+        keys = ("url", "token_env", "timeout", "retries", "backoff", "max_backoff", "protocol",
+                "requests_per_minute", "max_in_flight", "batch_size", "model")
         return {k: getattr(self, k) for k in keys}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -166,35 +229,45 @@ class RemoteReward:
         except ValueError:
             return {}
 
-    def __call__(self, prompts: list[Any], completions: list[Any], **columns: Any) -> list[Any]:
+    def __call__(self, prompts: list[Any], completions: list[Any], log_metric: Any = None,
+                 **columns: Any) -> list[Any]:
         n = len(prompts)
-        payload = {
-            "prompts": list(prompts),
-            "completions": list(completions),
-            "columns": _jsonable_columns(columns, n, self.display_url),
-        }
-        resp = self._request("POST", "/score", payload, what="score")
+        columns = _jsonable_columns(columns, n, self.display_url)
+        size = self.batch_size or max(n, 1)
+        chunks = [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+        def score_chunk(rows: range) -> tuple[list[Any], dict[str, Any]]:
+            payload = encode_request(self.protocol, [prompts[i] for i in rows], [completions[i] for i in rows],
+                                     {k: [v[i] for i in rows] for k, v in columns.items()}, model=self.model)
+            return self._score(payload, len(rows))
+
+        if len(chunks) > 1 and self.max_in_flight > 1:
+            with ThreadPoolExecutor(max_workers=self.max_in_flight, thread_name_prefix="remote-reward") as pool:
+                answers = list(pool.map(score_chunk, chunks))
+        else:
+            answers = [score_chunk(rows) for rows in chunks]
+        if log_metric is not None:
+            from reward.conventions import log_metrics
+
+            for _, logs in answers:
+                for key, value in log_metrics(logs).items():
+                    log_metric(key, value)
+        return [score for scores, _ in answers for score in scores]
+
+    def _score(self, payload: dict[str, Any], n: int) -> tuple[list[Any], dict[str, Any]]:
+        """One request: the scores and what the protocol says to log; RewardError naming the URL otherwise."""
+        target = f"{self.display_url}{self.score_path}"
+        resp = self._request("POST", self.score_path, payload, what="score")
         try:
             body = resp.json()
         except ValueError:
             raise RewardError(
-                f"remote reward {self.display_url}/score: malformed JSON in the response: {self._snippet(resp.text)}"
+                f"remote reward {target}: malformed JSON in the response: {self._snippet(resp.text)}"
             ) from None
-        if not isinstance(body, dict) or "scores" not in body:
-            keys = sorted(body) if isinstance(body, dict) else type(body).__name__
-            raise RewardError(
-                f"remote reward {self.display_url}/score: the response has no 'scores' field (got {keys})"
-            )
-        scores = body["scores"]
-        if not isinstance(scores, list):
-            raise RewardError(
-                f"remote reward {self.display_url}/score: 'scores' is a {type(scores).__name__}, expected a list"
-            )
-        if len(scores) != n:
-            raise RewardError(
-                f"remote reward {self.display_url}/score: expected {n} scores, got {len(scores)}"
-            )
-        return scores
+        try:
+            return decode_response(self.protocol, body, n)
+        except ProtocolError as exc:
+            raise RewardError(f"remote reward {target} ({self.protocol} protocol): the response {exc}") from None
 
     # -- transport -------------------------------------------------------
 
@@ -215,6 +288,7 @@ class RemoteReward:
         last = ""
         for attempt in range(attempts):
             retry_after: float | None = None
+            self._limiter.acquire()
             try:
                 resp = self._client.request(method, self.url + path, json=payload)
             except httpx.TimeoutException as exc:
@@ -261,128 +335,5 @@ class RemoteReward:
         )
 
 
-# ---------------------------------------------------------------------------
-# the reference server
-# ---------------------------------------------------------------------------
-
-
-def create_app(source_callable: Callable[..., Any], token: str | None = None) -> Any:
-    """A FastAPI app serving ``source_callable`` with the protocol above.
-
-    The callable is wrapped in a `RewardSource` (on_error="raise"), so a NaN,
-    a wrong count or an exception answers HTTP 500 with the message, never a 0.
-    """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-
-    if isinstance(source_callable, RewardSource):
-        source = source_callable
-    else:
-        name = getattr(source_callable, "__name__", type(source_callable).__name__)
-        source = RewardSource(source_callable, name=name, on_error="raise")
-    # (no `from __future__ import annotations` in this module: FastAPI must see `Request` itself)
-    expected = f"Bearer {token}".encode() if token else None
-    app = FastAPI(title="reward server", docs_url=None, redoc_url=None, openapi_url=None)
-
-    def unauthorized(request: Request) -> Any:
-        if expected is None:
-            return None
-        given = request.headers.get("authorization", "").encode()
-        if hmac.compare_digest(given, expected):
-            return None
-        return JSONResponse(
-            {"error": "missing or wrong bearer token"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-    def bad(message: str) -> Any:
-        return JSONResponse({"error": message}, status_code=422)
-
-    @app.get("/health")
-    async def health(request: Request):
-        return unauthorized(request) or {"status": "ok", "source": source.name}
-
-    @app.post("/score")
-    async def score(request: Request):
-        denied = unauthorized(request)
-        if denied is not None:
-            return denied
-        try:
-            body = await request.json()
-        except ValueError:
-            return bad("the body is not valid JSON")
-        if not isinstance(body, dict):
-            return bad("the body must be a JSON object with 'prompts' and 'completions'")
-        unknown = sorted(set(body) - {"prompts", "completions", "columns"})
-        if unknown:
-            return bad(f"unknown field(s) {unknown}; expected 'prompts', 'completions', 'columns'")
-        prompts, completions = body.get("prompts"), body.get("completions")
-        columns = body.get("columns") or {}
-        if not isinstance(prompts, list) or not isinstance(completions, list):
-            return bad("'prompts' and 'completions' must be lists")
-        if len(prompts) != len(completions):
-            return bad(f"{len(prompts)} prompts but {len(completions)} completions")
-        if not isinstance(columns, dict):
-            return bad("'columns' must be an object of lists")
-        for key, values in columns.items():
-            if not isinstance(values, list) or len(values) != len(prompts):
-                return bad(f"column '{key}' must be a list of {len(prompts)} values")
-        try:
-            scores = await run_in_threadpool(source, prompts, completions, **columns)
-        except RewardError as exc:
-            logger.error("reward server: %s", exc)
-            return JSONResponse({"error": str(exc)}, status_code=500)
-        except Exception as exc:  # noqa: BLE001 - report, never crash the server
-            logger.exception("reward server: unexpected failure")
-            return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
-        return {"scores": scores}
-
-    return app
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def serve(
-    source: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    token_env: str | None = None,
-    log_level: str = "info",
-    **kwargs: Any,
-) -> None:
-    """Serve any source string `reward.registry.resolve` accepts (kwargs go to it).
-
-    Binds to loopback by default; any other host requires a token (read from
-    the environment variable ``token_env``), or this raises `RewardError`.
-    """
-    token = None
-    if token_env:
-        token = os.environ.get(token_env, "")
-        if not token:
-            raise RewardError(
-                f"reward server: environment variable {token_env} is not set (it must hold the token)"
-            )
-    if not is_loopback(host) and not token:
-        raise RewardError(
-            f"reward server: refusing to bind to non-loopback host {host!r} without a token; "
-            "set token_env to an environment variable holding one, or bind to 127.0.0.1"
-        )
-    from reward.registry import resolve
-
-    app = create_app(resolve(source, **kwargs), token=token)
-    import uvicorn
-
-    logger.info(
-        "reward server: serving %s on http://%s:%d (auth %s)", source, host, port, "on" if token else "off"
-    )
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+# the server's old home: imported from here by earlier code
+from reward.server import create_app, is_loopback, serve  # noqa: E402,F401
