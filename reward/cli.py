@@ -27,7 +27,7 @@ EXAMPLES = """examples:
 
 def check_exposure(host: str, token_env: str | None) -> None:
     """Refuse a non-loopback host unless `token_env` names a set environment variable (the token)."""
-    from reward.remote import is_loopback
+    from reward.server import is_loopback
 
     if token_env and not os.environ.get(token_env):
         raise RewardError(f"serve-reward: --token-env {token_env}: that environment variable is not set "
@@ -39,7 +39,7 @@ def check_exposure(host: str, token_env: str | None) -> None:
 
 
 def cmd_serve_reward(args) -> int:
-    from reward.remote import serve
+    from reward.server import serve
 
     check_exposure(args.host, args.token_env)
     serve(args.source, host=args.host, port=args.port, token_env=args.token_env, protocol=args.protocol)

@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-import reward.remote
+import reward.server
 from alignment.errors import RewardError
 from reward import cli
 
@@ -19,7 +19,7 @@ def parse(argv):
 def served(monkeypatch):
     """Record what would be served instead of binding a socket."""
     calls = []
-    monkeypatch.setattr(reward.remote, "serve", lambda source, **kwargs: calls.append((source, kwargs)))
+    monkeypatch.setattr(reward.server, "serve", lambda source, **kwargs: calls.append((source, kwargs)))
     monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("uvicorn.run must not be reached"))
     return calls
 
@@ -27,7 +27,8 @@ def served(monkeypatch):
 def test_defaults_serve_on_loopback_without_a_token(served):
     args = parse(["serve-reward", "answer_match"])
     assert args.func(args) == 0
-    assert served == [("answer_match", {"host": "127.0.0.1", "port": 8000, "token_env": None})]
+    assert served == [("answer_match", {"host": "127.0.0.1", "port": 8000, "token_env": None,
+                                          "protocol": "align"})]
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::"])
@@ -40,7 +41,7 @@ def test_non_loopback_host_without_a_token_is_refused_before_anything_is_served(
 
 def test_refusal_holds_even_if_the_server_would_not_check(monkeypatch):
     """The CLI checks itself: with the real serve replaced by one that would bind, nothing is bound."""
-    monkeypatch.setattr(reward.remote, "serve", lambda *a, **k: pytest.fail("serve must not be called"))
+    monkeypatch.setattr(reward.server, "serve", lambda *a, **k: pytest.fail("serve must not be called"))
     args = parse(["serve-reward", "examples/rewards/brevity.py:brevity", "--host", "0.0.0.0", "--port", "9"])
     with pytest.raises(RewardError, match="--token-env"):
         args.func(args)
@@ -53,7 +54,8 @@ def test_token_env_must_be_set_and_then_any_host_is_allowed(served, monkeypatch)
         args.func(args)
     monkeypatch.setenv("RM_TEST_TOKEN", "s3cret")
     assert args.func(args) == 0
-    assert served == [("answer_match", {"host": "0.0.0.0", "port": 8123, "token_env": "RM_TEST_TOKEN"})]
+    assert served == [("answer_match", {"host": "0.0.0.0", "port": 8123, "token_env": "RM_TEST_TOKEN",
+                                          "protocol": "align"})]
 
 
 def test_align_main_reports_the_refusal_as_an_error(served, capsys, monkeypatch):
@@ -66,3 +68,16 @@ def test_align_main_reports_the_refusal_as_an_error(served, capsys, monkeypatch)
     assert align_cli.main(["serve-reward", "answer_match", "--host", "0.0.0.0"]) == 2
     assert "refusing to serve" in capsys.readouterr().err
     assert served == []
+
+
+@pytest.mark.parametrize("protocol", ["openrlhf", "llamafactory"])
+def test_protocol_option_reaches_the_server(served, protocol):
+    args = parse(["serve-reward", "answer_match", "--protocol", protocol])
+    assert args.func(args) == 0
+    assert served[0][1]["protocol"] == protocol
+
+
+def test_unknown_protocol_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse(["serve-reward", "answer_match", "--protocol", "grpc"])
+    assert "invalid choice: 'grpc'" in capsys.readouterr().err
