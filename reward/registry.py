@@ -136,6 +136,7 @@ def resolve(source: str, **kwargs: Any) -> Callable[..., Any]:
 
 def _load_builtins() -> None:
     import reward.builtin  # noqa: F401 - registers the built-in rules
+    import reward.judge  # noqa: F401 - registers "judge"
 
 
 def _qualname(obj: Any) -> str:

@@ -254,16 +254,22 @@ class RemoteReward:
                     log_metric(key, value)
         return [score for scores, _ in answers for score in scores]
 
+    def post_json(self, path: str, payload: Any, what: str) -> Any:
+        """POST with this client's retries, limits, auth and redaction; the parsed JSON answer.
+
+        RewardError naming the URL for a refused, failed or malformed answer (also used by `reward.judge`)."""
+        resp = self._request("POST", path, payload, what=what)
+        try:
+            return resp.json()
+        except ValueError:
+            raise RewardError(
+                f"remote reward {self.display_url}{path}: malformed JSON in the response: {self._snippet(resp.text)}"
+            ) from None
+
     def _score(self, payload: dict[str, Any], n: int) -> tuple[list[Any], dict[str, Any]]:
         """One request: the scores and what the protocol says to log; RewardError naming the URL otherwise."""
         target = f"{self.display_url}{self.score_path}"
-        resp = self._request("POST", self.score_path, payload, what="score")
-        try:
-            body = resp.json()
-        except ValueError:
-            raise RewardError(
-                f"remote reward {target}: malformed JSON in the response: {self._snippet(resp.text)}"
-            ) from None
+        body = self.post_json(self.score_path, payload, what="score")
         try:
             return decode_response(self.protocol, body, n)
         except ProtocolError as exc:
