@@ -192,6 +192,44 @@ def add_win_rates(results: dict, baseline: str, judge: str, spec) -> None:
                 [a for a, _ in pairs], [b for _, b in pairs], n_resamples=spec.bootstrap_resamples, seed=spec.seed)}
 
 
+def add_pairwise(results: dict, baseline: str, judge_options: dict) -> dict[str, dict]:
+    """Each policy against the baseline on the same prompts, by an LLM judge, each pair in both orders."""
+    from reward.base import prompt_text
+    from reward.judge import PairwiseJudge, pairwise_table
+
+    judge = PairwiseJudge(**judge_options)
+    try:
+        base = results[baseline]["samples"]
+        tables = {}
+        for name, entry in results.items():
+            if name == baseline:
+                continue
+            prompts = [prompt_text(s["prompt"]) for s in entry["samples"]]
+            verdicts = judge.verdicts(prompts, [s["completion"] for s in entry["samples"]],
+                                      [s["completion"] for s in base])
+            tables[name] = pairwise_table(verdicts)
+        return tables
+    finally:
+        judge.close()
+
+
+def pairwise_markdown(tables: dict[str, dict], baseline: str) -> str:
+    """The pairwise win-rate table: a checkpoint's wins against the baseline, judged in both orders."""
+    def rate(value):
+        return "-" if value is None else f"{value:.1%}"
+
+    lines = [f"## Pairwise judge: each checkpoint against {baseline} (both orders)", "",
+             "| checkpoint | n | wins | losses | ties | inconsistent | unparseable | win rate | both-order agreement "
+             "| first-position rate |", "| --- | " + "--- | " * 9]
+    for name, t in tables.items():
+        lines.append(f"| {name} | {t['n']} | {t['wins']} | {t['losses']} | {t['ties']} | {t['inconsistent']} | "
+                     f"{t['unparseable']} | {rate(t['win_rate'])} | {rate(t['agreement'])} | "
+                     f"{rate(t['first_position_rate'])} |")
+    lines += ["", "Win rate counts a tie or an order-dependent verdict as half a win; a first-position rate "
+              "away from 50% is the judge's position bias."]
+    return "\n".join(lines) + "\n"
+
+
 def summary_table(results: dict) -> str:
     """A plain-text table for the terminal (the full one is in report.md)."""
     columns = [("greedy acc", "greedy_accuracy", "{:.1%}"), ("sampled acc", "sampled_accuracy", "{:.1%}"),
@@ -216,8 +254,12 @@ def summary_table(results: dict) -> str:
 
 def evaluate_checkpoints(checkpoints: dict[str, str], *, spec_path: str | None = None, output_dir,
                          baseline: str | None = None, reference: str | None = None, spec=None,
-                         lm_eval_tasks: list[str] | None = None, lm_eval_limit: int | None = None) -> dict:
+                         lm_eval_tasks: list[str] | None = None, lm_eval_limit: int | None = None,
+                         pairwise_judge: dict | None = None) -> dict:
     """Evaluate named checkpoints; write report.json, report.md and plots into `output_dir`.
+
+    `pairwise_judge` (`reward.judge.PairwiseJudge` options) adds LLM-judged win rates against the baseline,
+    each pair in both orders, to report.json ("pairwise"), report.md and pairwise.md.
 
     `lm_eval_tasks` adds lm-evaluation-harness scores of the policies (skipped, saying why, without lm_eval).
     """
@@ -251,6 +293,8 @@ def evaluate_checkpoints(checkpoints: dict[str, str], *, spec_path: str | None =
         add_kl(policies_only, reference, spec)
     if baseline in policies_only:
         add_win_rates(policies_only, baseline, judge, spec)
+    pairwise = add_pairwise(policies_only, baseline, pairwise_judge) if pairwise_judge and baseline in \
+        policies_only else None
     for entry in results.values():
         for private in [k for k in entry if k.startswith("_")]:
             del entry[private]
@@ -274,6 +318,8 @@ def evaluate_checkpoints(checkpoints: dict[str, str], *, spec_path: str | None =
     }
     if harness is not None:
         report["lm_eval"] = harness
+    if pairwise is not None:
+        report["pairwise"] = pairwise
     if policy_names:
         plot_score_distributions(report, out / "scores.png")
         report["plots"]["Score distributions (greedy)"] = "scores.png"
@@ -283,6 +329,11 @@ def evaluate_checkpoints(checkpoints: dict[str, str], *, spec_path: str | None =
         report["plots"]["Training curves"] = "training.png"
     report["seconds"] = round(time.time() - started, 1)
     write_report(report, out, max_samples=spec.report_samples)
+    if pairwise is not None:
+        table = pairwise_markdown(pairwise, baseline)
+        (out / "pairwise.md").write_text(table, encoding="utf-8")
+        with open(out / "report.md", "a", encoding="utf-8") as md:
+            md.write("\n" + table)
     report["table"] = summary_table(results)
     return report
 
@@ -300,10 +351,21 @@ def cmd_eval(args) -> int:
             raise RecipeError(f"--{role} {value!r} is not one of the checkpoints: {', '.join(checkpoints)}")
     report = evaluate_checkpoints(checkpoints, spec_path=args.spec, output_dir=args.output,
                                   baseline=args.baseline, reference=args.reference,
-                                  lm_eval_tasks=parse_tasks(args.lm_eval), lm_eval_limit=args.lm_eval_limit)
+                                  lm_eval_tasks=parse_tasks(args.lm_eval), lm_eval_limit=args.lm_eval_limit,
+                                  pairwise_judge=judge_options(args.judge, args.judge_model))
     print("\n" + report["table"])
     print(f"\nreport: {Path(args.output) / 'report.md'} ({report['seconds']:.0f}s)")
     return 0
+
+
+def judge_options(judge: str | None, model_name: str | None) -> dict | None:
+    """--judge URL (an OpenAI-compatible endpoint) or DIR (a local causal LM) -> PairwiseJudge options."""
+    if not judge:
+        return None
+    options = {"endpoint": judge} if judge.startswith(("http://", "https://")) else {"model": judge}
+    if model_name:
+        options["model_name"] = model_name
+    return options
 
 
 def add_command(commands) -> None:
@@ -323,6 +385,10 @@ def add_command(commands) -> None:
                         "skipped with a notice without it")
     parser.add_argument("--lm-eval-limit", metavar="N", type=positive_int,
                         help="at most N examples per lm-eval task (quick checks; not comparable to published scores)")
+    parser.add_argument("--judge", metavar="URL_OR_DIR", help="pairwise LLM judge of each checkpoint against the "
+                        "baseline, each pair in both orders (pairwise.md): an OpenAI-compatible endpoint "
+                        "(vllm serve, trl vllm-serve) or a local causal-LM directory")
+    parser.add_argument("--judge-model", metavar="NAME", help="the endpoint's model name (its 'model' field)")
     parser.set_defaults(func=cmd_eval)
 
 
