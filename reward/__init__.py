@@ -1,9 +1,10 @@
 """Pluggable reward sources behind one contract.
 
-A reward source is any callable
-``fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]``
-(the call trl's GRPO/RLOO trainers make), where ``None`` means "does not apply
-to this sample". See docs/rewards.md.
+A reward source is any callable, called by keyword as trl's GRPO/RLOO trainers
+call reward functions (``fn(prompts=..., completions=..., completion_ids=...,
+**columns) -> list[float | None]``; a function takes what it names), where
+``None`` means "does not apply to this sample". verl's ``compute_score`` and
+OpenRLHF's ``reward_func`` are adapted (`reward.conventions`). See docs/rewards.md.
 
     import reward
     combined = reward.build([{"source": "answer_match"}, {"source": "length_target", "kwargs": {"target": 8}, "weight": 0.1}])

@@ -38,3 +38,30 @@ def test_recipe_snippet_builds(tmp_path, monkeypatch):
 
     combined = reward.build(yaml.safe_load(snippet)["reward"])
     assert combined.weights == [1.0, 0.2]
+
+
+def section_yaml(title):
+    text = open(DOC).read()
+    section = text.split(title, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+
+
+def test_ecosystem_judge_and_protocol_snippets_build(monkeypatch):
+    import pytest
+
+    pytest.importorskip("math_verify")
+    yaml = __import__("yaml")
+    import reward
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("RM_TOKEN", "doc-token")
+    snippets = (section_yaml("## Rewards from trl, verl and OpenRLHF") + section_yaml("## LLM judges")
+                + section_yaml("### OpenRLHF's and LLaMA-Factory's protocols, both ways"))
+    assert len(snippets) == 4
+    names = []
+    for snippet in snippets:
+        combined = reward.build(yaml.safe_load(snippet)["reward"])
+        names += combined.names
+        combined.close()
+    assert names == ["think_format_reward", "accuracy_reward", "get_soft_overlong_punishment", "compute_score",
+                     "reward_func", "judge", "remote_10.0.0.5_5000"]
