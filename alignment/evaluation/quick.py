@@ -51,7 +51,8 @@ def policy_task_metrics(model, tokenizer, eval_spec) -> dict:
             model, tokenizer, prompts, max_new_tokens=eval_spec.max_new_tokens, batch_size=eval_spec.batch_size,
             do_sample=do_sample, temperature=eval_spec.temperature, seed=eval_spec.seed,
         )
-        scores = score_completions(reward, prompts, [s["text"] for s in samples], columns)
+        scores = score_completions(reward, prompts, [s["text"] for s in samples],
+                                   {**columns, "completion_ids": [s["token_ids"] for s in samples]})
         scores.update(decode_metrics(samples))
         for key, value in scores.items():
             metrics[f"{mode}_{key}" if "/" not in key else f"{mode}/{key}"] = value

@@ -30,6 +30,17 @@ def _fresh_accelerate_state(fresh_accelerate_state):
     """Each test gets its own accelerate state (see tests/conftest.py)."""
 
 
+def flatten(tree, out=None):
+    """Every leaf of nested dicts by its own key (the innermost name)."""
+    out = {} if out is None else out
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flatten(value, out)
+        else:
+            out[key] = value
+    return out
+
+
 def log_lines(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -41,8 +52,14 @@ def test_ppo_stage_scores_with_every_ecosystem_form(tmp_path):
     overrides = ["model.name_or_path=tiny:1m", "data.max_samples=8", "eval.max_samples=4", "train.total_steps=1",
                  "train.batch_size=4", "train.mini_batch_size=4", "train.ppo_epochs=1", "train.max_new_tokens=4",
                  "options.save_steps=1", "options.evaluate_before=false", "options.progress_bar=false",
-                 f"output_dir={tmp_path}", SOURCES]
-    ppo.run(recipes.load("recipes/tiny/ppo_rule.yaml", overrides))
+                 f"output_dir={tmp_path}", SOURCES, "eval.rewards=[{source: answer_match}, "
+                 "{source: 'trl.rewards:get_soft_overlong_punishment', factory: true, "
+                 "kwargs: {max_completion_len: 4, soft_punish_cache: 2}}]"]
+    metrics = ppo.run(recipes.load("recipes/tiny/ppo_rule.yaml", overrides))
+    found = flatten(metrics)
+    # the held-out eval passes its sampled ids too: all 6 tokens long (past max_completion_len 4) -> trl's -1
+    assert found["greedy_mean_length"] == 6.0 and found["greedy/reward/get_soft_overlong_punishment"] == -1.0
+    assert found["greedy/reward/get_soft_overlong_punishment/failures"] == 0.0
     step = [entry for entry in log_lines(tmp_path) if "step" in entry][-1]
     for name in ALWAYS_APPLY:
         assert math.isfinite(step[f"reward/{name}"]), name
