@@ -6,8 +6,8 @@ row, key or source, never in a traceback from deep inside a library.
 """
 
 
-class AlignmentError(Exception):
-    """Base class of every error the toolkit raises on purpose."""
+# The base class and the reward errors live in reward.errors (reward/ imports nothing from alignment/)
+from reward.errors import AlignmentError, RewardError  # noqa: F401 - re-exported
 
 
 class RecipeError(AlignmentError):
@@ -16,10 +16,6 @@ class RecipeError(AlignmentError):
 
 class DataError(AlignmentError):
     """A dataset is missing, malformed, or empty after filtering."""
-
-
-class RewardError(AlignmentError):
-    """A reward source failed, returned a non-finite value, or the wrong count."""
 
 
 class CheckpointError(AlignmentError):

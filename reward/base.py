@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 
 logger = logging.getLogger(__name__)
 

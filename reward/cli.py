@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.protocols import PROTOCOLS
 
 EXAMPLES = """examples:

@@ -50,7 +50,7 @@ from typing import Any
 
 import logging
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.base import INPUT_FORMATS, ON_ERROR_CHOICES, RewardSource
 from reward.registry import default_name, resolve
 

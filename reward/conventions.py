@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.base import NOT_COLUMNS, completion_text, prompt_text
 
 CONVENTIONS = ("trl", "verl", "openrlhf")

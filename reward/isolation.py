@@ -35,7 +35,7 @@ import time
 import traceback
 from typing import Any
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.base import data_columns
 
 logger = logging.getLogger(__name__)

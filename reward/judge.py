@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.base import completion_text, prompt_text
 from reward.registry import register
 

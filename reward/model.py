@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.base import completion_text, is_conversation, prompt_text
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 
 REGISTRY: dict[str, Any] = {}
 

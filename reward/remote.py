@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.base import data_columns
 from reward.protocols import PATHS, PROTOCOLS, ProtocolError, decode_response, encode_request
 

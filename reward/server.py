@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.base import RewardSource
 from reward.protocols import PATHS, PROTOCOLS, ProtocolError, decode_request, encode_response
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.base import NOT_COLUMNS
 
 

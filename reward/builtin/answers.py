@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.builtin._columns import column, is_missing
 from reward.registry import register
 

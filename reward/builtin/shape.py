@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from alignment.errors import RewardError
+from reward.errors import RewardError
 from reward.registry import register
 
 
