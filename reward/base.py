@@ -473,8 +473,10 @@ class RewardSource:
         if missing:
             columns = sorted(k for k in offered if k not in NOT_COLUMNS | BATCH_KWARGS)
             hint = (" (completion_ids are the sampled token ids: only trainers that sample pass them)"
-                    if "completion_ids" in missing else "")
-            what = "argument(s)" if set(missing) & BATCH_KWARGS else "column(s)"
+                    if "completion_ids" in missing else
+                    " (trl's trainers pass these; give the parameter a default to run elsewhere)"
+                    if set(missing) & TRAINER_KWARGS else "")
+            what = "argument(s)" if set(missing) & (BATCH_KWARGS | TRAINER_KWARGS) else "column(s)"
             raise RewardError(
                 f"reward source '{self.name}' needs {what} {missing} that the batch lacks{hint} "
                 f"(columns given: {columns or 'none'})"

@@ -81,6 +81,12 @@ def test_a_function_without_prompts_gets_none_and_a_missing_argument_is_named():
         src(["p"], ["a"])
 
 
+def test_a_trainer_argument_missing_outside_trl_is_named_as_such():
+    src = RewardSource(lambda completions, trainer_state: [0.0] * len(completions), name="needs_state")
+    with pytest.raises(RewardError, match=r"needs argument\(s\) \['trainer_state'\].*trl's trainers pass these"):
+        src(["p"], ["a"])
+
+
 def test_older_positional_form_is_kept_only_where_trl_could_not_call_the_function():
     assert call_plan(lambda p, c: []).positional
     assert call_plan(lambda p, c, /, **kw: []).positional

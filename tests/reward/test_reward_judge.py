@@ -189,3 +189,10 @@ def test_pairwise_judge_in_both_orders_shows_position_bias():
         table = pairwise_table(verdicts)
         assert {k: table[k] for k in expected} == expected
         assert len(fake.requests) == 6  # each pair judged in both orders
+
+
+def test_tiny_local_pairwise_judge_always_gives_a_verdict_in_both_orders(tiny_judge_dir):
+    verdicts = PairwiseJudge(model=tiny_judge_dir, batch_size=4).verdicts(P, ["4", "6", "8"], ["5", "7", "9"])
+    assert len(verdicts) == 3 and all(v in ("A", "B", "tie") for pair in verdicts for v in pair)
+    table = pairwise_table(verdicts)
+    assert table["unparseable"] == 0 and table["wins"] + table["losses"] + table["ties"] + table["inconsistent"] == 3
