@@ -65,3 +65,23 @@ def test_ecosystem_judge_and_protocol_snippets_build(monkeypatch):
         combined.close()
     assert names == ["think_format_reward", "accuracy_reward", "get_soft_overlong_punishment", "compute_score",
                      "reward_func", "judge", "remote_10.0.0.5_5000"]
+
+
+def test_example_sources_build(monkeypatch):
+    yaml = __import__("yaml")
+    import reward
+
+    monkeypatch.chdir(ROOT)
+    with open(os.path.join(ROOT, "examples", "rewards", "sources.yaml")) as f:
+        combined = reward.build(yaml.safe_load(f)["reward"])
+    try:
+        assert combined.names == ["think_format_reward", "get_soft_overlong_punishment", "short_digits",
+                                  "compute_score", "reward_func", "openrlhf_rm", "llamafactory_rm", "judge"]
+        by_name = dict(zip(combined.names, combined.sources))
+        assert by_name["openrlhf_rm"].fn.protocol == "openrlhf" and by_name["openrlhf_rm"].fn.score_path == ""
+        assert by_name["llamafactory_rm"].fn.score_path == "/v1/score/evaluation"
+        # the functions that need no network score here
+        scores = by_name["short_digits"](["What is 1 + 1?"], ["2"], completion_ids=[[5, 2]])
+        assert scores == [1.0]
+    finally:
+        combined.close()
