@@ -45,3 +45,24 @@ def test_judge_option_parses_to_endpoint_or_local_model():
     assert runner.judge_options(args.judge, args.judge_model) == {"endpoint": "http://127.0.0.1:8000", "model_name": "q"}
     assert runner.judge_options("runs/judge", None) == {"model": "runs/judge"}
     assert runner.judge_options(None, None) is None
+
+
+@pytest.mark.slow  # a subprocess loading two models: ~10 s
+def test_align_eval_cli_with_judge_writes_pairwise_md(tmp_path, repo_root):
+    import subprocess
+    import sys
+
+    paths, spec = save_tiny_checkpoints(tmp_path / "ckpts", "data: data/tiny_arith/eval.jsonl\nmax_samples: 3\n"
+                                        "max_new_tokens: 3\nbatch_size: 3\nperplexity: false\n"
+                                        "rewards: [{source: answer_match}]\n")
+    judge = Judge(lambda text: "tie")
+    server = ServerThread(judge.app())
+    try:
+        out = subprocess.run([sys.executable, "-m", "alignment.cli", "eval", paths["base"], paths["other"], "--spec",
+                              spec, "--output", str(tmp_path / "eval"), "--judge", server.url, "--judge-model", "j"],
+                             capture_output=True, text=True, cwd=repo_root, timeout=300)
+    finally:
+        server.stop()
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(judge.requests) == 6 and {r["model"] for r in judge.requests} == {"j"}
+    assert "| other | 3 | 0 | 0 | 3 | 0 | 0 | 50.0% | 100.0% | - |" in (tmp_path / "eval" / "pairwise.md").read_text()
