@@ -524,7 +524,7 @@ class RewardSource:
             row_args = tuple(one(v, i) for v in args)
             row = {k: one(v, i) for k, v in kwargs.items()}
             try:
-                _call_with_timeout(lambda: self.fn(*row_args, **row), min(left, self.timeout or left))
+                _call_with_timeout(lambda a=row_args, k=row: self.fn(*a, **k), min(left, self.timeout or left))
             except _Timeout:
                 return stopped
             except Exception:  # noqa: BLE001 - this sample reproduces the failure

@@ -42,16 +42,15 @@ the sources that applied: ``sum_applied w_i s_i * (W_applied + W_failed) / W_app
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import logging
-
-from reward.errors import RewardError
 from reward.base import INPUT_FORMATS, ON_ERROR_CHOICES, RewardSource
+from reward.errors import RewardError
 from reward.registry import default_name, resolve
 
 logger = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from reward.errors import RewardError
 from reward.base import NOT_COLUMNS, completion_text, prompt_text
+from reward.errors import RewardError
 
 CONVENTIONS = ("trl", "verl", "openrlhf")
 

@@ -29,8 +29,8 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from reward.errors import RewardError
 from reward.base import completion_text, prompt_text
+from reward.errors import RewardError
 from reward.registry import register
 
 logger = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from reward.errors import RewardError
 from reward.base import data_columns
+from reward.errors import RewardError
 from reward.protocols import PATHS, PROTOCOLS, ProtocolError, decode_response, encode_request
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from reward.errors import RewardError
 from reward.base import RewardSource
+from reward.errors import RewardError
 from reward.protocols import PATHS, PROTOCOLS, ProtocolError, decode_request, encode_response
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import pytest
 
 from alignment.errors import RewardError
 from reward.base import RewardSource, call_plan
-from reward.combine import CombinedReward, build, build_source
+from reward.combine import build, build_source
 from reward.conventions import detect_convention
 
 P = ["What is 1 + 6?", "What is 2 + 2?", "x"]

@@ -1,6 +1,5 @@
 """The judge source against a loopback OpenAI-compatible server and a tiny local model; the pairwise judge."""
 
-import math
 import re
 
 import pytest
