@@ -104,8 +104,9 @@ def check_claims(rows: dict[int, dict]) -> list[dict]:
     return results
 
 
-def kernel_path(env: dict) -> dict:
-    """The CPU and the kernel path torch takes under `env` (asked of a child, where the variables apply)."""
+def kernel_path(env: dict, forced: dict) -> dict:
+    """The CPU and the kernel path torch takes under `env` (asked of a child, where the variables apply);
+    `forced` names the ISA variables among them."""
     probe = ("import json, torch; print(json.dumps({'aten_capability': torch.backends.cpu.get_cpu_capability(),"
              " 'torch': torch.__version__, 'threads': torch.get_num_threads()}))")
     out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True,
@@ -114,7 +115,7 @@ def kernel_path(env: dict) -> dict:
     info["cpu"] = cpu_model()
     info["cpu_flags"] = sorted(set(cpu_flags()) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8",
                                                   "avx512_vnni", "avx_vnni"})
-    info["forced"] = env
+    info["forced"] = forced
     return info
 
 
@@ -210,7 +211,7 @@ def run_study(seeds: list[int], pipeline: str = DEFAULT_PIPELINE, isa: str = "de
     stamp = time.strftime("%Y%m%d-%H%M%S")
     work = Path(workdir) / f"{stamp}-{isa}"
     work.mkdir(parents=True, exist_ok=True)
-    path = kernel_path(env)
+    path = kernel_path(env, ISA_ENVIRONMENTS[isa])
     print(f"seed study: {pipeline}, seeds {seeds}, CPU {path['cpu']}, torch kernel path {path['aten_capability']}"
           f"{' (forced ' + isa + ')' if path['forced'] else ''}; runs under {work}", flush=True)
     runs = []

@@ -95,7 +95,8 @@ def test_tiny_sft_recipe_beats_the_untrained_model(sft_run):
     saved = json.loads((out / "metrics.json").read_text())
     before, after = saved["before"]["greedy_accuracy"], saved["after"]["greedy_accuracy"]
     assert before < 0.05
-    assert after >= before + 0.25, (before, after)
+    # the seed study's claim (README): >= 45% greedy on every seed; the demonstrations' own ceiling is ~55%
+    assert after >= 0.45, (before, after)
     assert saved["after"]["greedy_eos_rate"] > 0.9  # the model learned to stop
 
 
