@@ -155,6 +155,17 @@ def run_seed(pipeline: str, seed: int, root: Path, env: dict, log_path: Path, ti
     return {"seed": seed, "status": status, "seconds": round(seconds, 1), "row": row, "log": str(log_path)}
 
 
+def git_commit() -> str | None:
+    """The commit the study ran (its numbers belong to that code), with '+changes' for a dirty tree."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.strip() + ("+changes" if dirty.strip() else "")
+
+
 def versions_of(root: Path) -> dict:
     for info in sorted(root.glob("*/run_info.json")):
         data = json.loads(info.read_text())
@@ -194,7 +205,8 @@ def markdown(report: dict) -> str:
             f"CPU: {path['cpu']} ({', '.join(path['cpu_flags']) or 'no AVX2'}); torch kernel path "
             f"{path['aten_capability']}" + (f", forced by {path['forced']}" if path["forced"] else "") +
             f"; {path['threads']} threads",
-            "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items())),
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items())) +
+            (f"; commit {report['commit']}" if report.get("commit") else ""),
             "Accuracies in %, held-out (500 prompts; reward model: 500 pairs); KL to the SFT model in nats per "
             "sequence.", "", *lines, "", "| claim (every seed) | holds on | per seed |", "|---|---:|---|"]
     for claim in report["claims"]:
@@ -230,6 +242,7 @@ def run_study(seeds: list[int], pipeline: str = DEFAULT_PIPELINE, isa: str = "de
         r["row"] = {f"{n}/{m}": v for (n, m), v in r["row"].items()}
     report = {
         "pipeline": pipeline, "isa": isa, "date": time.strftime("%Y-%m-%d %H:%M"), "kernel_path": path,
+        "commit": git_commit(),
         "versions": versions_of(work / f"seed-{seeds[0]}") if seeds else {},
         "runs": runs, "summary": summary, "claims": claims,
         "pipeline_seconds": spread([r["seconds"] for r in finished]) if finished else {},
