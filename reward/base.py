@@ -460,28 +460,7 @@ class RewardSource:
         return out
 
     def _arguments(self, offered: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        """(positional, keyword) arguments for ``fn`` out of everything the call offers (see `call_plan`)."""
-        plan = self._plan
-        if plan is None:  # no readable signature: everything by keyword, as trl does
-            return (), dict(offered)
-        args: tuple = ()
-        if plan.positional:
-            args = (offered["prompts"], offered["completions"])
-            offered = {k: v for k, v in offered.items() if k not in ("prompts", "completions")}
-        kwargs = dict(offered) if plan.var_kw else {k: v for k, v in offered.items() if k in plan.names}
-        missing = [k for k in plan.required if k not in kwargs]
-        if missing:
-            columns = sorted(k for k in offered if k not in NOT_COLUMNS | BATCH_KWARGS)
-            hint = (" (completion_ids are the sampled token ids: only trainers that sample pass them)"
-                    if "completion_ids" in missing else
-                    " (trl's trainers pass these; give the parameter a default to run elsewhere)"
-                    if set(missing) & TRAINER_KWARGS else "")
-            what = "argument(s)" if set(missing) & (BATCH_KWARGS | TRAINER_KWARGS) else "column(s)"
-            raise RewardError(
-                f"reward source '{self.name}' needs {what} {missing} that the batch lacks{hint} "
-                f"(columns given: {columns or 'none'})"
-            )
-        return args, kwargs
+        return call_arguments(self._plan, offered, self.name)
 
     def _check_count(self, raw: Any, n: int) -> list[Any]:
         if isinstance(raw, str | bytes | Mapping) or raw is None:
@@ -570,6 +549,31 @@ class CallPlan:
     var_kw: bool
     names: frozenset[str]
     required: tuple[str, ...]
+
+
+def call_arguments(plan: CallPlan | None, offered: dict[str, Any], name: str) -> tuple[tuple, dict[str, Any]]:
+    """(positional, keyword) arguments for a function of `CallPlan` ``plan`` out of everything a call offers
+    (``prompts``, ``completions``, columns, trl's extras); RewardError naming what a required one lacks."""
+    if plan is None:  # no readable signature: everything by keyword, as trl does
+        return (), dict(offered)
+    args: tuple = ()
+    if plan.positional:
+        args = (offered["prompts"], offered["completions"])
+        offered = {k: v for k, v in offered.items() if k not in ("prompts", "completions")}
+    kwargs = dict(offered) if plan.var_kw else {k: v for k, v in offered.items() if k in plan.names}
+    missing = [k for k in plan.required if k not in kwargs]
+    if missing:
+        columns = sorted(k for k in offered if k not in NOT_COLUMNS | BATCH_KWARGS)
+        hint = (" (completion_ids are the sampled token ids: only trainers that sample pass them)"
+                if "completion_ids" in missing else
+                " (trl's trainers pass these; give the parameter a default to run elsewhere)"
+                if set(missing) & TRAINER_KWARGS else "")
+        what = "argument(s)" if set(missing) & (BATCH_KWARGS | TRAINER_KWARGS) else "column(s)"
+        raise RewardError(
+            f"reward source '{name}' needs {what} {missing} that the batch lacks{hint} "
+            f"(columns given: {columns or 'none'})"
+        )
+    return args, kwargs
 
 
 def call_plan(fn: Callable) -> CallPlan | None:

@@ -106,10 +106,11 @@ def _child_main(read_fd: int, write_fd: int) -> None:
             if hard != resource.RLIM_INFINITY:
                 limit = min(limit, hard)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        from reward.base import _await
+        from reward.base import _await, call_arguments, call_plan
         from reward.registry import resolve
 
         fn = resolve(setup["source"], **setup["kwargs"])
+        plan = call_plan(fn)  # called as in the parent: by keyword, as trl calls reward functions
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         reply("error", f"{type(exc).__name__}: {exc}")
         return
@@ -117,7 +118,9 @@ def _child_main(read_fd: int, write_fd: int) -> None:
     for line in reader:
         request = json.loads(line)
         try:
-            result = _as_json_scores(_await(fn(request["prompts"], request["completions"], **request["columns"])))
+            offered = {"prompts": request["prompts"], "completions": request["completions"], **request["columns"]}
+            args, kwargs = call_arguments(plan, offered, setup["source"])
+            result = _as_json_scores(_await(fn(*args, **kwargs)))
             reply("ok", result)
         except MemoryError:
             reply("memory")

@@ -41,6 +41,11 @@ def test_runs_in_another_process_with_columns():
         assert iso(["p"], ["x"])[0] != float(os.getpid())
 
 
+def test_isolated_function_is_called_by_keyword_as_in_process():
+    with IsolatedReward(f"{FILE}:trl_style", timeout=10, memory_mb=MEMORY_MB) as iso:
+        assert iso(["7 prompt", "9 prompt"], ["7 cats", "8"], answer=[7, 9]) == [1.0, 0.0]
+
+
 def test_hang_is_killed_at_the_timeout():
     iso = IsolatedReward(f"{FILE}:hang", timeout=0.5, memory_mb=MEMORY_MB)
     pid = iso.pid
