@@ -35,8 +35,8 @@ import time
 import traceback
 from typing import Any
 
-from reward.errors import RewardError
 from reward.base import data_columns
+from reward.errors import RewardError
 
 logger = logging.getLogger(__name__)
 
