@@ -205,8 +205,15 @@ def _table_rows(results: dict, names: list[str]) -> list[tuple[str, list[str]]]:
         if any(present(metrics[n]) for n in names):
             rows.append((label, [cell(n, metrics[n]) for n in names]))
 
-    add("Greedy accuracy", lambda n, m: _pct(m.get("greedy_accuracy")), lambda m: "greedy_accuracy" in m)
-    add("Sampled accuracy", lambda n, m: _pct(m.get("sampled_accuracy")), lambda m: "sampled_accuracy" in m)
+    def accuracy_cell(m: dict, prefix: str) -> str:
+        # a sample whose reward failed is not in the denominator: say how many, never hide it
+        failed = m.get(f"{prefix}_accuracy_failed") or 0
+        cell = _pct(m.get(f"{prefix}_accuracy"))
+        return cell + (f" ({int(failed)} failed, of {int(failed + m[f'{prefix}_accuracy_scored'])})"
+                       if failed else "")
+
+    add("Greedy accuracy", lambda n, m: accuracy_cell(m, "greedy"), lambda m: "greedy_accuracy" in m)
+    add("Sampled accuracy", lambda n, m: accuracy_cell(m, "sampled"), lambda m: "sampled_accuracy" in m)
 
     sources = sorted({s for n in names for s in (metrics[n].get("reward") or {})})
     for source in sources:
@@ -274,6 +281,10 @@ def _table_rows(results: dict, names: list[str]) -> list[tuple[str, list[str]]]:
     known = {
         "greedy_accuracy",
         "sampled_accuracy",
+        "greedy_accuracy_scored",
+        "greedy_accuracy_failed",
+        "sampled_accuracy_scored",
+        "sampled_accuracy_failed",
         "reward",
         "win_rate",
         "kl_to_reference",

@@ -80,3 +80,16 @@ def test_missing_metrics_and_bad_results():
     with pytest.raises(DataError, match="baseline.*checkpoints: only"):
         render_markdown({**minimal, "baseline": "nope"})
     assert math.isfinite(minimal["checkpoints"]["only"]["metrics"]["perplexity"])
+
+
+def test_accuracy_cell_says_how_many_samples_failed_and_counts_are_not_rows_of_their_own():
+    results = example_results()
+    results["checkpoints"]["sft"]["metrics"].update(greedy_accuracy=0.5, greedy_accuracy_scored=498,
+                                                    greedy_accuracy_failed=2)
+    results["checkpoints"]["dpo"]["metrics"].update(greedy_accuracy_scored=500, greedy_accuracy_failed=0)
+    md = render_markdown(results)
+    acc = next(line for line in md.splitlines() if line.startswith("| Greedy accuracy"))
+    sft_cell, dpo_cell = acc.split(" | ")[1:3]
+    assert sft_cell == "50.0% (2 failed, of 500)"
+    assert "failed" not in dpo_cell  # nothing failed: the plain percentage
+    assert "accuracy_scored" not in md and "accuracy_failed" not in md

@@ -43,8 +43,6 @@ def test_trl_example_from_the_issue_runs_as_a_recipe_source():
     ids=lambda v: v["source"].split(":")[1] if isinstance(v, dict) else None,
 )
 def test_every_trl_reward_function_is_a_source(spec, expected):
-    if "accuracy" in spec["source"] or "cosine" in spec["source"]:
-        pytest.importorskip("math_verify")  # trl's accuracy rewards need it: pip install -e ".[math]"
     src = build_source(spec)
     assert src(P, C, answer=ANSWERS, completion_ids=IDS) == expected
 

@@ -46,7 +46,6 @@ def log_lines(run_dir):
 
 
 def test_ppo_stage_scores_with_every_ecosystem_form(tmp_path):
-    pytest.importorskip("math_verify")
     from alignment.stages import ppo
 
     overrides = ["model.name_or_path=tiny:1m", "data.max_samples=8", "eval.max_samples=4", "train.total_steps=1",
@@ -73,7 +72,6 @@ def test_ppo_stage_scores_with_every_ecosystem_form(tmp_path):
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])
 def test_online_rl_stage_scores_with_every_ecosystem_form(stage, tmp_path):
-    pytest.importorskip("math_verify")
     from alignment.stages import online_rl
 
     overrides = ["model.name_or_path=tiny:1m", "data.max_samples=8", "eval.max_samples=4", "train.max_steps=1",
@@ -91,7 +89,6 @@ def test_online_rl_stage_scores_with_every_ecosystem_form(stage, tmp_path):
 
 
 def test_best_of_n_scores_with_every_ecosystem_form(tmp_path):
-    pytest.importorskip("math_verify")
     from alignment.stages import best_of_n
 
     overrides = ["model.name_or_path=tiny:1m", "data.max_samples=4", "eval.max_samples=4", "options.num_samples=2",
@@ -112,7 +109,6 @@ def test_best_of_n_scores_with_every_ecosystem_form(tmp_path):
 
 
 def test_eval_scores_with_every_ecosystem_form(tmp_path):
-    pytest.importorskip("math_verify")
     from alignment.evaluation.runner import evaluate_checkpoints
     from tests.evaluation.conftest import save_tiny_checkpoints
 
