@@ -27,6 +27,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from alignment.errors import RecipeError
+from reward import combine as reward_combine
 
 SECRET_MARKERS = ("token", "api_key", "apikey", "secret", "password", "authorization", "cookie")
 SECRET_EXCEPTIONS = ("token_env", "max_tokens", "max_new_tokens", "pad_token", "eos_token", "bos_token")
@@ -86,27 +87,14 @@ class DataSpec:
     allow_missing_eos: bool = False
 
 
-@dataclass(frozen=True)
-class RewardSpec:
-    source: str
-    weight: float = 1.0
-    name: Union[str, None] = None
-    kwargs: dict = field(default_factory=dict)
-    timeout: Union[float, None] = field(default=None, metadata=check(positive))
-    on_error: Literal["raise", "skip", "reweight"] = "raise"  # skip: drop a failed sample; reweight: keep it
-    isolate: bool = False
-    token_env: Union[str, None] = None
-    # how the function is written: trl (keyword call), verl (compute_score) or openrlhf (reward_func);
-    # null: read from its signature (reward.conventions.detect_convention)
-    convention: Union[Literal["trl", "verl", "openrlhf"], None] = None
-    columns: dict = field(default_factory=dict)  # argument name -> dataset column, e.g. {solution: answer}
-    input: Union[Literal["text", "messages", "as_given"], None] = None  # null: messages for trl.rewards
-    factory: bool = False  # the source builds the reward function (trl.rewards:get_*): kwargs go to it
-    # URL sources: the wire protocol and the limits on requests (reward.remote.RemoteReward)
-    protocol: Union[Literal["align", "openrlhf", "llamafactory"], None] = None
-    requests_per_minute: Union[float, None] = field(default=None, metadata=check(positive))
-    max_in_flight: Union[int, None] = field(default=None, metadata=check(positive))
-    batch_size: Union[int, None] = field(default=None, metadata=check(positive))
+# The keys of a reward spec live with reward.build, which takes them (reward/ imports nothing from alignment/)
+RewardSpec = reward_combine.RewardSpec
+
+
+def checked_rewards(value: list, keys: tuple, locations: Locations) -> list:
+    """A reward list kept as written (evaluation hands it to reward.build), once each entry passes as a RewardSpec."""
+    reward_specs(value, keys, locations)
+    return value
 
 
 @dataclass(frozen=True)
@@ -120,7 +108,7 @@ class EvalSpec:
     temperature: float = field(default=1.0, metadata=check(positive))
     sampled: bool = True
     seed: int = 0
-    rewards: list = field(default_factory=lambda: [{"source": "answer_match"}])
+    rewards: list = field(default_factory=lambda: [{"source": "answer_match"}], metadata={"build": checked_rewards})
     # During training: the same quick metrics every this many optimizer (or PPO) steps, logged to
     # metrics.jsonl as eval/<metric>; on at most `during_max_samples` prompts (default: max_samples).
     every_steps: Union[int, None] = field(default=None, metadata=check(positive))
@@ -410,6 +398,9 @@ def build_dataclass(cls, data: Mapping, keys: tuple, locations: Locations):
                 raise locations.error(keys, f"missing required key {name!r} in {section}")
             continue
         value = coerce(data[name], hints[name], keys + (name,), locations)
+        build = spec.metadata.get("build")  # a field with sub-structure checked by its own function
+        if build is not None:
+            value = build(value, keys + (name,), locations)
         rule = spec.metadata.get("check")
         if rule is not None and value is not None:
             problem = rule(value)
@@ -495,9 +486,43 @@ def _simple(hint):
     return None
 
 
-def validate_train_section(train: Mapping, config_class, locations: Locations, keys=("train",)) -> dict:
-    """Unknown keys, plain types and ranges of the `train:` section against the trainer's config."""
+def train_choices(config_class, declared: Mapping | None = None) -> dict[str, tuple]:
+    """`train:` key -> valid values: the `choices` a config declares (trl's field metadata), and the stage's own
+    lists (`StageSpec.train_choices`) for keys whose config declares none."""
+    choices = {f.name: tuple(f.metadata["choices"]) for f in dataclasses.fields(config_class)
+               if "choices" in f.metadata}
+    return {**choices, **dict(declared or {})}
+
+
+def check_choice(name: str, value, choices: tuple, keys: tuple, locations: Locations) -> None:
+    """A string (or each string of a list: DPO combines losses) must be one of `choices`."""
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(item, str) and item not in choices:
+            close = difflib.get_close_matches(item, choices, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise locations.error(keys + (name,), f"must be one of {list(choices)}, got {item!r}{hint}")
+
+
+def build_own_config(config_class, train: Mapping, locations: Locations, keys=("train",)) -> None:
+    """Build our own trainer config (PPOConfig) now, so every value it refuses is refused at load, at its key.
+
+    Its checks live in its __post_init__ (one home), and building it is cheap and loads nothing.  trl's configs
+    are not built here: TrainingArguments.__post_init__ probes devices and the accelerate state.
+    """
+    if config_class.__module__.partition(".")[0] != "alignment":
+        return
+    try:
+        config_class(**train)
+    except ValueError as exc:
+        key = getattr(exc, "key", None)  # alignment.ppo.config.SettingError names the setting
+        raise locations.error(keys + ((key,) if key else ()), str(exc)) from None
+
+
+def validate_train_section(train: Mapping, config_class, locations: Locations, keys=("train",),
+                           declared_choices: Mapping | None = None) -> dict:
+    """Unknown keys, plain types, choices and ranges of the `train:` section against the trainer's config."""
     fields = config_fields(config_class)
+    choices = train_choices(config_class, declared_choices)
     check_unknown_keys(train, fields, keys, locations, f"train ({config_class.__name__})")
     checked = {}
     for name, value in train.items():
@@ -509,8 +534,11 @@ def validate_train_section(train: Mapping, config_class, locations: Locations, k
             problem = rule(value)
             if problem:
                 raise locations.error(keys + (name,), f"{problem}, got {value!r}")
+        if name in choices:
+            check_choice(name, value, choices[name], keys, locations)
         checked[name] = value
     check_generation_batch(checked, config_class, locations, keys)
+    build_own_config(config_class, checked, locations, keys)
     return checked
 
 
@@ -721,14 +749,11 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
     except (ImportError, AttributeError) as exc:
         raise locations.error(("stage",), f"stage {stage!r} is not available here: {exc}") from None
     train_raw = coerce(_section(data, "train", {}), dict, ("train",), locations)
-    train = validate_train_section(train_raw, config_class, locations)
+    train = validate_train_section(train_raw, config_class, locations, declared_choices=spec.train_choices)
     options_raw = coerce(_section(data, "options", {}), dict, ("options",), locations)
     options = dataclasses.asdict(build_dataclass(options_class, options_raw, ("options",), locations))
     rewards_raw = coerce(_section(data, "reward", []), list, ("reward",), locations)
-    rewards = tuple(
-        dataclasses.asdict(coerce({"source": r} if isinstance(r, str) else r, RewardSpec, ("reward", i), locations))
-        for i, r in enumerate(rewards_raw)
-    )
+    rewards = tuple(dataclasses.asdict(spec) for spec in reward_specs(rewards_raw, ("reward",), locations))
     if spec.needs_reward and not rewards:
         raise locations.error(("reward",), f"stage {stage!r} scores completions: list at least one reward source")
     eval_spec = coerce(data["eval"], EvalSpec, ("eval",), locations) if data.get("eval") is not None else None
@@ -747,6 +772,12 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
         source_path=locations.path,
         raw=_freeze(data),
     )
+
+
+def reward_specs(raw: list, keys: tuple, locations: Locations) -> list[RewardSpec]:
+    """Each entry of a reward list (`reward:`, `eval.rewards`) checked as a RewardSpec; a string is its source."""
+    return [coerce({"source": entry} if isinstance(entry, str) else entry, RewardSpec, keys + (index,), locations)
+            for index, entry in enumerate(raw)]
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -46,11 +46,13 @@ import logging
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Union
 
 from reward.base import INPUT_FORMATS, ON_ERROR_CHOICES, RewardSource
+from reward.conventions import CONVENTIONS
 from reward.errors import RewardError
+from reward.protocols import PROTOCOLS
 from reward.registry import default_name, resolve
 
 logger = logging.getLogger(__name__)
@@ -62,26 +64,50 @@ DEFAULT_TIMEOUT_S = 300.0
 # on_error of a spec: the RewardSource modes, and "reweight" (skip mode in the source, re-weighting here)
 SPEC_ON_ERROR_CHOICES = ON_ERROR_CHOICES + ("reweight",)
 
-SPEC_KEYS = (
-    "source",
-    "weight",
-    "name",
-    "kwargs",
-    "timeout",
-    "on_error",
-    "isolate",
-    "token_env",
-    "memory_mb",
-    "max_consecutive_failures",
-    "convention",
-    "columns",
-    "input",
-    "factory",
-    "protocol",
-    "requests_per_minute",
-    "max_in_flight",
-    "batch_size",
-)
+
+def _positive(value) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _rule(check) -> dict:
+    """Field metadata: a range rule (value -> error text, or None when fine), read by the recipe loader."""
+    return {"check": check}
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """The keys of one reward spec, their types, defaults and ranges: the one list of what a spec may say.
+
+    `build_source` accepts exactly these keys (`SPEC_KEYS`); a recipe's ``reward:`` and ``eval.rewards`` entries are
+    checked against this class when the recipe loads (alignment.recipe), so `align validate` and `reward.build`
+    cannot drift apart.  docs/rewards.md documents each key (tests/foundation/test_validate.py checks it).
+    """
+
+    source: str
+    weight: float = 1.0
+    name: Union[str, None] = None
+    kwargs: dict = field(default_factory=dict)
+    timeout: Union[float, None] = field(default=None, metadata=_rule(_positive))
+    on_error: Literal[SPEC_ON_ERROR_CHOICES] = "raise"  # skip: drop a failed sample; reweight: keep it
+    isolate: bool = False
+    token_env: Union[str, None] = None
+    # isolate: address-space limit of the child process (None: 2048 MB, the IsolatedReward default)
+    memory_mb: Union[int, None] = field(default=None, metadata=_rule(_positive))
+    max_consecutive_failures: int = field(default=5, metadata=_rule(_positive))
+    # how the function is written: trl (keyword call), verl (compute_score) or openrlhf (reward_func);
+    # null: read from its signature (reward.conventions.detect_convention)
+    convention: Union[Literal[CONVENTIONS], None] = None
+    columns: dict = field(default_factory=dict)  # argument name -> dataset column, e.g. {solution: answer}
+    input: Union[Literal[INPUT_FORMATS], None] = None  # null: messages for trl.rewards
+    factory: bool = False  # the source builds the reward function (trl.rewards:get_*): kwargs go to it
+    # URL sources: the wire protocol and the limits on requests (reward.remote.RemoteReward)
+    protocol: Union[Literal[PROTOCOLS], None] = None
+    requests_per_minute: Union[float, None] = field(default=None, metadata=_rule(_positive))
+    max_in_flight: Union[int, None] = field(default=None, metadata=_rule(_positive))
+    batch_size: Union[int, None] = field(default=None, metadata=_rule(_positive))
+
+
+SPEC_KEYS = tuple(f.name for f in fields(RewardSpec))
 
 # Keys of URL sources only (reward.remote.RemoteReward's settings)
 URL_KEYS = ("protocol", "requests_per_minute", "max_in_flight", "batch_size")

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 
 from alignment.guards import DEFAULT_MAX_KL_PER_SEQUENCE, DEFAULT_MIN_ENTROPY, DEFAULT_MIN_EOS_RATE
 
-__all__ = ["PPOConfig"]
+__all__ = ["PPOConfig", "SettingError"]
+
+
+class SettingError(ValueError):
+    """A PPOConfig value the trainer cannot run with; `key` names the setting, so a recipe error points at its line."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -104,8 +112,8 @@ class PPOConfig:
         if self.generation_chunk_size is not None:
             self._check_positive_int("generation_chunk_size")
             if self.batch_size % self.generation_chunk_size:
-                raise ValueError(f"PPOConfig.batch_size ({self.batch_size}) must be divisible by "
-                                 f"generation_chunk_size ({self.generation_chunk_size})")
+                raise SettingError("batch_size", f"PPOConfig.batch_size ({self.batch_size}) must be divisible by "
+                                   f"generation_chunk_size ({self.generation_chunk_size})")
         self._check_vllm()
         for key in ("gamma", "lam"):
             self._check_range(key, 0.0, 1.0)
@@ -117,7 +125,8 @@ class PPOConfig:
         self._check_choice("kl_estimator", ("k1", "k2", "k3"))
         per_update = self.mini_batch_size * self.gradient_accumulation_steps
         if self.batch_size % per_update:
-            raise ValueError(
+            raise SettingError(
+                "batch_size",
                 f"PPOConfig.batch_size ({self.batch_size}) must be divisible by mini_batch_size x "
                 f"gradient_accumulation_steps ({self.mini_batch_size} x {self.gradient_accumulation_steps} = {per_update})"
             )
@@ -152,54 +161,55 @@ class PPOConfig:
     def _check_vllm(self) -> None:
         """The vLLM settings' values (whether this machine can run vLLM is checked by the trainer)."""
         if not isinstance(self.use_vllm, bool):
-            raise ValueError(f"PPOConfig.use_vllm must be true or false, got {self.use_vllm!r}")
+            raise SettingError("use_vllm", f"PPOConfig.use_vllm must be true or false, got {self.use_vllm!r}")
         self._check_choice("vllm_mode", ("colocate", "server"))
         if isinstance(self.vllm_gpu_memory_utilization, bool) or not (
             isinstance(self.vllm_gpu_memory_utilization, (int, float)) and 0 < self.vllm_gpu_memory_utilization <= 1
         ):
-            raise ValueError("PPOConfig.vllm_gpu_memory_utilization must be in (0, 1], "
-                             f"got {self.vllm_gpu_memory_utilization!r}")
+            raise SettingError("vllm_gpu_memory_utilization", "PPOConfig.vllm_gpu_memory_utilization must be in "
+                               f"(0, 1], got {self.vllm_gpu_memory_utilization!r}")
         if self.vllm_server_base_url is not None and not (
             isinstance(self.vllm_server_base_url, str) and self.vllm_server_base_url.startswith(("http://", "https://"))
         ):
-            raise ValueError("PPOConfig.vllm_server_base_url must be an http(s) URL such as http://localhost:8000, "
-                             f"got {self.vllm_server_base_url!r}")
+            raise SettingError("vllm_server_base_url", "PPOConfig.vllm_server_base_url must be an http(s) URL such "
+                               f"as http://localhost:8000, got {self.vllm_server_base_url!r}")
         if self.vllm_max_model_length is not None:
             self._check_positive_int("vllm_max_model_length")
         if self.use_vllm and self.vllm_server_base_url is not None and self.vllm_mode != "server":
-            raise ValueError("PPOConfig.vllm_server_base_url is set but vllm_mode is 'colocate' (vLLM in this "
-                             "process): set vllm_mode: server to use the server")
+            raise SettingError("vllm_server_base_url", "PPOConfig.vllm_server_base_url is set but vllm_mode is "
+                               "'colocate' (vLLM in this process): set vllm_mode: server to use the server")
         if self.use_vllm and self.generation_chunk_size is not None:
-            raise ValueError("PPOConfig.generation_chunk_size seeds transformers' sampling per chunk; vLLM samples "
-                             "on its own RNG, so it cannot be combined with use_vllm: unset one of them")
+            raise SettingError("generation_chunk_size", "PPOConfig.generation_chunk_size seeds transformers' "
+                               "sampling per chunk; vLLM samples on its own RNG, so it cannot be combined with "
+                               "use_vllm: unset one of them")
 
     def _check_number(self, key: str) -> float:
         value = getattr(self, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"PPOConfig.{key} must be a finite number, got {value!r}")
+            raise SettingError(key, f"PPOConfig.{key} must be a finite number, got {value!r}")
         return value
 
     def _check_positive(self, *keys: str) -> None:
         for key in keys:
             if self._check_number(key) <= 0:
-                raise ValueError(f"PPOConfig.{key} must be > 0, got {getattr(self, key)!r}")
+                raise SettingError(key, f"PPOConfig.{key} must be > 0, got {getattr(self, key)!r}")
 
     def _check_non_negative(self, *keys: str) -> None:
         for key in keys:
             if self._check_number(key) < 0:
-                raise ValueError(f"PPOConfig.{key} must be >= 0, got {getattr(self, key)!r}")
+                raise SettingError(key, f"PPOConfig.{key} must be >= 0, got {getattr(self, key)!r}")
 
     def _check_positive_int(self, *keys: str) -> None:
         for key in keys:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"PPOConfig.{key} must be a positive integer, got {value!r}")
+                raise SettingError(key, f"PPOConfig.{key} must be a positive integer, got {value!r}")
 
     def _check_range(self, key: str, low: float, high: float) -> None:
         value = self._check_number(key)
         if not low <= value <= high:
-            raise ValueError(f"PPOConfig.{key} must be in [{low}, {high}], got {value!r}")
+            raise SettingError(key, f"PPOConfig.{key} must be in [{low}, {high}], got {value!r}")
 
     def _check_choice(self, key: str, choices: tuple) -> None:
         if getattr(self, key) not in choices:
-            raise ValueError(f"PPOConfig.{key} must be one of {choices}, got {getattr(self, key)!r}")
+            raise SettingError(key, f"PPOConfig.{key} must be one of {choices}, got {getattr(self, key)!r}")

@@ -8,9 +8,16 @@ class) without building a model or a trainer.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from alignment.errors import RecipeError
+
+# trl declares no `choices` for these two loss_type fields: the valid names are an if-chain in the trainer
+# (DPOTrainer's loss, GRPOTrainer's loss and normalisation).  So the list is kept here, beside the stage, and
+# tests/foundation/test_validate.py checks it equals the names that chain handles in the installed trl.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 
 
 @dataclass(frozen=True)
@@ -21,6 +28,8 @@ class StageSpec:
     data_format: str  # the dataset format alignment.data validates against
     needs_reward: bool = False
     summary: str = ""
+    # `train:` key -> its valid values, where the config class does not declare them (trl's `choices` metadata)
+    train_choices: dict = field(default_factory=dict)
 
     def load_module(self):
         return importlib.import_module(self.module)
@@ -43,11 +52,13 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("reward_model", "alignment.stages.reward_model", "trl:RewardConfig", "preference",
                   summary="scalar reward model on preference pairs (trl's RewardTrainer), held-out pair accuracy"),
         StageSpec("grpo", "alignment.stages.online_rl", "trl:GRPOConfig", "prompt", needs_reward=True,
-                  summary="group relative policy optimisation (trl's GRPOTrainer)"),
+                  summary="group relative policy optimisation (trl's GRPOTrainer)",
+                  train_choices={"loss_type": GRPO_LOSS_TYPES}),
         StageSpec("rloo", "alignment.stages.online_rl", "trl:RLOOConfig", "prompt", needs_reward=True,
                   summary="REINFORCE leave-one-out (trl's RLOOTrainer)"),
         StageSpec("dpo", "alignment.stages.dpo", "trl:DPOConfig", "preference",
-                  summary="direct preference optimisation and its loss family: IPO, robust, ... (trl's DPOTrainer)"),
+                  summary="direct preference optimisation and its loss family: IPO, robust, ... (trl's DPOTrainer)",
+                  train_choices={"loss_type": DPO_LOSS_TYPES}),
         StageSpec("kto", "alignment.stages.kto", "trl:KTOConfig", "unpaired",
                   summary="Kahneman-Tversky optimisation on unpaired (or unpaired-from-pairs) data (trl's KTOTrainer)"),
         StageSpec("orpo", "alignment.stages.preference_relatives",
