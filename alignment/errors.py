@@ -5,21 +5,15 @@ source that misbehaves) ends in one of these, with a message naming the file,
 row, key or source, never in a traceback from deep inside a library.
 """
 
-
-# The base class and the reward errors live in reward.errors (reward/ imports nothing from alignment/)
-from reward.errors import AlignmentError, RewardError  # noqa: F401 - re-exported
-
-
-class RecipeError(AlignmentError):
-    """A recipe file or override is invalid (unknown key, wrong type, out of range)."""
+# The base class and the errors policies/ and reward/ raise live in those packages (they import nothing from
+# alignment/: docs/architecture.md); they are re-exported here, the same class objects, so the pipeline has one
+# place to import every error from.
+from policies.errors import AlignmentError, CheckpointError, RecipeError  # noqa: F401 - re-exported
+from reward.errors import RewardError  # noqa: F401 - re-exported
 
 
 class DataError(AlignmentError):
     """A dataset is missing, malformed, or empty after filtering."""
-
-
-class CheckpointError(AlignmentError):
-    """A checkpoint is missing, partial, unsafe (pickle) or does not match the run."""
 
 
 class TrainingError(AlignmentError):

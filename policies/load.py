@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from alignment.errors import CheckpointError, RecipeError
+from policies.errors import CheckpointError, RecipeError
 
 TINY_PREFIX = "tiny:"
 DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignment.errors import CheckpointError
+from policies.errors import CheckpointError
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 CRITIC_KINDS = ("value_head", "separate")

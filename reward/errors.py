@@ -1,13 +1,11 @@
 """The errors reward sources raise, importable without the pipeline (reward/ imports nothing from alignment/).
 
-`AlignmentError` is the toolkit's one base class: it lives here, at the bottom of the import graph, so that
-`RewardError` can subclass it; `alignment.errors` re-exports both, and every ``except AlignmentError`` of the
-pipeline catches a reward failure too.
+`AlignmentError`, the toolkit's one base class, lives in policies.errors, the bottom of the import graph
+(docs/architecture.md: reward/ may import policies/, never the reverse); `RewardError` subclasses it, and
+`alignment.errors` re-exports both, so every ``except AlignmentError`` of the pipeline catches a reward failure too.
 """
 
-
-class AlignmentError(Exception):
-    """Base class of every error the toolkit raises on purpose."""
+from policies.errors import AlignmentError  # noqa: F401 - re-exported: reward's callers catch it from here
 
 
 class RewardError(AlignmentError):
