@@ -26,7 +26,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from alignment.errors import RecipeError
+from alignment.errors import RecipeError, RewardError
 from reward import combine as reward_combine
 
 SECRET_MARKERS = ("token", "api_key", "apikey", "secret", "password", "authorization", "cookie")
@@ -775,9 +775,17 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
 
 
 def reward_specs(raw: list, keys: tuple, locations: Locations) -> list[RewardSpec]:
-    """Each entry of a reward list (`reward:`, `eval.rewards`) checked as a RewardSpec; a string is its source."""
-    return [coerce({"source": entry} if isinstance(entry, str) else entry, RewardSpec, keys + (index,), locations)
-            for index, entry in enumerate(raw)]
+    """Each entry of a reward list (`reward:`, `eval.rewards`) checked as reward.build checks it, without resolving
+    the source: its keys, types and ranges (RewardSpec), then which keys apply to which kind of source."""
+    specs = []
+    for index, entry in enumerate(raw):
+        spec = coerce({"source": entry} if isinstance(entry, str) else entry, RewardSpec, keys + (index,), locations)
+        try:
+            reward_combine.check_key_combination(dataclasses.asdict(spec), index)
+        except RewardError as exc:
+            raise locations.error(keys + (index,), str(exc)) from None
+        specs.append(spec)
+    return specs
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -264,6 +264,36 @@ def _number(i: int, spec: dict, key: str, positive: bool) -> float | None:
     return float(value)
 
 
+def is_url_source(source: str) -> bool:
+    return source.strip().startswith(("http://", "https://"))
+
+
+def check_key_combination(spec: Mapping, index: int = 0) -> None:
+    """The rules between the keys of one spec (which keys apply to which kind of source), checked without
+    resolving the source: `build_source` checks them first, and the recipe loader checks them too, so
+    `align validate` refuses what `reward.build` would."""
+    source, isolate = spec["source"], spec.get("isolate", False)
+    where, is_url = f"({source})", is_url_source(source)
+    token_env = spec.get("token_env")
+    if token_env is not None and (not is_url or not isinstance(token_env, str)):
+        raise _spec_error(
+            index, f"{where} 'token_env' applies only to http(s) URL sources, as a variable name"
+        )
+    memory_mb = spec.get("memory_mb")
+    if memory_mb is not None and (
+        not isolate or isinstance(memory_mb, bool) or not isinstance(memory_mb, int)
+    ):
+        raise _spec_error(index, f"{where} 'memory_mb' needs 'isolate: true' and an integer number of MB")
+    url_only = [key for key in URL_KEYS if spec.get(key) is not None]
+    if url_only and not is_url:
+        raise _spec_error(index, f"{where} {url_only} apply to http(s) URL sources only")
+    local_only = [key for key in ("convention", "factory") if spec.get(key)]
+    if local_only and (is_url or isolate):
+        raise _spec_error(index, f"{where} {local_only} apply to in-process functions only")
+    if isolate and is_url:
+        raise _spec_error(index, f"{where} 'isolate' applies to local code; a URL is already out of process")
+
+
 def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
     """One spec (see the module docstring) -> a `RewardSource`."""
     if isinstance(spec, str):
@@ -293,30 +323,11 @@ def build_source(spec: dict[str, Any] | str, index: int = 0) -> RewardSource:
     isolate = spec.get("isolate", False)
     if not isinstance(isolate, bool):
         raise _spec_error(index, f"{where} 'isolate' must be true or false, got {isolate!r}")
-    is_url = source.strip().startswith(("http://", "https://"))
-    token_env = spec.get("token_env")
-    if token_env is not None and (not is_url or not isinstance(token_env, str)):
-        raise _spec_error(
-            index, f"{where} 'token_env' applies only to http(s) URL sources, as a variable name"
-        )
-    memory_mb = spec.get("memory_mb")
-    if memory_mb is not None and (
-        not isolate or isinstance(memory_mb, bool) or not isinstance(memory_mb, int)
-    ):
-        raise _spec_error(index, f"{where} 'memory_mb' needs 'isolate: true' and an integer number of MB")
+    is_url = is_url_source(source)
+    check_key_combination(spec, index)
+    token_env, memory_mb = spec.get("token_env"), spec.get("memory_mb")
     max_fail = spec.get("max_consecutive_failures", 5)
-
-    url_only = [key for key in URL_KEYS if spec.get(key) is not None]
-    if url_only and not is_url:
-        raise _spec_error(index, f"{where} {url_only} apply to http(s) URL sources only")
-    local_only = [key for key in ("convention", "factory") if spec.get(key)]
-    if local_only and (is_url or isolate):
-        raise _spec_error(index, f"{where} {local_only} apply to in-process functions only")
     if isolate:
-        if is_url:
-            raise _spec_error(
-                index, f"{where} 'isolate' applies to local code; a URL is already out of process"
-            )
         from reward.isolation import IsolatedReward
 
         fn = IsolatedReward(source, timeout=timeout or 60.0, memory_mb=memory_mb or 2048, kwargs=kwargs)

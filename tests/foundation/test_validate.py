@@ -6,6 +6,7 @@ a user meets, not a helper behind it.
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from pathlib import Path
@@ -15,7 +16,6 @@ import pytest
 from alignment import cli
 
 ROOT = Path(__file__).resolve().parents[2]
-TRL_SOURCE = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "trl"
 
 HEADER = "# align validate r.yaml\n"
 PPO = """\
@@ -158,7 +158,9 @@ def test_validate_accepts_every_loss_type_trl_has(tmp_path, capsys, stage):
 
 def trainer_loss_type_names(trainer_file: str) -> set[str]:
     """Every name trl's trainer compares `loss_type` with: `loss_type == "x"` and `loss_type in ["x", "y"]`."""
-    text = (TRL_SOURCE / "trainer" / trainer_file).read_text(encoding="utf-8")
+    import trl
+
+    text = (Path(trl.__file__).parent / "trainer" / trainer_file).read_text(encoding="utf-8")
     names = set(re.findall(r"loss_type == [\"'](\w+)[\"']", text))
     for group in re.findall(r"loss_type in \[([^\]]*)\]", text):
         names |= set(re.findall(r"[\"'](\w+)[\"']", group))
@@ -184,13 +186,34 @@ def documented_reward_keys() -> list[str]:
     return keys
 
 
-# A value each documented key accepts (a key documented later must be given one here: the test then checks it)
-EXAMPLE_VALUES = {
-    "source": "answer_match", "weight": 0.5, "name": "answer", "kwargs": "{column: answer}", "timeout": 5,
-    "on_error": "skip", "isolate": "true", "memory_mb": 512, "token_env": "RM_TOKEN",
-    "max_consecutive_failures": 3, "convention": "trl", "columns": "{answer: answer}", "input": "text",
-    "factory": "false", "protocol": "openrlhf", "requests_per_minute": 120, "max_in_flight": 4, "batch_size": 16,
+# An entry using each documented key, on the kind of source it applies to (a key documented later must be given
+# one here: the test then checks it)
+URL = "http://127.0.0.1:8000"
+EXAMPLE_ENTRIES = {
+    "source": {"source": "answer_match"},
+    "weight": {"source": "answer_match", "weight": 0.5},
+    "name": {"source": "answer_match", "name": "answer"},
+    "kwargs": {"source": "answer_match", "kwargs": {"column": "answer"}},
+    "timeout": {"source": "answer_match", "timeout": 5},
+    "on_error": {"source": "answer_match", "on_error": "skip"},
+    "isolate": {"source": "answer_match", "isolate": True},
+    "memory_mb": {"source": "answer_match", "isolate": True, "memory_mb": 512},
+    "token_env": {"source": URL, "token_env": "RM_TOKEN"},
+    "max_consecutive_failures": {"source": "answer_match", "max_consecutive_failures": 3},
+    "convention": {"source": "answer_match", "convention": "trl"},
+    "columns": {"source": "answer_match", "columns": {"answer": "answer"}},
+    "input": {"source": "answer_match", "input": "text"},
+    "factory": {"source": "answer_match", "factory": False},
+    "protocol": {"source": URL, "protocol": "openrlhf"},
+    "requests_per_minute": {"source": URL, "requests_per_minute": 120},
+    "max_in_flight": {"source": URL, "max_in_flight": 4},
+    "batch_size": {"source": URL, "batch_size": 16},
 }
+
+
+def with_reward(entry: dict) -> str:
+    """The PPO recipe with `entry` as its one reward source (JSON is YAML: one flow mapping on one line)."""
+    return PPO.replace("  - source: answer_match\n", f"  - {json.dumps(entry)}\n")
 
 
 def test_docs_document_exactly_the_keys_reward_build_accepts():
@@ -201,12 +224,30 @@ def test_docs_document_exactly_the_keys_reward_build_accepts():
 
 @pytest.mark.parametrize("key", documented_reward_keys())
 def test_validate_accepts_every_documented_reward_key(tmp_path, capsys, key):
-    assert key in EXAMPLE_VALUES, f"docs/rewards.md documents {key!r}: give it an example value here"
-    entry = f"  - source: answer_match\n    {key}: {EXAMPLE_VALUES[key]}\n" if key != "source" else \
-        "  - source: answer_match\n"
-    path = write(tmp_path, PPO.replace("  - source: answer_match\n", entry))
-    status, out = validate(path, capsys)
+    assert key in EXAMPLE_ENTRIES, f"docs/rewards.md documents {key!r}: give it an example entry here"
+    status, out = validate(write(tmp_path, with_reward(EXAMPLE_ENTRIES[key])), capsys)
     assert status == 0, out
+
+
+def test_every_example_entry_is_one_reward_build_accepts():
+    """The entries above are real: reward.build takes each local one (building a URL source calls its /health)."""
+    import reward
+
+    for entry in EXAMPLE_ENTRIES.values():
+        if not entry["source"].startswith("http"):
+            reward.build([entry]).close()
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"source": "answer_match", "memory_mb": 512}, "'memory_mb' needs 'isolate: true'"),
+    ({"source": "answer_match", "token_env": "RM_TOKEN"}, "'token_env' applies only to http(s) URL sources"),
+    ({"source": "answer_match", "batch_size": 4}, "['batch_size'] apply to http(s) URL sources only"),
+    ({"source": URL, "isolate": True}, "'isolate' applies to local code"),
+])
+def test_validate_rejects_keys_that_do_not_apply_to_the_source(tmp_path, capsys, entry, message):
+    """The rules between keys are reward.build's own (reward.combine.check_key_combination), run at load."""
+    path = write(tmp_path, with_reward(entry))
+    assert_rejected(path, capsys, "reward.0", json.dumps(entry), message)
 
 
 def test_validate_rejects_an_unknown_reward_key(tmp_path, capsys):
