@@ -1,4 +1,4 @@
-"""`align validate` refuses, at file, line and key, every setting a run would refuse (and accepts every documented one).
+"""`align validate` refuses, at file, line and key, the settings a run would refuse, and accepts every documented one.
 
 Each check runs the command itself (`alignment.cli.main(["validate", path])`), so the tests cover the one path
 a user meets, not a helper behind it.
