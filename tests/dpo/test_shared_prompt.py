@@ -185,7 +185,9 @@ def test_outside_active_and_for_other_batches_the_forward_is_untouched():
         odd = model.model(input_ids=ids[:3], attention_mask=mask[:3]).last_hidden_state
         cached = model.model(input_ids=ids, attention_mask=mask, use_cache=True).last_hidden_state
     assert sp.STATS.original == 0, "no packing outside active(), for an odd batch, or with a KV cache"
-    assert torch.equal(odd, plain[:3]) and torch.equal(cached, plain)
+    # a batch of 3 and the KV-cache path are other kernels' computations (other blocking on another CPU):
+    # equal within float32 rounding; STATS above is what says nothing was packed
+    assert torch.allclose(odd, plain[:3], rtol=0, atol=1e-5) and torch.allclose(cached, plain, rtol=0, atol=1e-5)
 
 
 def test_a_deep_copy_packs_with_its_own_weights():

@@ -70,7 +70,8 @@ def test_separate_critic_from_causal_lm_copies_backbone(tokenizer, tmp_path):
     mask = (ids != 0).long()
     hidden_lm = lm.model(ids, attention_mask=mask).last_hidden_state
     hidden_critic = critic.model.model(ids, attention_mask=mask).last_hidden_state
-    assert torch.equal(hidden_lm, hidden_critic)
+    # the same weights in another module (other addresses; MKL may round by alignment): float32 rounding apart
+    assert torch.allclose(hidden_lm, hidden_critic, rtol=0, atol=1e-5)
     head = critic.model.score
     assert head.weight.shape == (1, 32)
     assert abs(head.weight.std().item() - 1 / math.sqrt(33)) < 0.5 / math.sqrt(33)
