@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _list(text: str) -> list[str]:
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
                           help="avx2: force torch, oneDNN and MKL onto their AVX2 kernels (another CPU's path)")
     efficacy.add_argument("--workdir", default="runs/efficacy", help="each seed's pipeline runs under WORKDIR/<stamp>")
     efficacy.add_argument("--output", default="benchmarks/results/", help="folder for the JSON and Markdown table")
+    efficacy.add_argument("--rebuild", metavar="WORKDIR/STAMP-ISA", default=None,
+                          help="re-read a finished study's run directories and rewrite its table (no training)")
     commands.add_parser("ceiling", help="measure the fp32 matmul ceiling and print it as JSON")
     commands.add_parser("peer-env", help="create (or check) the trl 1.12.0 venv of the PPO peer")
     args = parser.parse_args(argv)
@@ -58,8 +61,10 @@ def main(argv=None) -> int:
         print(merged_table(args.reports))
         return 0
     if args.command == "efficacy":
-        from benchmarks.efficacy import all_claims_hold, run_study
+        from benchmarks.efficacy import all_claims_hold, rebuild, run_study
 
+        if args.rebuild:
+            return 0 if all_claims_hold(rebuild(Path(args.rebuild), output=args.output)) else 1
         report = run_study(args.seeds, pipeline=args.pipeline, isa=args.isa, workdir=args.workdir,
                            output=args.output)
         return 0 if all_claims_hold(report) else 1

@@ -87,7 +87,27 @@ def seed_row(root: Path) -> dict:
         seconds = json.loads((stage_dir / "metrics.json").read_text()).get("train_seconds")
         if seconds is not None:
             row[(stage_dir.name, "seconds")] = float(seconds)
+        row.update({(stage_dir.name, key): value for key, value in health_extremes(stage_dir).items()})
     return row
+
+
+# The RL health signals over a run's training steps, and the worst value each reached: how far a healthy
+# demo run stays from the health thresholds (the defaults must never fire on it).
+HEALTH_SIGNALS = {"objective/kl": ("train_kl_max", max), "objective/entropy": ("train_entropy_min", min),
+                  "val/eos_rate": ("train_eos_rate_min", min)}
+
+
+def health_extremes(run_dir: Path) -> dict:
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        return {}
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    extremes = {}
+    for signal, (name, worst) in HEALTH_SIGNALS.items():
+        values = [line[signal] for line in lines if isinstance(line.get(signal), (int, float))]
+        if values:
+            extremes[name] = float(worst(values))
+    return extremes
 
 
 def spread(values: list[float]) -> dict:
@@ -212,7 +232,44 @@ def markdown(report: dict) -> str:
     for claim in report["claims"]:
         values = ", ".join("-" if v is None else f"{100 * v:+.1f}" for v in claim["per_seed"].values())
         text.append(f"| {claim['claim']} | {claim['holds_on']} of {claim['seeds']} | {values} |")
+    extra = [key for key in sorted(report["summary"]) if key.split("/", 1)[1] in EXTRA_METRICS]
+    if extra:
+        text += ["", "| stage: seconds of training, worst health signal over training | min | median | max |",
+                 "|---|---:|---:|---:|"]
+        for key in extra:
+            summary = report["summary"][key]
+            text.append(f"| {key} | " + " | ".join(f"{summary[s]:.3g}" for s in ("min", "median", "max")) + " |")
     return "\n".join(text)
+
+
+EXTRA_METRICS = {"seconds", *(name for name, _ in HEALTH_SIGNALS.values())}
+
+
+def rebuild(work: Path, output: str = "benchmarks/results/") -> dict:
+    """Re-read a finished study's run directories (its JSON names them) and rewrite its table."""
+    stamp_isa = work.name
+    previous = sorted(Path(output).glob(f"efficacy-{stamp_isa}.json"))
+    report = json.loads(previous[-1].read_text())
+    rows = {}
+    for run in report["runs"]:
+        if run["status"] == "ok":
+            rows[run["seed"]] = seed_row(work / f"seed-{run['seed']}")
+            run["row"] = {f"{n}/{m}": v for (n, m), v in rows[run["seed"]].items()}
+    keys = sorted({key for row in rows.values() for key in row})
+    report["summary"] = {f"{n}/{m}": spread([row[(n, m)] for row in rows.values() if (n, m) in row])
+                         for n, m in keys}
+    report["claims"] = check_claims(rows)
+    return write(report, Path(output), f"efficacy-{stamp_isa}")
+
+
+def write(report: dict, out: Path, name: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / f"{name}.md").write_text(table + "\n")
+    print("\n" + table)
+    print(f"\nwritten: {out / name}.json and .md")
+    return report
 
 
 def run_study(seeds: list[int], pipeline: str = DEFAULT_PIPELINE, isa: str = "default",
@@ -249,15 +306,7 @@ def run_study(seeds: list[int], pipeline: str = DEFAULT_PIPELINE, isa: str = "de
         "within_time_limit": all(r["seconds"] <= MAX_PIPELINE_SECONDS for r in finished),
         "time_limit_seconds": MAX_PIPELINE_SECONDS,
     }
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"efficacy-{stamp}-{isa}"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    (out / f"{name}.md").write_text(table + "\n")
-    print("\n" + table)
-    print(f"\nwritten: {out / name}.json and .md")
-    return report
+    return write(report, Path(output), f"efficacy-{stamp}-{isa}")
 
 
 def all_claims_hold(report: dict) -> bool:

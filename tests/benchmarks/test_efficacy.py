@@ -68,3 +68,19 @@ def test_markdown_table_names_the_cpu_and_prints_min_median_max(tmp_path):
     assert "Test CPU" in text and "AVX2" in text and "torch 2.13.0" in text
     assert "| **median** | 300 | 55.0 |" in text
     assert "| SFT >= 45% greedy | 1 of 1 | +55.0 |" in text
+
+
+def test_health_extremes_are_the_worst_value_over_training(tmp_path):
+    write_seed(tmp_path, 0.55, 0.58, 0.90, 0.80, 0.88)
+    ppo = tmp_path / "ppo"
+    ppo.mkdir()
+    (ppo / "metrics.json").write_text(json.dumps({"train_seconds": 40.0}))
+    lines = [{"step": 1, "objective/kl": 0.0, "objective/entropy": 0.31, "val/eos_rate": 1.0},
+             {"step": 2, "objective/kl": 1.01, "objective/entropy": 0.12, "val/eos_rate": 0.97},
+             {"step": 2, "eval/greedy_accuracy": 0.9}]  # an eval line has none of the signals
+    (ppo / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    row = efficacy.seed_row(tmp_path)
+    assert row[("ppo", "train_kl_max")] == 1.01
+    assert row[("ppo", "train_entropy_min")] == 0.12
+    assert row[("ppo", "train_eos_rate_min")] == 0.97
+    assert ("sft", "train_kl_max") not in row  # sft wrote no metrics.jsonl here
