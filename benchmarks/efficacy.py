@@ -28,10 +28,14 @@ from pathlib import Path
 DEFAULT_PIPELINE = "recipes/tiny/pipeline.yaml"
 MAX_PIPELINE_SECONDS = 600.0  # the demo's promise: the whole pipeline in 10 minutes on 2 cores
 
-# What forcing the AVX2 path sets, and what each variable changes (checked in `kernel_path`):
-#   ATEN_CPU_CAPABILITY   torch's own vectorised kernels (softmax, norms, elementwise): default -> avx2
-#   ONEDNN_MAX_CPU_ISA    oneDNN's matmul/convolution JIT (torch's mkldnn path and bf16 matmuls)
-#   MKL_ENABLE_INSTRUCTIONS  MKL's sgemm, which serves torch's fp32 nn.Linear on x86
+# What forcing the AVX2 path sets, and what each variable changes (measured on an AMD EPYC with AVX-512):
+#   ATEN_CPU_CAPABILITY      torch's own vectorised kernels (softmax, norms, elementwise, the optimizer):
+#                            torch.backends.cpu.get_cpu_capability() goes AVX512 -> AVX2 (`kernel_path` asks it)
+#   MKL_ENABLE_INSTRUCTIONS  MKL's sgemm, which serves torch's fp32 nn.Linear: on that AMD CPU MKL takes the
+#                            same path whatever it says (a 300x300 product is bit-identical for SSE4_2, AVX2
+#                            and AVX512); on an Intel CPU it selects the AVX-512 or AVX2 sgemm
+#   ONEDNN_MAX_CPU_ISA       oneDNN's JIT: bf16 matmuls and convolutions only (fp32 Linear is MKL's); with
+#                            AVX2, bf16 matmuls leave oneDNN for torch's slow fallback
 ISA_ENVIRONMENTS = {
     "default": {},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
