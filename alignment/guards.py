@@ -21,7 +21,6 @@ from pathlib import Path
 
 from alignment.errors import AlignmentError, CheckpointError, TrainingError
 
-
 # `align run` / `align pipeline` exit status of a run stopped by a signal after saving a checkpoint: not 0, so
 # `align run sft.yaml && align run dpo.yaml` does not start DPO from an unfinished SFT directory, and not 2
 # (an error) because `--resume` continues it.  75 is EX_TEMPFAIL of sysexits.h: "try again later".

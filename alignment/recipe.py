@@ -652,7 +652,8 @@ def redact_text(text: str) -> str:
     """A text with URL passwords and secret parameters, Authorization / Bearer values and every registered
     secret value replaced by '***'."""
     for pattern in (URL_PASSWORD, URL_SECRET_PARAMETER, AUTHORIZATION, BEARER):
-        text = pattern.sub(lambda m: m.group("head") + ("***@" if pattern is URL_PASSWORD else "***"), text)
+        mask = "***@" if pattern is URL_PASSWORD else "***"  # a URL password keeps its '@' before the host
+        text = pattern.sub(lambda m, mask=mask: m.group("head") + mask, text)
     for secret in sorted(SECRET_VALUES, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text

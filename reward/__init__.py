@@ -15,9 +15,9 @@ imported only when a source needs them.
 """
 
 import reward.builtin  # noqa: F401 - registers the built-in rules
-from reward.errors import RewardError
 from reward.base import RewardSource, RewardStats
 from reward.combine import CombinedReward, RewardResult, build
+from reward.errors import RewardError
 from reward.registry import available, register, resolve
 
 __all__ = [

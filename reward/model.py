@@ -16,8 +16,8 @@ import logging
 import os
 from typing import Any
 
-from reward.errors import RewardError
 from reward.base import completion_text, is_conversation, prompt_text
+from reward.errors import RewardError
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from reward.errors import RewardError
 from reward.base import NOT_COLUMNS
+from reward.errors import RewardError
 
 
 def column(columns: dict[str, Any], name: str, n: int, source: str) -> list[Any]:

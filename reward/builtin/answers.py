@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from reward.errors import RewardError
 from reward.builtin._columns import column, is_missing
+from reward.errors import RewardError
 from reward.registry import register
 
 _INT = re.compile(r"[-+]?\d+")

@@ -300,10 +300,10 @@ def small_filesystem(tmp_path):
 
 
 def test_item_42_a_real_full_disk_during_the_final_save_keeps_the_old_weights_and_no_staging(small_filesystem):
+    import policies
     from alignment import recipe as recipes
     from alignment.checkpoint import is_complete, mark_incomplete, save_run
     from alignment.errors import CheckpointError
-    import policies
 
     run = small_filesystem / "run"
     recipe = recipes.load("recipes/tiny/sft.yaml", [f"output_dir={run}"])
@@ -350,9 +350,9 @@ def test_item_42_a_stale_staging_folder_is_removed_when_the_next_run_starts(tmp_
 
 
 def test_item_42_weights_are_fsynced_before_run_info_marks_the_run_complete(tmp_path, monkeypatch):
+    import policies
     from alignment import checkpoint
     from alignment import recipe as recipes
-    import policies
 
     run = tmp_path / "run"
     synced, real_fsync = [], os.fsync
@@ -497,14 +497,13 @@ def test_item_36_evaluation_says_how_many_samples_failed_instead_of_shrinking_th
 def test_item_37_training_and_scoring_read_the_reward_at_the_same_token_when_pad_is_eos(tmp_path, tiny_model_dir):
     import datasets
     import torch
+    from transformers import AutoTokenizer
     from trl import RewardConfig
 
     import policies
     from alignment.stages.reward_model import trainer_class
     from reward.model import RewardModel
     from tests.reliability.conftest import model_dir_with_tokenizer
-
-    from transformers import AutoTokenizer
 
     eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token
     rm_dir = model_dir_with_tokenizer(tiny_model_dir, tmp_path / "rm", pad_token=eos)  # GPT-2 / Pythia style
