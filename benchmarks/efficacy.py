@@ -118,6 +118,12 @@ def spread(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
 
 
+def summarise(rows: dict[int, dict]) -> dict:
+    """'checkpoint/metric' -> min / median / max over the seeds that have it."""
+    keys = sorted({key for row in rows.values() for key in row})
+    return {f"{n}/{m}": spread([row[(n, m)] for row in rows.values() if (n, m) in row]) for n, m in keys}
+
+
 def check_claims(rows: dict[int, dict]) -> list[dict]:
     """Each claim's value per seed and whether it holds on every seed."""
     results = []
@@ -251,16 +257,16 @@ EXTRA_METRICS = {"seconds", *(name for name, _ in HEALTH_SIGNALS.values())}
 def rebuild(work: Path, output: str = "benchmarks/results/") -> dict:
     """Re-read a finished study's run directories (its JSON names them) and rewrite its table."""
     stamp_isa = work.name
-    previous = sorted(Path(output).glob(f"efficacy-{stamp_isa}.json"))
-    report = json.loads(previous[-1].read_text())
+    previous = Path(output) / f"efficacy-{stamp_isa}.json"
+    if not previous.is_file():
+        raise SystemExit(f"--rebuild {work}: no {previous} (the study's JSON names its runs; pass its --output)")
+    report = json.loads(previous.read_text())
     rows = {}
     for run in report["runs"]:
         if run["status"] == "ok":
             rows[run["seed"]] = seed_row(work / f"seed-{run['seed']}")
             run["row"] = {f"{n}/{m}": v for (n, m), v in rows[run["seed"]].items()}
-    keys = sorted({key for row in rows.values() for key in row})
-    report["summary"] = {f"{n}/{m}": spread([row[(n, m)] for row in rows.values() if (n, m) in row])
-                         for n, m in keys}
+    report["summary"] = summarise(rows)
     report["claims"] = check_claims(rows)
     return write(report, Path(output), f"efficacy-{stamp_isa}")
 
@@ -295,8 +301,7 @@ def run_study(seeds: list[int], pipeline: str = DEFAULT_PIPELINE, isa: str = "de
                         for n, m in COLUMNS if m == G or m == "preference_accuracy"), flush=True)
         runs.append(result)
     finished = [r for r in runs if r["status"] == "ok"]
-    keys = sorted({key for r in finished for key in r["row"]})
-    summary = {f"{n}/{m}": spread([r["row"][(n, m)] for r in finished if (n, m) in r["row"]]) for n, m in keys}
+    summary = summarise({r["seed"]: r["row"] for r in finished})
     claims = check_claims({r["seed"]: r["row"] for r in finished})
     for r in runs:
         r["row"] = {f"{n}/{m}": v for (n, m), v in r["row"].items()}
