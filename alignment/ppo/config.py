@@ -79,6 +79,9 @@ class PPOConfig:
     # run
     seed: int = 42
     logging_steps: int = 10
+    # experiment trackers that receive every metrics.jsonl record: "none", or any of tensorboard, wandb,
+    # mlflow, trackio (a list, or one name); the same key the trl stages hand to transformers
+    report_to: str | list[str] = "none"
 
     # health (None disables a check); the defaults fire only on a collapsed run (alignment.guards)
     max_kl: float | None = DEFAULT_MAX_KL_PER_SEQUENCE  # objective/kl (per sequence) above this
