@@ -69,7 +69,22 @@ class PPOConfig:
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = None  # score given, instead of the reward, to a response with no EOS
 
-    # advantages and losses
+    # advantages and losses (alignment.ppo.advantages: the registries and their equations)
+    advantage_estimator: str = "gae"  # gae (learned critic), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline
+    policy_loss: str = "ppo_clip"  # ppo_clip, dual_clip, gspo
+    # samples of each prompt per rollout, consecutive in the batch (group estimators need >= 2);
+    # batch_size counts samples, so a step sees batch_size / num_generations prompts
+    num_generations: int = 1
+    # where the KL to the reference acts: "reward" (-kl_coef * KL_t in every token's reward, Ziegler et al.)
+    # or "loss" (kl_coef * KL estimate added to the policy loss, GRPO's way); kl_estimator picks k1/k2/k3
+    kl_in: str = "reward"
+    # how the per-token policy loss is reduced: token_mean, sequence_mean or constant (Dr. GRPO);
+    # None: the estimator's own (token_mean, grpo: sequence_mean, dr_grpo: constant)
+    loss_aggregation: str | None = None
+    dual_clip: float = 3.0  # policy_loss dual_clip: the cap c on the ratio for negative advantages (> 1)
+    # update forward passes pack each micro-batch's sequences into rows without padding to the longest
+    # (block-diagonal attention); same loss and gradients up to float rounding; needs sdpa/eager attention
+    pack_updates: bool = False
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2
@@ -126,6 +141,7 @@ class PPOConfig:
         self._check_choice("lr_scheduler_type", ("linear", "constant"))
         self._check_choice("warn_or_stop", ("warn", "stop"))
         self._check_choice("kl_estimator", ("k1", "k2", "k3"))
+        self._check_algorithm()
         per_update = self.mini_batch_size * self.gradient_accumulation_steps
         if self.batch_size % per_update:
             raise SettingError(
@@ -159,7 +175,44 @@ class PPOConfig:
             raise ValueError(f"unknown PPOConfig keys: {unknown}")
         return cls(**values)
 
+    @property
+    def estimator(self):
+        """The :class:`alignment.ppo.advantages.EstimatorSpec` of ``advantage_estimator``."""
+        from alignment.ppo.advantages import estimator_spec
+
+        return estimator_spec(self.advantage_estimator)
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.estimator.needs_critic
+
+    @property
+    def aggregation(self) -> str:
+        return self.loss_aggregation or self.estimator.aggregation
+
     # ------------------------------------------------------------ checks
+
+    def _check_algorithm(self) -> None:
+        """The estimator, loss, KL placement and group size: names from the registries, sizes that fit."""
+        from alignment.ppo.advantages import ADVANTAGE_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+
+        self._check_choice("advantage_estimator", tuple(sorted(ADVANTAGE_ESTIMATORS)))
+        self._check_choice("policy_loss", tuple(sorted(POLICY_LOSSES)))
+        self._check_choice("kl_in", ("reward", "loss"))
+        if self.loss_aggregation is not None:
+            self._check_choice("loss_aggregation", LOSS_AGGREGATIONS)
+        if not isinstance(self.pack_updates, bool):
+            raise SettingError("pack_updates", f"PPOConfig.pack_updates must be true or false, got {self.pack_updates!r}")
+        self._check_positive_int("num_generations")
+        if self._check_number("dual_clip") <= 1:
+            raise SettingError("dual_clip", f"PPOConfig.dual_clip must be > 1, got {self.dual_clip!r}")
+        if self.estimator.grouped and self.num_generations < 2:
+            raise SettingError("num_generations", f"PPOConfig.advantage_estimator {self.advantage_estimator!r} "
+                               "compares the samples of one prompt: set num_generations >= 2 "
+                               f"(got {self.num_generations})")
+        if self.batch_size % self.num_generations:
+            raise SettingError("batch_size", f"PPOConfig.batch_size ({self.batch_size}) counts samples and must be "
+                               f"divisible by num_generations ({self.num_generations})")
 
     def _check_vllm(self) -> None:
         """The vLLM settings' values (whether this machine can run vLLM is checked by the trainer)."""

@@ -267,7 +267,7 @@ def _token_statistics(policy, ref_policy, critic, batch, mask, temperature, chun
         logp, entropy, values = _policy_pass(policy, critic, sub, mask[rows], temperature)
         parts["logprobs"].append(logp)
         parts["entropy"].append(entropy)
-        parts["values"].append(values)
+        parts["values"].append(values if values is not None else torch.zeros_like(logp))  # no critic: 0
         parts["ref_logprobs"].append(_reference_pass(policy, ref_policy, sub, mask[rows], temperature))
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return {k: torch.where(mask, torch.cat(v).float(), zeros) for k, v in parts.items()}

@@ -6,9 +6,12 @@ One :meth:`PPOTrainer.step`:
 2. sample responses and compute policy/reference log-probs and values
    (:mod:`alignment.ppo.rollout`),
 3. score them with ``reward_fn`` (``None`` = dropped from the update),
-4. per-token rewards ``-beta * KL_t`` + score on the EOS, GAE, whitening,
-5. ``ppo_epochs`` passes of shuffled minibatches of clipped policy + value
-   updates, with gradient accumulation through ``accelerator.accumulate``,
+4. per-token rewards ``-beta * KL_t`` (when ``kl_in="reward"``) + score on the EOS, then the
+   advantage estimator of ``advantage_estimator`` (:mod:`alignment.ppo.advantages`: GAE with a
+   critic, or a critic-free one over the ``num_generations`` samples of each prompt), whitening,
+5. ``ppo_epochs`` passes of shuffled minibatches of policy-loss (``policy_loss``) + value
+   updates (value only when the estimator has a critic), plus ``kl_coef * KL`` in the loss when
+   ``kl_in="loss"``, with gradient accumulation through ``accelerator.accumulate``,
 6. KL-controller update, metrics, health checks.
 
 Every model stays in eval mode (dropout off) for rollout and update alike,
@@ -33,13 +36,12 @@ import torch
 
 from alignment.errors import CheckpointError, TrainingError
 from alignment.guards import health_problems
+from alignment.ppo.advantages import aggregate, policy_loss_fn
 from alignment.ppo.config import PPOConfig
 from alignment.ppo.losses import (
     AdaptiveKLController,
     FixedKLController,
-    clipped_policy_loss,
     clipped_value_loss,
-    gae,
     kl_estimate,
     logprobs_from_logits,
     masked_mean,
@@ -72,6 +74,7 @@ _TRAIN_KEYS = (
     "response_mask",
     "loss_mask",
     "old_logprobs",
+    "ref_logprobs",
     "old_values",
     "advantages",
     "returns",
@@ -187,8 +190,9 @@ class PPOTrainer:
 
     def _batch_rows(self, step: int) -> list[dict]:
         """This process's prompts for ``step``: a fresh seeded permutation on every pass over the data."""
+        group = self.config.num_generations  # each prompt sampled this many times, in consecutive rows
         size, world, rank = (
-            self.config.batch_size,
+            self.config.batch_size // group,
             self.accelerator.num_processes,
             self.accelerator.process_index,
         )
@@ -200,7 +204,7 @@ class PPOTrainer:
                 orders[epoch] = torch.randperm(
                     n, generator=torch.Generator().manual_seed(self.config.seed + epoch)
                 )
-            picked.append(self.prompts[int(orders[epoch][index])])
+            picked.extend([self.prompts[int(orders[epoch][index])]] * group)
         return picked
 
     def _rollout(self, rows: list[dict]):
@@ -256,15 +260,23 @@ class PPOTrainer:
         return torch.tensor(scores, device=device), torch.tensor(keep, device=device), raw
 
     def _prepare_batch(self, rollout, scores, keep):
-        """KL-shaped rewards, GAE, returns, whitened advantages; dropped samples get an empty loss mask."""
+        """Per-token rewards (KL-shaped when ``kl_in="reward"``), the configured advantage estimator, returns,
+        whitening where the estimator asks for it; dropped samples get an empty loss mask."""
         cfg, beta = self.config, self.kl_ctl.value
+        spec = cfg.estimator
+        reward_beta = beta if cfg.kl_in == "reward" else 0.0  # kl_in="loss": the KL acts in _loss instead
         mask = rollout.response_mask & keep.unsqueeze(-1)
         logp, ref_logp = rollout.logprobs, rollout.ref_logprobs
-        rewards = per_token_rewards(scores, logp, ref_logp, mask, beta, cfg.kl_estimator)
+        rewards = per_token_rewards(scores, logp, ref_logp, mask, reward_beta, cfg.kl_estimator)
         if cfg.whiten_rewards:
             rewards = self._whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-        advantages = self._whiten(advantages, mask)
+        values = rollout.values if spec.needs_critic else None
+        advantages, returns = spec.fn(rewards, mask, values=values, group_size=cfg.num_generations,
+                                      gamma=cfg.gamma, lam=cfg.lam)
+        if spec.whiten:
+            advantages = self._whiten(advantages, mask)
+        if returns is None:  # no critic: no value targets
+            returns = torch.zeros_like(advantages)
         data = {
             "query_ids": rollout.query_ids,
             "query_mask": rollout.query_mask,
@@ -272,12 +284,13 @@ class PPOTrainer:
             "response_mask": rollout.response_mask,
             "loss_mask": mask,
             "old_logprobs": logp,
+            "ref_logprobs": ref_logp,
             "old_values": rollout.values,
             "advantages": advantages,
             "returns": returns,
         }
         kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
-        stats = {"non_score": masked_sum(-beta * kl, rollout.response_mask, dim=-1), "beta": beta}
+        stats = {"non_score": masked_sum(-reward_beta * kl, rollout.response_mask, dim=-1), "beta": beta}
         return data, stats
 
     def _whiten(self, values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -309,11 +322,17 @@ class PPOTrainer:
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size, generator=self.generator).to(self.accelerator.device)
             for group in order.split(per_update):
-                num_tokens = self._tokens_per_process(data["loss_mask"][group])
+                num_tokens = self._tokens_per_process(self._loss_units(data["loss_mask"][group]))
                 for micro in group.split(cfg.mini_batch_size):
                     batch = {k: data[k][micro] for k in _TRAIN_KEYS}
                     self.minibatch_stats.append(self._micro_step(batch, num_tokens))
         return _mean_stats(self.minibatch_stats)
+
+    def _loss_units(self, loss_mask: torch.Tensor) -> torch.Tensor:
+        """What the loss of an update is divided by: its valid tokens (token_mean), else its kept sequences."""
+        if self.config.aggregation == "token_mean":
+            return loss_mask
+        return loss_mask.any(dim=-1)
 
     def _tokens_per_process(self, loss_mask: torch.Tensor) -> float:
         """The loss divisor of one update: its valid tokens on every process / the number of processes.
@@ -331,8 +350,9 @@ class PPOTrainer:
         models = [m for m in (self.policy, self.critic) if m is not None]
         with self.accelerator.accumulate(*models):
             loss, stats = self._loss(batch, num_tokens)
-            for name in ("policy/loss", "value/loss"):  # a share of the update's token mean -> the mean
-                stats[name] *= self.accelerator.gradient_accumulation_steps
+            for name in ("policy/loss", "value/loss", "policy/kl_loss"):  # a share of the update's mean -> the mean
+                if name in stats:
+                    stats[name] *= self.accelerator.gradient_accumulation_steps
             finite = self._all_finite(loss)
             self._poisoned |= not finite
             # accelerate divides by the accumulation steps; the loss is already a share of the
@@ -343,33 +363,56 @@ class PPOTrainer:
                 stats.update(self._optimizer_step())
         return stats
 
-    def _loss(self, batch: dict, num_tokens: float):
-        cfg = self.config
+    def _forward(self, batch: dict):
+        """Logits over the response positions and the critic's values (None without a critic)."""
         args = (batch["query_ids"], batch["query_mask"], batch["response_ids"], batch["response_mask"])
-        logits, values = response_forward(self.policy, *args)
+        if self.config.pack_updates:
+            from alignment.ppo.packing import packed_response_forward
+
+            logits, values = packed_response_forward(self.policy, *args)
+        else:
+            logits, values = response_forward(self.policy, *args)
         if self.critic is not None:
             values = critic_forward(self.critic, *args)
+        return logits, values
+
+    def _loss(self, batch: dict, num_tokens: float):
+        """The policy loss of ``policy_loss`` (+ ``vf_coef`` x value loss with a critic, + ``kl_coef`` x KL
+        with ``kl_in="loss"``), reduced by the update's ``num_tokens`` (tokens or sequences, see _loss_units)."""
+        cfg = self.config
+        logits, values = self._forward(batch)
         new_logp = logprobs_from_logits(logits, batch["response_ids"], cfg.temperature)
         mask = batch["loss_mask"]
-        pg_loss, clipfrac, approx_kl = clipped_policy_loss(
-            new_logp, batch["old_logprobs"], batch["advantages"], mask, cfg.cliprange, num_tokens
+        per_token, clipped = policy_loss_fn(cfg.policy_loss)(
+            new_logp, batch["old_logprobs"], batch["advantages"], mask, clip=cfg.cliprange, dual_clip=cfg.dual_clip
         )
-        vf_loss, vf_clipfrac = clipped_value_loss(
-            values, batch["old_values"], batch["returns"], mask, cfg.cliprange_value, num_tokens
-        )
+        pg_loss = aggregate(per_token, mask, cfg.aggregation, num_tokens, cfg.max_new_tokens)
         with torch.no_grad():
-            ratio = torch.exp(torch.where(mask, new_logp - batch["old_logprobs"], torch.zeros_like(new_logp)))
+            log_ratio = torch.where(mask, new_logp - batch["old_logprobs"], torch.zeros_like(new_logp))
+            ratio = torch.exp(log_ratio)
             deviation = torch.where(mask, (ratio - 1).abs(), torch.zeros_like(ratio))
         stats = {
             "policy/loss": pg_loss.item(),
-            "policy/clipfrac": clipfrac.item(),
-            "policy/approx_kl": approx_kl.item(),
-            "value/loss": vf_loss.item(),
-            "value/clipfrac": vf_clipfrac.item(),
+            "policy/clipfrac": masked_mean(clipped.float(), mask).item(),
+            "policy/approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask).item(),
             "policy/ratio_mean": masked_mean(ratio, mask).item(),
             "ratio_max_dev": deviation.max().item(),
         }
-        return pg_loss + cfg.vf_coef * vf_loss, stats
+        loss = pg_loss
+        if cfg.needs_critic:
+            vf_loss, vf_clipfrac = clipped_value_loss(
+                values, batch["old_values"], batch["returns"], mask, cfg.cliprange_value, num_tokens
+            )
+            stats["value/loss"], stats["value/clipfrac"] = vf_loss.item(), vf_clipfrac.item()
+            loss = loss + cfg.vf_coef * vf_loss
+        if cfg.kl_in == "loss":
+            # masked slots get log-ratio 0 before the estimator: k3's exp must not meet a padding log-prob
+            ref_logp = batch["ref_logprobs"]
+            kl = kl_estimate(torch.where(mask, new_logp, ref_logp), ref_logp, cfg.kl_estimator)
+            kl_loss = aggregate(kl, mask, cfg.aggregation, num_tokens, cfg.max_new_tokens)
+            stats["policy/kl_loss"] = kl_loss.item()
+            loss = loss + self.kl_ctl.value * kl_loss
+        return loss, stats
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every process (all must skip together)."""
@@ -424,8 +467,9 @@ class PPOTrainer:
             "objective/entropy": (masked_sum(rollout.entropy, mask), mask.sum()),
             "objective/score": ((scores * kept).sum(), kept.sum()),
             f"reward/{self.reward_name}": (torch.tensor(math.fsum(present)), torch.tensor(len(present))),
-            "value/mean": (masked_sum(rollout.values, mask), mask.sum()),
         }
+        if self.config.needs_critic:
+            ratios["value/mean"] = (masked_sum(rollout.values, mask), mask.sum())
         names = list(local)
         reduced = self._reduce([local[k] for k in names], "mean")
         metrics = dict(zip(names, reduced))
@@ -555,7 +599,11 @@ class PPOTrainer:
 def _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts) -> None:
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
-    if critic is None and not isinstance(policy, CausalLMWithValueHead):
+    if not config.needs_critic:
+        if critic is not None or isinstance(policy, CausalLMWithValueHead):
+            raise ValueError(f"advantage_estimator {config.advantage_estimator!r} uses no critic: pass critic=None "
+                             "and a plain causal LM as the policy (a critic would be built and never trained)")
+    elif critic is None and not isinstance(policy, CausalLMWithValueHead):
         raise ValueError(
             "critic=None needs a policy with a value head (policies.value.CausalLMWithValueHead)"
         )
@@ -613,12 +661,12 @@ def _make_optimizer(config: PPOConfig, policy, critic) -> torch.optim.Optimizer:
         policy_params = list(policy.pretrained_model.parameters())
         critic_params = list(policy.v_head.parameters())
     else:
-        policy_params, critic_params = list(policy.parameters()), list(critic.parameters())
+        policy_params = list(policy.parameters())
+        critic_params = list(critic.parameters()) if critic is not None else None  # None: no critic at all
     critic_lr = config.critic_learning_rate or config.learning_rate
-    groups = [
-        {"params": [p for p in policy_params if p.requires_grad], "lr": config.learning_rate},
-        {"params": [p for p in critic_params if p.requires_grad], "lr": critic_lr},
-    ]
+    groups = [{"params": [p for p in policy_params if p.requires_grad], "lr": config.learning_rate}]
+    if critic_params is not None:
+        groups.append({"params": [p for p in critic_params if p.requires_grad], "lr": critic_lr})
     if not groups[0]["params"]:
         raise ValueError("the policy has no trainable parameters")
     # The fused kernel updates each tensor in one pass: on CPU 5x faster than the default for-each
