@@ -76,6 +76,9 @@ def build_config(recipe):
 def check_options(recipe) -> None:
     """Settings that cannot work, refused before any model is loaded."""
     options, where = recipe.options, recipe.source_path
+    if options["critic_init"] is not None and not needs_critic(recipe):
+        raise RecipeError(f"{where}: options.critic_init is set but train.advantage_estimator "
+                          f"{dict(recipe.train).get('advantage_estimator')!r} learns no critic: remove critic_init")
     if options["critic_init"] is not None:
         if options["critic"] != "separate":
             raise RecipeError(f"{where}: options.critic_init is set but options.critic is "
@@ -90,11 +93,28 @@ def check_options(recipe) -> None:
                           "critic: value_head")
 
 
+def needs_critic(recipe) -> bool:
+    """Whether the recipe's `train.advantage_estimator` (default gae) learns a critic; the others build none."""
+    from alignment.ppo.advantages import estimator_spec
+
+    return estimator_spec(dict(recipe.train).get("advantage_estimator", "gae")).needs_critic
+
+
 def build_models(recipe, model, tokenizer):
-    """``(policy, ref_policy, critic)`` for PPOTrainer from the loaded starting model."""
+    """``(policy, ref_policy, critic)`` for PPOTrainer from the loaded starting model.
+
+    A critic (``options.critic``) is built only for an estimator that learns one (gae); for the
+    critic-free ones (grpo, rloo, reinforce_pp, ...) the policy is the plain LM and ``critic`` is None.
+    """
     from policies.value import build_critic
 
     options = recipe.options
+    if not needs_critic(recipe):
+        if common.lora_config(recipe.model.lora) is not None:
+            from peft import get_peft_model
+
+            return get_peft_model(model, common.lora_config(recipe.model.lora)), None, None
+        return model, copy.deepcopy(model), None
     init_from = None
     if options["critic"] == "separate" and options["critic_init"]:
         init_from = load_critic_init(recipe, tokenizer)
@@ -286,6 +306,8 @@ def save_critic(trainer, tokenizer, run_dir: Path) -> None:
     if not trainer.accelerator.is_main_process:
         return
     policy = trainer.accelerator.unwrap_model(trainer.policy)
+    if trainer.critic is None and not isinstance(policy, CausalLMWithValueHead):
+        return  # a critic-free estimator: nothing to save
     if isinstance(policy, CausalLMWithValueHead):
         state = {k: v.detach().contiguous().cpu() for k, v in policy.v_head.state_dict().items()}
         save_file(state, str(run_dir / VALUE_HEAD_FILE))
@@ -351,7 +373,7 @@ def run(recipe) -> dict:
         "train_steps": trainer.step_count,
         "train_seconds": round(time.time() - started, 1),
         **summarize(log),
-        "critic": recipe.options["critic"],
+        "critic": recipe.options["critic"] if needs_critic(recipe) else None,
         "reward_failures": {source.name: source.stats.as_dict() for source in rewards.sources},
         "before": before,
         "after": after,
