@@ -110,7 +110,8 @@ def cmd_validate(args) -> int:
     return 1 if failures else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extra_commands=()) -> argparse.ArgumentParser:
+    """The `align` parser: run and validate, then each of `extra_commands` (functions(subparsers))."""
     parser = argparse.ArgumentParser(
         prog="align",
         description="Align causal language models: SFT, reward models, PPO/GRPO/RLOO, DPO and relatives, "
@@ -133,27 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="+", help="recipe files or folders (every *.yaml under them)")
     validate.set_defaults(func=cmd_validate)
 
-    for extra in EXTRA_COMMANDS:
+    for extra in extra_commands:
         extra(commands)
     return parser
 
 
-# Commands contributed by other modules: each is a function(subparsers) that adds one parser.
-EXTRA_COMMANDS: list = []
-
-
-def _register_extra_commands() -> None:
+def extra_commands() -> list:
+    """The commands other modules contribute (each module's add_command), in help order; a module that is
+    not there (a trimmed install) contributes none."""
     import importlib
 
-    EXTRA_COMMANDS.clear()  # main() may be called more than once in a process (tests)
-    for module_name in ("alignment.pipeline", "alignment.evaluation.runner", "reward.cli", "alignment.tools"):
+    found = []
+    for module_name in ("alignment.pipeline", "alignment.evaluation.runner", "reward.cli", "alignment.tools",
+                        "alignment.dashboard.cli"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name != module_name:
                 raise
             continue
-        EXTRA_COMMANDS.append(module.add_command)
+        found.append(module.add_command)
+    return found
 
 
 def busy_machine() -> bool:
@@ -180,8 +181,7 @@ def set_openmp_wait_policy() -> None:
 def main(argv: list[str] | None = None) -> int:
     # Set before torch is imported, which happens below.
     set_openmp_wait_policy()
-    _register_extra_commands()
-    parser = build_parser()
+    parser = build_parser(extra_commands())
     args, extra = parser.parse_known_args(argv)
     # `align run R --resume key=value`: overrides after an option land in `extra`
     overrides = [item for item in extra if "=" in item and not item.startswith("-")]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -153,7 +152,6 @@ def graceful_stop():
 
 def time_budget(max_seconds: float):
     """Stop training (after saving) once `max_seconds` of training have passed: for equal-time controls."""
-    import time
 
     from transformers import TrainerCallback
 
@@ -328,25 +326,3 @@ def disk_error(exc: BaseException, run_dir: Path) -> Exception | None:
         + "the run is not marked complete. Free some space and run again"
         + (" with resume=true" if kept else "")
     )
-
-
-def slow_saves_for_tests(trainer) -> None:
-    """ALIGNMENT_TEST_SAVE_DELAY=<seconds>[@<step>]: pause inside a checkpoint write (tests kill the run there).
-
-    The pause comes after the weights, optimizer and scheduler are written and
-    before the RNG state and trainer_state.json, and is announced on stdout;
-    with @<step> only the save at that step pauses.
-    """
-    setting = os.environ.get("ALIGNMENT_TEST_SAVE_DELAY")
-    original = getattr(trainer, "_save_rng_state", None)
-    if not setting or original is None:
-        return
-    seconds, _, step = setting.partition("@")
-
-    def slow_save_rng_state(output_dir, *args, **kwargs):
-        if not step or Path(output_dir).name == f"checkpoint-{step}":
-            print(f"ALIGNMENT_TEST_SAVE_DELAY: writing {output_dir}", flush=True)
-            time.sleep(float(seconds))
-        return original(output_dir, *args, **kwargs)
-
-    trainer._save_rng_state = slow_save_rng_state

@@ -670,9 +670,6 @@ def redact(value):
     return value
 
 
-_LOG_REDACTION = []
-
-
 def install_log_redaction() -> None:
     """Every log record's message goes through :func:`redact_text` (once per process).
 
@@ -681,9 +678,9 @@ def install_log_redaction() -> None:
     """
     import logging
 
-    if _LOG_REDACTION:
-        return
     make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "redacts_secrets", False):  # installed already: logging holds it, not a flag of ours
+        return
 
     def redacted_record(*args, **kwargs):
         record = make_record(*args, **kwargs)
@@ -696,8 +693,8 @@ def install_log_redaction() -> None:
             record.msg, record.args = clean, ()
         return record
 
+    redacted_record.redacts_secrets = True
     logging.setLogRecordFactory(redacted_record)
-    _LOG_REDACTION.append(redacted_record)
 
 
 def _section(data: Mapping, name: str, empty):

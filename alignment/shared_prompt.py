@@ -31,7 +31,10 @@ unpacked forward numbers them (left pads included).
 :func:`install` wraps a decoder's ``forward`` (bound to the instance, so the
 module's hooks still see the caller's arguments) and :func:`active` switches
 the packing on around code that passes such batches (the DPO loss and
-reference passes, GRPO/RLOO log-prob passes).  Outside :func:`active`, and for
+reference passes, GRPO/RLOO log-prob passes).  The layout :func:`active` sets
+is a context variable, reset when the ``with`` block ends, and the token
+counts live on each installed decoder (:func:`saved_fraction`): nothing is
+kept between runs of one process.  Outside :func:`active`, and for
 any call the packing does not cover (other padding, an odd batch, cached
 decoding, extra inputs), the original forward runs unchanged.
 
@@ -42,14 +45,16 @@ full attention in every layer (:func:`unsupported_reason`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import types
 from dataclasses import dataclass
 
 import torch
 
-_ACTIVE: dict | None = None  # None: off; else the layout of the batches (see active())
-_PACKABLE_KWARGS = {"input_ids", "attention_mask"}
+# None: off; else the layout of the batches, set only inside `with active(...)` (and reset on leaving it)
+_LAYOUT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("shared_prompt_layout", default=None)
+_PACKABLE_KWARGS = frozenset({"input_ids", "attention_mask"})
 
 
 PAD = -1  # the segment id of padding in a packed row
@@ -293,12 +298,14 @@ def install(model) -> bool:
     if current is not None:
         return getattr(current, "__func__", None) is _packed_forward
     decoder.forward = types.MethodType(_packed_forward, decoder)
+    decoder.shared_prompt_stats = PackingStats()
     return True
 
 
 def _packed_forward(decoder, *args, **kwargs):
     original = functools.partial(type(decoder).forward, decoder)
-    if _ACTIVE is None:
+    layout = _LAYOUT.get()
+    if layout is None:
         return original(*args, **kwargs)
     # a sequence classifier passes input_ids by position and the unused inputs as None
     given = {k: v for k, v in kwargs.items() if v is not None and not (k == "use_cache" and v is False)}
@@ -313,10 +320,10 @@ def _packed_forward(decoder, *args, **kwargs):
         return original(*args, **kwargs)
     config = decoder.config
     pad = config.pad_token_id if config.pad_token_id is not None else 0
-    if _ACTIVE.get("group_size"):
-        packed = pack_common_prefix(input_ids, attention_mask, _ACTIVE["group_size"], pad)
-    elif _ACTIVE.get("prompt_width"):
-        packed = pack_groups(input_ids, attention_mask, _ACTIVE["prompt_width"], pad)
+    if layout.get("group_size"):
+        packed = pack_common_prefix(input_ids, attention_mask, layout["group_size"], pad)
+    elif layout.get("prompt_width"):
+        packed = pack_groups(input_ids, attention_mask, layout["prompt_width"], pad)
     else:
         packed = pack_pairs(input_ids, attention_mask, pad)
     if packed is None:
@@ -326,29 +333,47 @@ def _packed_forward(decoder, *args, **kwargs):
     outputs = original(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
                        use_cache=False)
     outputs.last_hidden_state = unpack_hidden(outputs.last_hidden_state, packed)
-    STATS.add(packed)
+    decoder.shared_prompt_stats.add(packed)
     return outputs
 
 
-class _Stats:
-    """Tokens the decoder ran packed vs would have run unpacked, since the last reset."""
+class PackingStats:
+    """Tokens one installed decoder ran packed vs would have run unpacked, since :func:`install`."""
 
     def __init__(self):
         self.packed = 0
         self.original = 0
 
-    def reset(self) -> None:
-        self.packed = self.original = 0
-
     def add(self, packed: Packed) -> None:
         self.packed += packed.packed_tokens
         self.original += packed.original_tokens
 
-    def saved_fraction(self) -> float | None:
-        return None if not self.original else round(1 - self.packed / self.original, 4)
+
+def saved_fraction(*models) -> float | None:
+    """1 - packed / unpacked decoder tokens over the models' installed decoders (0.6 = 60% fewer); None if
+    nothing was packed."""
+    packed = original = 0
+    for model in models:
+        stats = getattr(decoder_of(model), "shared_prompt_stats", None) if model is not None else None
+        if stats is not None:
+            packed, original = packed + stats.packed, original + stats.original
+    return None if not original else round(1 - packed / original, 4)
 
 
-STATS = _Stats()
+def outcome(installed: bool, *models) -> dict:
+    """`share_prompt` and `share_prompt_saved_fraction` for a stage's metrics.json, as they really were.
+
+    Installed but never packed a batch means the trainer never went through the hooked method (e.g. a trl
+    version that routes its loss elsewhere): reported as off, with a warning, never as on.
+    """
+    import warnings
+
+    saved = saved_fraction(*models)
+    if installed and saved is None:
+        warnings.warn("share_prompt was installed but no batch was packed: this trainer never called the "
+                      "hooked method, so every prompt was computed once per row (reported as share_prompt: false)",
+                      RuntimeWarning, stacklevel=2)
+    return {"share_prompt": installed and saved is not None, "share_prompt_saved_fraction": saved}
 
 
 @contextlib.contextmanager
@@ -358,12 +383,11 @@ def active(prompt_width: int | None = None, group_size: int | None = None):
     No argument: preference pairs; ``prompt_width``: groups of completions after a left-padded prompt;
     ``group_size``: right-padded rows with a common prefix, packed that many at a time.
     """
-    global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, {"prompt_width": prompt_width, "group_size": group_size}
+    token = _LAYOUT.set({"prompt_width": prompt_width, "group_size": group_size})
     try:
         yield
     finally:
-        _ACTIVE = previous
+        _LAYOUT.reset(token)
 
 
 def install_for_recipe(recipe, *models) -> bool:

@@ -227,7 +227,7 @@ def _trainer_result(spec: Spec, trainer, **extra) -> dict:
 
         # tokens counts the rows as trl lays them out (the same work as the peer's); with shared prompts
         # the decoder computed only this share of them, which is what MFU (hardware use) must count
-        saved = shared_prompt.STATS.saved_fraction()
+        saved = shared_prompt.saved_fraction(trainer.model, getattr(trainer, "ref_model", None))
         extra["computed_token_share"] = 1.0 - saved if saved else 1.0
     args = trainer.args
     steps = trainer.state.global_step

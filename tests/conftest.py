@@ -58,9 +58,9 @@ def _assert_demo_gain(metrics: dict, points: float = 0.10) -> None:
 
     before, after = metrics["before"], metrics["after"]
     print(metrics["summary"], f"(sampled {before['sampled_accuracy']:.3f} -> {after['sampled_accuracy']:.3f}, "
-          f"kl {metrics['train_kl_last']:.3f})")
+          f"kl {metrics['train_kl_per_sequence_last']:.3f} nats per response)")
     assert after["greedy_accuracy"] - before["greedy_accuracy"] >= points, metrics["summary"]
-    assert math.isfinite(metrics["train_kl_last"])
+    assert math.isfinite(metrics["train_kl_per_sequence_last"])
 
 
 @pytest.fixture

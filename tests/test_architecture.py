@@ -144,3 +144,72 @@ def test_the_pipeline_re_exports_the_same_error_classes():
     assert alignment.errors.RewardError is reward.errors.RewardError
     assert reward.errors.AlignmentError is policies.errors.AlignmentError
     assert issubclass(reward.errors.RewardError, policies.errors.AlignmentError)
+
+
+# ----------------------------------------------------------------------------- module-level state
+
+# Module-level containers that functions may change, each with the reason it has to be process-wide.  Anything
+# else a function writes at module level (a `global` statement, a mutating method call, an item assignment) fails
+# test_no_module_level_state_is_written_by_functions: state that outlives a call belongs to an object the caller
+# holds (a trainer, a MetricsLog, a decoder), so two runs in one process never see each other's.
+PROCESS_WIDE = {
+    ("reward/registry.py", "REGISTRY"): "reward sources filled in by @register when their module is imported",
+    ("alignment/ppo/advantages.py", "ADVANTAGE_ESTIMATORS"): "estimators filled in by their decorator at import",
+    ("alignment/ppo/advantages.py", "POLICY_LOSSES"): "policy losses filled in by their decorator at import",
+    ("alignment/stages/__init__.py", "STAGES"): "the stage registry: a plugin adds its stage with register_stage",
+    ("alignment/checkpoint.py", "_LOCKS"): "the open flock handles of the run directories this process holds: "
+                                           "the kernel lock lives exactly as long as the process",
+    ("alignment/recipe.py", "SECRET_VALUES"): "secret values read from the environment, scrubbed from every log "
+                                              "line of every library (the log record factory is process-wide)",
+}
+MUTATORS = {"append", "add", "update", "setdefault", "pop", "popitem", "clear", "discard", "extend", "insert",
+            "remove"}
+
+
+def written_module_state(path: Path) -> list[tuple[str, int]]:
+    """(name, line) of each module-level name a function of `path` rebinds with `global`, mutates with a
+    container method, or assigns an item of."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    module_names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+            if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        module_names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    found = []
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        local = {a.arg for a in function.args.args + function.args.kwonlyargs}
+        for node in ast.walk(function):
+            if isinstance(node, ast.Global):
+                found += [(name, node.lineno) for name in node.names]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in MUTATORS and isinstance(node.func.value, ast.Name) \
+                    and node.func.value.id in module_names and node.func.value.id not in local:
+                found.append((node.func.value.id, node.lineno))
+            elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+                found += [(t.value.id, node.lineno) for t in targets if isinstance(t, ast.Subscript)
+                          and isinstance(t.value, ast.Name) and t.value.id in module_names
+                          and t.value.id not in local]
+    return found
+
+
+def test_no_module_level_state_is_written_by_functions():
+    offenders = []
+    for package in PACKAGES:
+        for path in files_of(package):
+            relative = str(path.relative_to(ROOT))
+            offenders += [f"{relative}:{line} writes {name}" for name, line in written_module_state(path)
+                          if (relative, name) not in PROCESS_WIDE]
+    assert offenders == []
+
+
+def test_the_state_check_finds_each_kind_of_write(tmp_path):
+    """The check above must be able to fail: a global rebinding, a container method and an item assignment."""
+    sample = tmp_path / "sample.py"
+    sample.write_text("CACHE = {}\nSEEN = []\nCURRENT = None\n\n"
+                      "def remember(key, value):\n    CACHE[key] = value\n    SEEN.append(key)\n\n"
+                      "def switch(value):\n    global CURRENT\n    CURRENT = value\n\n"
+                      "def local_only(CACHE):\n    CACHE['x'] = 1\n")
+    assert sorted(written_module_state(sample)) == [("CACHE", 6), ("CURRENT", 10), ("SEEN", 7)]

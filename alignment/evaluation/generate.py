@@ -60,15 +60,10 @@ def _encode_prompt(tokenizer, prompt: str | Sequence[dict]) -> list[int]:
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    """Every token id that ends a completion: the tokenizer's EOS and the generation config's."""
-    ids: set[int] = set()
-    for source in (
-        tokenizer.eos_token_id,
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-    ):
-        if source is None:
-            continue
-        ids.update([source] if isinstance(source, int) else list(source))
+    """Every token id that ends a completion (policies.tokens.end_token_ids); none is an error."""
+    from policies.tokens import end_token_ids
+
+    ids = end_token_ids(tokenizer, model)
     if not ids:
         raise DataError("the tokenizer has no eos_token_id; generation could never stop on end-of-sequence")
     return ids

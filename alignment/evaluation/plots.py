@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 # (panel title, y-axis label, metric keys drawn in it, in order of preference). A panel no run logs is left out.
 TRAINING_PANELS: list[tuple[str, str, tuple[str, ...]]] = [
     ("Reward", "mean reward per batch", ("reward/total", "objective/score", "reward")),
-    ("KL to reference", "KL (nats per sequence)", ("objective/kl", "kl")),
+    # kl/per_sequence: every RL stage logs it (alignment.metrics); trl's own `kl` is per token, another unit
+    ("KL to reference", "KL (nats per response)", ("kl/per_sequence", "objective/kl")),
     ("Loss", "training loss", ("loss", "train/loss")),
     ("Held-out accuracy", "accuracy", ("eval/greedy_accuracy", "eval/accuracy")),  # eval.every_steps
 ]

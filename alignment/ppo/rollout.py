@@ -89,17 +89,10 @@ def left_pad_prompts(tokenizer, prompts: list[str], device=None) -> tuple[torch.
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
-    """EOS ids: the tokenizer's, plus any the model's generation config lists."""
-    ids = set()
-    candidates = [tokenizer.eos_token_id]
-    gen_config = getattr(model, "generation_config", None)
-    if gen_config is not None:
-        candidates.append(gen_config.eos_token_id)
-    for value in candidates:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
+    """The ids that end a response (policies.tokens.end_token_ids: EOS, generation config, end of turn)."""
+    from policies.tokens import end_token_ids
+
+    ids = end_token_ids(tokenizer, model)
     if not ids:
         raise ValueError("no EOS token: the tokenizer and the model name none")
     if tokenizer.pad_token_id in ids:

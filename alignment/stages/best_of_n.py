@@ -161,19 +161,15 @@ def finetune(recipe, model, tokenizer, best_rows, run_dir, resume_from):
                         "nothing to fine-tune on")
     train_set = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in best_rows])
     args = common.build_trainer_config(recipe, SFTConfig, sft_defaults(recipe, run_dir))
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, processing_class=tokenizer,
-                         peft_config=common.lora_config(recipe.model.lora))
-    common.train(trainer, run_dir, resume_from)
+    trainer = SFTTrainer(**common.trainer_inputs(recipe, model, tokenizer, args, train_set))
+    common.train(trainer, recipe, run_dir, resume_from)
     return trainer
 
 
 def run(recipe) -> dict:
     import reward as reward_sources
 
-    started = time.time()
-    common.offline_defaults()
-    common.seed_everything(recipe.seed)
-    run_dir, resume_from = common.prepare_run_dir(recipe)
+    started, run_dir, resume_from = common.start_run(recipe)
     options = recipe.options
     splits = data.load(recipe.data, "prompt", seed=recipe.seed)
     rows = splits.train.to_list()

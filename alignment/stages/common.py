@@ -13,9 +13,6 @@ from alignment.checkpoint import CHECKPOINTS, base_run_info, mark_incomplete, re
 from alignment.errors import DataError, RecipeError, TrainingError
 from alignment.recipe import thaw
 
-# The recipe of each run directory prepared in this process, so `train` can apply the recipe's data limits.
-_RECIPES: dict[str, object] = {}
-
 
 def offline_defaults() -> None:
     """No telemetry calls from trainer set-up (they hang or fail on machines without internet)."""
@@ -105,6 +102,7 @@ def prepare_run_dir(recipe) -> tuple[Path, str | None]:
 
     check_machine(recipe)
     run_dir = check_output_dir(recipe)
+    require_trackers(recipe)  # a tracker package missing is an error now, not after the model has loaded
     for start in [recipe.model.name_or_path] + [spec["source"] for spec in recipe.reward]:
         require_finished_run(start)  # e.g. DPO from an SFT directory whose run was interrupted
     if is_main_process():
@@ -125,7 +123,6 @@ def prepare_run_dir(recipe) -> tuple[Path, str | None]:
         if previous is not None:
             print(f"fresh start: the earlier run's checkpoints were moved to {previous}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _RECIPES[str(run_dir.resolve())] = recipe
     mark_incomplete(run_dir)
     write_atomic(run_dir / "recipe.yaml", recipe.resolved_yaml())
     fingerprints = {path: data_fingerprint(path) for path in data_files(recipe)}
@@ -135,6 +132,26 @@ def prepare_run_dir(recipe) -> tuple[Path, str | None]:
         if metrics_log.exists():
             metrics_log.unlink(missing_ok=True)
     return run_dir, resume_from
+
+
+def start_run(recipe) -> tuple[float, Path, str | None]:
+    """The opening of every stage: its start time, offline settings, seeds, and the run directory (locked,
+    marked unfinished) with the checkpoint to resume from."""
+    started = time.time()
+    offline_defaults()
+    seed_everything(recipe.seed)
+    run_dir, resume_from = prepare_run_dir(recipe)
+    return started, run_dir, resume_from
+
+
+def finish_run(recipe, run_dir: Path, model, tokenizer, metrics: dict, started: float, note: str = "") -> dict:
+    """The close of every stage: the model, tokenizer, recipe and metrics saved as a finished run; the metrics
+    returned with their one-line summary (`note` appended to it)."""
+    from alignment.checkpoint import save_run
+
+    save_run(run_dir, model=model, tokenizer=tokenizer, recipe=recipe, run_info=run_info(recipe), metrics=metrics)
+    metrics["summary"] = summary_line(recipe.stage, run_dir, metrics, started) + note
+    return metrics
 
 
 def precision_defaults() -> dict:
@@ -179,6 +196,8 @@ def build_trainer_config(recipe, config_class, defaults: dict):
     values = dict(defaults)
     # thawed: transformers pickles its arguments into every checkpoint, and a frozen mapping cannot be pickled
     values.update(thaw(recipe.train))
+    # our metrics writer feeds the trackers (open_metrics_log): trl's own would log its names, not the vocabulary
+    values["report_to"] = "none"
     if not on_gpu():
         # gradient checkpointing only saves memory, and costs a third more compute on CPU.
         values.setdefault(checkpointing_key(recipe), False)
@@ -186,6 +205,13 @@ def build_trainer_config(recipe, config_class, defaults: dict):
         return config_class(**values)
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"{recipe.source_path}: train: {config_class.__name__} rejected the settings: {exc}") from None
+
+
+def trainer_inputs(recipe, model, tokenizer, args, train_dataset, eval_dataset=None,
+                   task_type: str = "CAUSAL_LM") -> dict:
+    """The keyword arguments every trl trainer takes, fed the same way in every stage (LoRA from model.lora)."""
+    return {"model": model, "args": args, "train_dataset": train_dataset, "eval_dataset": eval_dataset,
+            "processing_class": tokenizer, "peft_config": lora_config(recipe.model.lora, task_type=task_type)}
 
 
 def lora_config(lora_spec, task_type: str = "CAUSAL_LM"):
@@ -308,25 +334,63 @@ def ensure_loadable_path(model, tokenizer, run_dir: Path) -> None:
     model.config._name_or_path = str(initial)
 
 
-def metrics_logger(run_dir: Path):
-    """A trainer callback that appends every logged dict to run_dir/metrics.jsonl."""
-    from transformers import TrainerCallback
+def report_to_names(recipe) -> list[str]:
+    """The trackers a recipe's `train.report_to` names ([] for none); every stage reads the same key."""
+    value = recipe.train.get("report_to")
+    if value in (None, "none", [], ["none"]):  # the default: no tracker module or package needed
+        return []
+    from alignment.tracking import normalise_report_to
 
-    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        return normalise_report_to(value)
+    except ValueError as exc:
+        raise RecipeError(f"{recipe.source_path}: train.report_to: {exc}") from None
 
+
+def require_trackers(recipe) -> None:
+    from alignment.tracking import require_tracker_packages
+
+    names = report_to_names(recipe)
+    if names:
+        require_tracker_packages(names)
+
+
+def open_metrics_log(recipe, run_dir: Path, enabled: bool | None = None):
+    """The run's metrics.jsonl writer, with the recipe's trackers (`train.report_to`) attached.
+
+    Our writer feeds the trackers for every stage, trl's included (trl itself gets report_to="none"), so a
+    tracker shows exactly the names and values of metrics.jsonl, the shared vocabulary among them.
+    """
+    import yaml
+
+    from alignment.distributed import is_main_process
+    from alignment.metrics import MetricsLog
     from alignment.recipe import redact
 
-    class MetricsLog(TrainerCallback):
+    enabled = is_main_process() if enabled is None else enabled
+    names = report_to_names(recipe)
+    trackers = None
+    if names and enabled:
+        from alignment.tracking import Trackers
+
+        config = redact(yaml.safe_load(recipe.resolved_yaml()) or {})
+        trackers = Trackers(names, run_dir, config=config, run_name=Path(run_dir).name)
+    return MetricsLog(run_dir, trackers, enabled=enabled)
+
+
+def metrics_logger(metrics_log):
+    """A trainer callback that hands every logged dict to `metrics_log` (metrics.jsonl and the trackers)."""
+    from transformers import TrainerCallback
+
+    class LogToMetricsLog(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:
-                record = redact({"step": state.global_step, "time": round(time.time(), 3), **logs})
-                with path.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record, default=float) + "\n")
+                metrics_log.write(logs, step=state.global_step)
 
-    return MetricsLog()
+    return LogToMetricsLog()
 
 
-def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | None = None) -> None:
+def train(trainer, recipe, run_dir: Path, resume_from: str | None, max_seconds: float | None = None) -> None:
     """trainer.train with the shared guards: metrics.jsonl, non-finite gradient skips, clean SIGINT/SIGTERM.
 
     A signal finishes the step, saves a checkpoint and raises `Interrupted`, so
@@ -339,23 +403,21 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
         nonfinite_guard,
         out_of_memory_message,
         redact_saved_args,
-        slow_saves_for_tests,
         time_budget,
     )
 
-    recipe = _RECIPES.get(str(Path(run_dir).resolve()))
-    if recipe is not None and recipe.stage == "sft":
-        audit_sft_tokens(trainer, recipe, run_dir)
+    metrics_log = open_metrics_log(recipe, run_dir)
+    if recipe.stage == "sft":
+        audit_sft_tokens(trainer, recipe, metrics_log)
     stopper = graceful_stop()
     # the guard first: its on_log adds the skipped-step count that metrics_logger then writes
-    for callback in (nonfinite_guard(), metrics_logger(run_dir), stopper, redact_saved_args()):
+    for callback in (nonfinite_guard(), metrics_logger(metrics_log), stopper, redact_saved_args()):
         trainer.add_callback(callback)
     if max_seconds is not None:
         trainer.add_callback(time_budget(max_seconds))
-    periodic = periodic_eval(trainer, recipe, run_dir) if recipe is not None else None
+    periodic = periodic_eval(trainer, recipe, metrics_log)
     if periodic is not None:
         trainer.add_callback(periodic)
-    slow_saves_for_tests(trainer)
     try:
         if finished_checkpoint(trainer, resume_from):
             load_finished_checkpoint(trainer, resume_from)
@@ -368,6 +430,8 @@ def train(trainer, run_dir: Path, resume_from: str | None, max_seconds: float | 
         if failed_write is not None:
             raise failed_write from exc
         raise
+    finally:
+        metrics_log.close()
     stopper.check(run_dir)
 
 
@@ -399,31 +463,16 @@ def load_finished_checkpoint(trainer, resume_from: str) -> None:
     trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
 
 
-# Tokens that close an assistant turn in common chat templates (besides the tokenizer's EOS).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>",
-                      "<|end_of_text|>")
 
 
-def end_token_ids(tokenizer, model=None) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    generation = getattr(model, "generation_config", None)
-    eos = getattr(generation, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab)
-    return ids
-
-
-def _report_audit(counts: dict, max_length, run_dir: Path) -> None:
+def _report_audit(counts: dict, max_length, metrics_log) -> None:
     print(f"sft data: {counts['rows']} rows tokenized; {counts['no_trainable_tokens']} dropped with no token left "
           f"to train on, {counts['truncated']} cut at max_length={max_length}, {counts['no_eos_in_loss']} without "
           "a trained EOS", flush=True)
-    record = {"step": 0, "time": round(time.time(), 3), **{f"data/{k}": v for k, v in counts.items()}}
-    with (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    metrics_log.write({f"data/{k}": v for k, v in counts.items()}, step=0)
 
 
-def audit_sft_tokens(trainer, recipe, run_dir: Path) -> dict:
+def audit_sft_tokens(trainer, recipe, metrics_log) -> dict:
     """Count, report and police what tokenizing did to the SFT rows, before any step is taken.
 
     * rows trl dropped because no token was left to train on (a prompt filling max_length);
@@ -444,6 +493,8 @@ def audit_sft_tokens(trainer, recipe, run_dir: Path) -> dict:
             "constraints, or update alignment.stages.common.audit_sft_tokens")
     tokenizer = getattr(trainer, "processing_class", None)
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    from policies.tokens import end_token_ids
+
     ends = end_token_ids(tokenizer, getattr(trainer, "model", None))
     max_length = getattr(trainer.args, "max_length", None)
     kept = len(dataset)
@@ -464,7 +515,7 @@ def audit_sft_tokens(trainer, recipe, run_dir: Path) -> dict:
     from alignment.distributed import is_main_process
 
     if is_main_process():
-        _report_audit(counts, max_length, run_dir)
+        _report_audit(counts, max_length, metrics_log)
     limit = recipe.data.max_dropped_fraction
     if counts["rows"] and lost / counts["rows"] > limit:
         raise DataError(
@@ -543,7 +594,7 @@ def during_training_spec(eval_spec):
     return dataclasses.replace(eval_spec, max_samples=eval_spec.during_max_samples)
 
 
-def evaluate_during_training(model, tokenizer, eval_spec, step: int, run_dir: Path) -> dict | None:
+def evaluate_during_training(model, tokenizer, eval_spec, step: int, metrics_log) -> dict | None:
     """The quick held-out metrics at `step`, appended to metrics.jsonl as `eval/<metric>` (main process only).
 
     No gradient, the model's train/eval mode put back, every RNG restored: a run
@@ -562,13 +613,11 @@ def evaluate_during_training(model, tokenizer, eval_spec, step: int, run_dir: Pa
             metrics = policy_task_metrics(model, tokenizer, during_training_spec(eval_spec))
     finally:
         model.train(was_training)
-    record = {"step": step, "time": round(time.time(), 3), **{f"eval/{k}": v for k, v in metrics.items()}}
-    with (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, default=float) + "\n")
+    metrics_log.write({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     return metrics
 
 
-def periodic_eval(trainer, recipe, run_dir: Path):
+def periodic_eval(trainer, recipe, metrics_log):
     """A trainer callback running `evaluate_during_training` every `eval.every_steps` optimizer steps, or None.
 
     Only the main process generates; with FSDP or ZeRO-3 the weights are sharded
@@ -589,7 +638,7 @@ def periodic_eval(trainer, recipe, run_dir: Path):
     class PeriodicEval(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.is_world_process_zero and state.global_step % eval_spec.every_steps == 0:
-                evaluate_during_training(trainer.model, tokenizer, eval_spec, state.global_step, run_dir)
+                evaluate_during_training(trainer.model, tokenizer, eval_spec, state.global_step, metrics_log)
 
     return PeriodicEval()
 

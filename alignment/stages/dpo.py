@@ -15,13 +15,10 @@ for both answers (alignment/shared_prompt.py: same numbers, fewer tokens).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Literal
 
 from alignment import shared_prompt
-from alignment.checkpoint import save_run
-from alignment.stages import common
 from alignment.stages import preference_common as pref
 
 
@@ -56,51 +53,23 @@ def trainer_class(share_prompt: bool):
 def run(recipe) -> dict:
     from trl import DPOConfig
 
-    started = time.time()
-    common.offline_defaults()
-    common.seed_everything(recipe.seed)
-    pref.check_reference(recipe)
-    run_dir, resume_from = common.prepare_run_dir(recipe)
-    tokenizer = common.load_tokenizer(recipe)  # the data is checked before the model loads
-    args = common.build_trainer_config(recipe, DPOConfig, common.trainer_defaults(recipe, run_dir))
-    pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length)
-    model, tokenizer = common.load_policy(recipe)
-    reference = pref.choose_reference(recipe, args, len(pairs.train))
-    measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
-    measure.before(model)
-    train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing, precompute
-    reference_kwargs = pref.reference_setup(reference, model, args)
-    sharing = shared_prompt.install_for_recipe(recipe, model, reference_kwargs.get("ref_model"))
-    shared_prompt.STATS.reset()
-    trainer = trainer_class(sharing)(
-        model=model,
-        args=args,
-        train_dataset=pairs.train,
-        eval_dataset=pairs.eval if args.eval_strategy != "no" else None,
-        processing_class=tokenizer,
-        peft_config=common.lora_config(recipe.model.lora),
-        **reference_kwargs,
-    )
-    common.train(trainer, run_dir, resume_from)
-    train_seconds, train_cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
+    run = pref.start(recipe, DPOConfig)
+    args = run.args
+    reference = pref.choose_reference(recipe, args, len(run.pairs.train))
+    reference_kwargs = pref.reference_setup(reference, run.model, args)
+    sharing = shared_prompt.install_for_recipe(recipe, run.model, reference_kwargs.get("ref_model"))
+    trainer = trainer_class(sharing)(**run.trainer_inputs(), **reference_kwargs)
+    training = pref.train(run, trainer)
     metrics = {
         "stage": "dpo",
         "loss_type": list(args.loss_type),
         "loss_weights": list(args.loss_weights) if args.loss_weights else None,
         "beta": args.beta,
         "reference": reference,
-        "share_prompt": sharing,
         # tokens the decoder did not run thanks to the shared prompts (0.33 = a third fewer)
-        "share_prompt_saved_fraction": shared_prompt.STATS.saved_fraction(),
-        "train_loss": common.final_train_loss(trainer),
-        "train_steps": trainer.state.global_step,
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(train_cpu_seconds, 1),  # all threads; steadier than wall time on a busy machine
-        **measure.after(trainer, beta=args.beta),
-        "data": pairs.reports,
+        **shared_prompt.outcome(sharing, run.model, reference_kwargs.get("ref_model")),
+        **training,
+        **run.measure.after(trainer, beta=args.beta),
+        "data": run.pairs.reports,
     }
-    metrics["total_seconds"] = round(time.time() - started, 1)
-    save_run(run_dir, model=trainer.model, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
-             metrics=metrics)
-    metrics["summary"] = common.summary_line("dpo", run_dir, metrics, started)
-    return metrics
+    return pref.finish(run, trainer, metrics)

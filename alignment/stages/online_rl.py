@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Literal, Union
 
 from alignment import data, shared_prompt
-from alignment.checkpoint import save_run
 from alignment.guards import DEFAULT_MAX_KL_PER_TOKEN, DEFAULT_MIN_ENTROPY, DEFAULT_MIN_EOS_RATE
 from alignment.stages import common
 
@@ -119,14 +118,7 @@ def build_trainer(recipe, model, tokenizer, rewards, splits, run_dir):
     args = common.build_trainer_config(recipe, getattr(trl, config_name), defaults)
     sharing = shared_prompt.install_for_recipe(recipe, model)
     trainer = trainer_class(getattr(trl, trainer_name), sharing)(
-        model=model,
-        reward_funcs=rewards.sources,
-        args=args,
-        train_dataset=splits.train,
-        eval_dataset=splits.eval,
-        processing_class=tokenizer,
-        peft_config=common.lora_config(recipe.model.lora),
-    )
+        reward_funcs=rewards.sources, **common.trainer_inputs(recipe, model, tokenizer, args, splits.train, splits.eval))
     trainer.combined = rewards
     if sharing and getattr(trainer, "ref_model", None) is not None:  # trl loads its reference itself
         shared_prompt.install(trainer.ref_model)
@@ -145,40 +137,36 @@ def health_guard(options):
 def run(recipe) -> dict:
     import reward as reward_sources
 
-    started = time.time()
-    common.offline_defaults()
-    common.seed_everything(recipe.seed)
-    run_dir, resume_from = common.prepare_run_dir(recipe)
+    started, run_dir, resume_from = common.start_run(recipe)
     splits = data.load(recipe.data, "prompt", seed=recipe.seed)
     rewards = reward_sources.build([dict(spec) for spec in recipe.reward])
     model, tokenizer = common.load_policy(recipe)
     common.ensure_loadable_path(model, tokenizer, run_dir)  # trl reloads the reference from this path
     before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
     trainer = build_trainer(recipe, model, tokenizer, rewards, splits, run_dir)
-    shared_prompt.STATS.reset()
     health = health_guard(recipe.options)
     trainer.add_callback(health)
-    common.train(trainer, run_dir, resume_from)
+    common.train(trainer, recipe, run_dir, resume_from)
     health.check(run_dir)
     after = common.evaluate_policy(trainer.model, tokenizer, recipe.eval)
-    logged = [entry for entry in trainer.state.log_history if "reward" in entry]
+    from alignment.metrics import shared_rl_metrics
+
+    # trl's step logs with the shared names added (kl/per_token, kl/per_sequence, reward/total ...)
+    logged = [{**entry, **shared_rl_metrics(entry)} for entry in trainer.state.log_history if "reward" in entry]
     metrics = {
         "stage": recipe.stage,
         "train_loss": common.final_train_loss(trainer),
         "train_steps": trainer.state.global_step,
         "train_seconds": round(time.time() - started, 1),
-        "train_reward_first": logged[0]["reward"] if logged else None,
-        "train_reward_last": logged[-1]["reward"] if logged else None,
-        "train_kl_last": logged[-1].get("kl") if logged else None,
-        "share_prompt": trainer.share_prompt,
+        "train_reward_first": logged[0]["reward/total"] if logged else None,
+        "train_reward_last": logged[-1]["reward/total"] if logged else None,
+        "train_kl_per_token_last": logged[-1].get("kl/per_token") if logged else None,
+        "train_kl_per_sequence_last": logged[-1].get("kl/per_sequence") if logged else None,
         # tokens the log-prob passes did not run thanks to the shared prompts (0.6 = 60% fewer)
-        "share_prompt_saved_fraction": shared_prompt.STATS.saved_fraction(),
+        **shared_prompt.outcome(trainer.share_prompt, trainer.model, getattr(trainer, "ref_model", None)),
         "reward_failures": {source.name: source.stats.as_dict() for source in rewards.sources},
         "before": before,
         "after": after,
         "data": [vars(report) for report in splits.reports],
     }
-    save_run(run_dir, model=trainer.model, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
-             metrics=metrics)
-    metrics["summary"] = common.summary_line(recipe.stage, run_dir, metrics, started)
-    return metrics
+    return common.finish_run(recipe, run_dir, trainer.model, tokenizer, metrics, started)

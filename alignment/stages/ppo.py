@@ -29,7 +29,6 @@ step, saves a checkpoint and stops; ``--resume`` continues from it.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import shutil
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 from alignment import data
-from alignment.checkpoint import CHECKPOINTS, save_run
+from alignment.checkpoint import CHECKPOINTS
 from alignment.errors import RecipeError
 from alignment.recipe import check, positive
 from alignment.stages import common
@@ -205,38 +204,27 @@ def save_checkpoint(trainer, run_dir: Path, keep: int) -> Path:
     return path
 
 
-def trim_log(path: Path, last_step: int) -> None:
-    """On resume: drop logged steps after the checkpoint (they are trained again)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def train(trainer, reward_fn, run_dir: Path, options, eval_spec=None) -> list[dict]:
+def train(trainer, reward_fn, run_dir: Path, options, metrics_log, eval_spec=None) -> list[dict]:
     """PPO steps up to the configured total, with metrics.jsonl, checkpoints, a progress bar and clean stops.
 
-    With `eval_spec.every_steps`, the held-out metrics are logged every that many steps as well.
+    Every step's record goes through `metrics_log` (an alignment.metrics.MetricsLog: the file and the
+    trackers). With `eval_spec.every_steps`, the held-out metrics are logged every that many steps as well.
     """
     from tqdm.auto import tqdm
 
     from alignment.guards import Interrupted, SignalLatch
 
-    total, log_path = trainer.config.num_steps, run_dir / "metrics.jsonl"
+    total = trainer.config.num_steps
     main = trainer.accelerator.is_main_process
     bar = tqdm(total=total, initial=trainer.step_count, desc="ppo", disable=not (main and options["progress_bar"]))
     started, stopped_early = time.time(), False
     with SignalLatch("PPO step") as stop:
         while trainer.step_count < total:
             metrics = ppo_step(trainer)
-            record = {"step": trainer.step_count, "time": round(time.time(), 3), **reward_fn.last_metrics, **metrics}
-            if main:
-                with log_path.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record, default=float) + "\n")
+            metrics_log.write({**reward_fn.last_metrics, **metrics}, step=trainer.step_count)
             if eval_spec is not None and eval_spec.every_steps and trainer.step_count % eval_spec.every_steps == 0:
                 common.evaluate_during_training(language_model(trainer), trainer.tokenizer, eval_spec,
-                                                trainer.step_count, run_dir)
+                                                trainer.step_count, metrics_log)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['objective/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
             if main and not options["progress_bar"] and trainer.step_count % trainer.config.logging_steps == 0:
@@ -256,7 +244,7 @@ def train(trainer, reward_fn, run_dir: Path, options, eval_spec=None) -> list[di
     bar.close()
     if trainer.step_count % options["save_steps"] and not stopped_early:
         save_checkpoint(trainer, run_dir, options["save_total_limit"])
-    return read_log(log_path)
+    return read_log(run_dir)
 
 
 def ppo_step(trainer) -> dict:
@@ -278,12 +266,11 @@ def ppo_step(trainer) -> dict:
             "train.batch_size (the rollout batch) or train.max_new_tokens", exc) from exc
 
 
-def read_log(path: Path) -> list[dict]:
+def read_log(run_dir: Path) -> list[dict]:
     """The per-step PPO records of metrics.jsonl (the mid-run `eval/` records left out)."""
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in records if not any(key.startswith("eval/") for key in r)]
+    from alignment.metrics import read_records
+
+    return [r for r in read_records(run_dir) if not any(key.startswith("eval/") for key in r)]
 
 
 # ------------------------------------------------------------------ results
@@ -326,16 +313,17 @@ def summarize(log: list[dict]) -> dict:
     def total(key):
         return round(math.fsum(entry.get(key, 0.0) for entry in log), 2)
 
-    kls, scores = [entry["objective/kl"] for entry in log], [entry["objective/score"] for entry in log]
+    kls, scores = [entry["kl/per_sequence"] for entry in log], [entry["reward/total"] for entry in log]
     window = max(1, min(5, len(log) // 2))  # one batch is noisy: also the mean of the first and last few steps
     return {
         "train_reward_first": scores[0],
         "train_reward_last": scores[-1],
         "train_reward_window": {"steps": window, "first": math.fsum(scores[:window]) / window,
                                 "last": math.fsum(scores[-window:]) / window},
-        "train_kl_last": kls[-1],
-        "train_kl_max": max(kls),
-        "train_entropy_last": log[-1]["objective/entropy"],
+        "train_kl_per_sequence_last": kls[-1],
+        "train_kl_per_sequence_max": max(kls),
+        "train_kl_per_token_last": log[-1]["kl/per_token"],
+        "train_entropy_last": log[-1]["entropy/per_token"],
         "train_eos_rate_last": log[-1]["val/eos_rate"],
         "time_split": {"generation": total("time/generation"), "scoring": total("time/scoring"),
                        "training": total("time/training")},
@@ -346,12 +334,9 @@ def run(recipe) -> dict:
     import reward as reward_sources
     from alignment.ppo import PPOTrainer
 
-    started = time.time()
-    common.offline_defaults()
-    common.seed_everything(recipe.seed)
     config = build_config(recipe)  # validated before anything heavy
     check_options(recipe)
-    run_dir, resume_from = common.prepare_run_dir(recipe)
+    started, run_dir, resume_from = common.start_run(recipe)
     splits = data.load(recipe.data, "prompt", seed=recipe.seed)
     rewards = reward_sources.build([dict(spec) for spec in recipe.reward])
     model, tokenizer = common.load_policy(recipe)
@@ -362,10 +347,14 @@ def run(recipe) -> dict:
     policy, ref_policy, critic = build_models(recipe, model, tokenizer)
     reward_fn = RecipeReward(rewards)
     trainer = PPOTrainer(config, policy, ref_policy, critic, tokenizer, reward_fn, prompts)
+    metrics_log = common.open_metrics_log(recipe, run_dir, enabled=trainer.accelerator.is_main_process)
     if resume_from:
         trainer.load(resume_from)
-        trim_log(run_dir / "metrics.jsonl", trainer.step_count)
-    log = train(trainer, reward_fn, run_dir, recipe.options, recipe.eval)
+        metrics_log.trim(trainer.step_count)  # the steps after the checkpoint are trained and logged again
+    try:
+        log = train(trainer, reward_fn, run_dir, recipe.options, metrics_log, recipe.eval)
+    finally:
+        metrics_log.close()
     lm = language_model(trainer)
     after = common.evaluate_policy(lm, tokenizer, recipe.eval)
     metrics = {
@@ -381,14 +370,11 @@ def run(recipe) -> dict:
     }
     rewards.close()
     save_critic(trainer, tokenizer, run_dir)
-    save_run(run_dir, model=lm, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
-             metrics=metrics)
-    metrics["summary"] = common.summary_line("ppo", run_dir, metrics, started) + _kl_note(metrics)
-    return metrics
+    return common.finish_run(recipe, run_dir, lm, tokenizer, metrics, started, note=_kl_note(metrics))
 
 
 def _kl_note(metrics: dict) -> str:
-    if metrics.get("train_kl_last") is None:
+    if metrics.get("train_kl_per_sequence_last") is None:
         return ""
     return f" | train reward {metrics['train_reward_first']:.3f} -> {metrics['train_reward_last']:.3f}, " \
-           f"KL {metrics['train_kl_last']:.3f}"
+           f"KL {metrics['train_kl_per_sequence_last']:.3f} nats/response"

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -630,9 +629,10 @@ def log_record(run_dir: Path, step: int, record: dict, prefix: str) -> None:
     """Append one flat record (prefix/key: value) to run_dir/metrics.jsonl, next to the trainer's logs."""
     if not record:
         return
+    from alignment.metrics import MetricsLog
+
     flat = {f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
-    with (Path(run_dir) / "metrics.jsonl").open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps({"step": step, "time": round(time.time(), 3), **flat}) + "\n")
+    MetricsLog(run_dir).write(flat, step=step)  # after training: the file only, the trackers are closed
 
 
 def logged_series(trainer, key: str) -> tuple[float | None, float | None]:
@@ -640,3 +640,79 @@ def logged_series(trainer, key: str) -> tuple[float | None, float | None]:
     values = [entry[key] for entry in trainer.state.log_history if key in entry]
     return (values[0], values[-1]) if values else (None, None)
 
+
+
+# ----------------------------------------------------------------------------- the steps every preference run takes
+
+
+@dataclass
+class PreferenceRun:
+    """What a preference stage has built when its trainer is about to be made (see :func:`start`)."""
+
+    recipe: object
+    run_dir: Path
+    resume_from: str | None
+    tokenizer: object
+    args: object  # the trl config
+    pairs: PairData
+    model: object
+    measure: Measurements
+    started: float  # the stage's start (wall clock)
+    train_started: float = 0.0  # after the "before" measurements: set-up included (tokenizing, precompute)
+    cpu_started: float = 0.0
+
+    def trainer_inputs(self) -> dict:
+        """The keyword arguments every trl preference trainer takes, from this run."""
+        from alignment.stages import common
+
+        evaluation = self.pairs.eval if self.args.eval_strategy != "no" else None
+        return common.trainer_inputs(self.recipe, self.model, self.tokenizer, self.args, self.pairs.train, evaluation)
+
+
+def start(recipe, config_class, defaults: dict | None = None, *, needs_reference: bool = True,
+          **pair_options) -> PreferenceRun:
+    """Seed, run directory, tokenizer, trainer config, the validated pairs, the policy, the "before" numbers.
+
+    The data is read and checked before the model loads, so a bad row fails in seconds.  `defaults` are laid
+    over the trainer defaults (the recipe's `train:` keys still win); `pair_options` go to prepare_pairs.
+    """
+    import time
+
+    from alignment.stages import common
+
+    if needs_reference:
+        check_reference(recipe)
+    started, run_dir, resume_from = common.start_run(recipe)
+    tokenizer = common.load_tokenizer(recipe)
+    args = common.build_trainer_config(recipe, config_class,
+                                       {**common.trainer_defaults(recipe, run_dir), **(defaults or {})})
+    pairs = prepare_pairs(recipe, tokenizer, args.max_length, **pair_options)
+    model, tokenizer = common.load_policy(recipe)
+    measure = Measurements(recipe, tokenizer, pairs, run_dir)
+    measure.before(model)
+    run = PreferenceRun(recipe, run_dir, resume_from, tokenizer, args, pairs, model, measure, started)
+    run.train_started, run.cpu_started = time.time(), time.process_time()
+    return run
+
+
+def train(run: PreferenceRun, trainer) -> dict:
+    """Train with the shared guards; the loss, steps and seconds (wall and CPU) for metrics.json."""
+    import time
+
+    from alignment.stages import common
+
+    common.train(trainer, run.recipe, run.run_dir, run.resume_from)
+    return {"train_loss": common.final_train_loss(trainer), "train_steps": trainer.state.global_step,
+            "train_seconds": round(time.time() - run.train_started, 1),
+            # all threads; steadier than wall time on a busy machine
+            "train_cpu_seconds": round(time.process_time() - run.cpu_started, 1)}
+
+
+def finish(run: PreferenceRun, trainer, metrics: dict) -> dict:
+    """Save the trained model and metrics.json as a finished run; the metrics with their summary line."""
+    import time
+
+    from alignment.stages import common
+
+    metrics["total_seconds"] = round(time.time() - run.started, 1)
+    return common.finish_run(run.recipe, run.run_dir, trainer.model, run.tokenizer, metrics, run.started)

@@ -16,12 +16,9 @@ starting model, loaded again after training.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from alignment.checkpoint import save_run
 from alignment.errors import RecipeError
-from alignment.stages import common
 from alignment.stages import preference_common as pref
 
 TRAINERS = {
@@ -68,44 +65,18 @@ def stage_defaults(recipe) -> dict:
 def run(recipe) -> dict:
     import importlib
 
-    started = time.time()
-    common.offline_defaults()
     module_name, config_name, trainer_name = TRAINERS[recipe.stage]
     trl_module = importlib.import_module(module_name)
-    common.seed_everything(recipe.seed)
-    run_dir, resume_from = common.prepare_run_dir(recipe)
-    tokenizer = common.load_tokenizer(recipe)  # the data is checked before the model loads
-    defaults = {**common.trainer_defaults(recipe, run_dir), **stage_defaults(recipe)}
-    args = common.build_trainer_config(recipe, getattr(trl_module, config_name), defaults)
-    pairs = pref.prepare_pairs(recipe, tokenizer, args.max_length)
-    model, tokenizer = common.load_policy(recipe)
-    measure = pref.Measurements(recipe, tokenizer, pairs, run_dir)
-    measure.before(model)
-    train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing, precompute
-    trainer = getattr(trl_module, trainer_name)(
-        model=model,
-        args=args,
-        train_dataset=pairs.train,
-        eval_dataset=pairs.eval if args.eval_strategy != "no" else None,
-        processing_class=tokenizer,
-        peft_config=common.lora_config(recipe.model.lora),
-    )
-    common.train(trainer, run_dir, resume_from)
-    train_seconds, train_cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
+    run = pref.start(recipe, getattr(trl_module, config_name), stage_defaults(recipe), needs_reference=False)
+    trainer = getattr(trl_module, trainer_name)(**run.trainer_inputs())
+    training = pref.train(run, trainer)
     metrics = {
         "stage": recipe.stage,
         "experimental_trainer": f"{module_name}.{trainer_name}",
-        "loss_type": getattr(args, "loss_type", "orpo"),
-        "beta": args.beta,
-        "train_loss": common.final_train_loss(trainer),
-        "train_steps": trainer.state.global_step,
-        "train_seconds": round(train_seconds, 1),
-        "train_cpu_seconds": round(train_cpu_seconds, 1),  # all threads; steadier than wall time on a busy machine
-        **measure.after(trainer),  # no reference model: drift is in nats against the starting model
-        "data": pairs.reports,
+        "loss_type": getattr(run.args, "loss_type", "orpo"),
+        "beta": run.args.beta,
+        **training,
+        **run.measure.after(trainer),  # no reference model: drift is in nats against the starting model
+        "data": run.pairs.reports,
     }
-    metrics["total_seconds"] = round(time.time() - started, 1)
-    save_run(run_dir, model=trainer.model, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
-             metrics=metrics)
-    metrics["summary"] = common.summary_line(recipe.stage, run_dir, metrics, started)
-    return metrics
+    return pref.finish(run, trainer, metrics)

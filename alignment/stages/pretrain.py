@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 from alignment import data
-from alignment.checkpoint import save_run
 from alignment.stages import common
 
 
@@ -26,24 +25,14 @@ class Options:
 def run(recipe) -> dict:
     from trl import SFTConfig, SFTTrainer
 
-    started = time.time()
-    common.offline_defaults()
-    common.seed_everything(recipe.seed)
-    run_dir, resume_from = common.prepare_run_dir(recipe)
+    started, run_dir, resume_from = common.start_run(recipe)
     splits = data.load(recipe.data, "text", seed=recipe.seed)
     model, tokenizer = common.load_policy(recipe)
     defaults = common.trainer_defaults(recipe, run_dir)
     defaults.update({"max_length": 256, "dataset_text_field": "text"})
     args = common.build_trainer_config(recipe, SFTConfig, defaults)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=splits.train,
-        eval_dataset=splits.eval,
-        processing_class=tokenizer,
-        peft_config=common.lora_config(recipe.model.lora),
-    )
-    common.train(trainer, run_dir, resume_from)
+    trainer = SFTTrainer(**common.trainer_inputs(recipe, model, tokenizer, args, splits.train, splits.eval))
+    common.train(trainer, recipe, run_dir, resume_from)
     held_out = trainer.evaluate() if splits.eval is not None else {}
     metrics = {
         "stage": "pretrain",
@@ -54,7 +43,4 @@ def run(recipe) -> dict:
         "eval_perplexity": math.exp(held_out["eval_loss"]) if "eval_loss" in held_out else None,
         "data": [vars(report) for report in splits.reports],
     }
-    save_run(run_dir, model=trainer.model, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
-             metrics=metrics)
-    metrics["summary"] = common.summary_line("pretrain", run_dir, metrics, started)
-    return metrics
+    return common.finish_run(recipe, run_dir, trainer.model, tokenizer, metrics, started)

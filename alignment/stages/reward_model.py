@@ -281,25 +281,15 @@ def summary(run_dir: Path, metrics: dict, started: float) -> str:
 def run(recipe) -> dict:
     from trl import RewardConfig
 
-    started = time.time()
-    common.offline_defaults()
-    common.seed_everything(recipe.seed)
     check_options(recipe)
-    run_dir, resume_from = common.prepare_run_dir(recipe)
+    started, run_dir, resume_from = common.start_run(recipe)
     splits = data.load(recipe.data, "preference", seed=recipe.seed)
     model, tokenizer = common.load_policy(recipe, task="sequence_classification")
     args = common.build_trainer_config(recipe, RewardConfig, reward_model_defaults(recipe, run_dir))
     train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing the pairs
     sharing = shared_prompt.install_for_recipe(recipe, model)
-    shared_prompt.STATS.reset()
     trainer = trainer_class(sharing)(
-        model=model,
-        args=args,
-        train_dataset=splits.train,
-        eval_dataset=splits.eval,
-        processing_class=tokenizer,
-        peft_config=common.lora_config(recipe.model.lora, task_type="SEQ_CLS"),
-    )
+        **common.trainer_inputs(recipe, model, tokenizer, args, splits.train, splits.eval, task_type="SEQ_CLS"))
     reports = [count_too_long(splits.reports[0], len(splits.train), len(trainer.train_dataset), args.max_length,
                               recipe.data.max_dropped_fraction)]
     if splits.eval is not None:
@@ -309,7 +299,7 @@ def run(recipe) -> dict:
         reports.append(count_too_long(report, len(splits.eval), len(trainer.eval_dataset), args.max_length, None))
     if recipe.options["head_learning_rate"] is not None:
         use_head_learning_rate(trainer, recipe.options["head_learning_rate"])
-    common.train(trainer, run_dir, resume_from)
+    common.train(trainer, recipe, run_dir, resume_from)
     train_seconds, train_cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
     model = final_model(trainer, recipe)
     conversational = is_conversational_rows(splits.train)
@@ -327,8 +317,7 @@ def run(recipe) -> dict:
         "train_cpu_seconds": round(train_cpu_seconds, 1),  # all threads; steadier than wall time on a busy machine
         "train_accuracy_last": last_logged(trainer, "accuracy"),
         "train_margin_last": last_logged(trainer, "margin"),
-        "share_prompt": sharing,
-        "share_prompt_saved_fraction": shared_prompt.STATS.saved_fraction(),  # decoder tokens not run
+        **shared_prompt.outcome(sharing, model),  # and the share of decoder tokens not run
         "heldout": heldout,
         "reward_bias": centring["bias"] if centring else None,
         "centering": centring,

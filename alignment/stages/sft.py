@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Literal, Union
 
 from alignment import data, shared_prompt
-from alignment.checkpoint import save_run
 from alignment.stages import common
 
 
@@ -55,38 +54,24 @@ def sft_defaults(recipe, run_dir) -> dict:
 def run(recipe) -> dict:
     from trl import SFTConfig
 
-    started = time.time()
-    common.offline_defaults()
-    common.seed_everything(recipe.seed)
-    run_dir, resume_from = common.prepare_run_dir(recipe)
+    started, run_dir, resume_from = common.start_run(recipe)
     splits = data.load(recipe.data, "sft", seed=recipe.seed)
     model, tokenizer = common.load_policy(recipe)
     before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
     args = common.build_trainer_config(recipe, SFTConfig, sft_defaults(recipe, run_dir))
     sharing = shared_prompt.install_for_recipe(recipe, model)
-    shared_prompt.STATS.reset()
     trainer = trainer_class(sharing, recipe.options["share_group_size"])(
-        model=model,
-        args=args,
-        train_dataset=splits.train,
-        eval_dataset=splits.eval,
-        processing_class=tokenizer,
-        peft_config=common.lora_config(recipe.model.lora),
-    )
-    common.train(trainer, run_dir, resume_from, max_seconds=recipe.options["max_train_seconds"])
+        **common.trainer_inputs(recipe, model, tokenizer, args, splits.train, splits.eval))
+    common.train(trainer, recipe, run_dir, resume_from, max_seconds=recipe.options["max_train_seconds"])
     after = common.evaluate_policy(trainer.model, tokenizer, recipe.eval)
     metrics = {
         "stage": "sft",
         "train_loss": common.final_train_loss(trainer),
         "train_steps": trainer.state.global_step,
         "train_seconds": round(time.time() - started, 1),
-        "share_prompt": sharing,
-        "share_prompt_saved_fraction": shared_prompt.STATS.saved_fraction(),  # decoder tokens not run
+        **shared_prompt.outcome(sharing, model),  # and the share of decoder tokens not run
         "before": before,
         "after": after,
         "data": [vars(report) for report in splits.reports],
     }
-    save_run(run_dir, model=trainer.model, tokenizer=tokenizer, recipe=recipe, run_info=common.run_info(recipe),
-             metrics=metrics)
-    metrics["summary"] = common.summary_line("sft", run_dir, metrics, started)
-    return metrics
+    return common.finish_run(recipe, run_dir, trainer.model, tokenizer, metrics, started)

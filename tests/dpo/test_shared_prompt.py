@@ -163,9 +163,9 @@ def test_packed_forward_and_gradients_equal_the_unshared_ones(attention, layout,
 
     plain_hidden, plain_grads = hidden_and_grads(False)
     assert sp.install(model)
-    sp.STATS.reset()
     packed_hidden, packed_grads = hidden_and_grads(True)
-    assert sp.STATS.packed < sp.STATS.original, "the packed call must actually run"
+    stats = model.model.shared_prompt_stats
+    assert stats.packed < stats.original, "the packed call must actually run"
     valid = mask.bool()
     assert torch.allclose(packed_hidden[valid], plain_hidden[valid], rtol=0, atol=1e-12)
     for name, grad in plain_grads.items():
@@ -179,14 +179,13 @@ def test_outside_active_and_for_other_batches_the_forward_is_untouched():
     ids, mask = batch(pair_rows(torch.Generator().manual_seed(2)))
     plain = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert sp.install(model)
-    sp.STATS.reset()
     assert torch.equal(model.model(input_ids=ids, attention_mask=mask).last_hidden_state, plain)
     with sp.active():
         odd = model.model(input_ids=ids[:3], attention_mask=mask[:3]).last_hidden_state
         cached = model.model(input_ids=ids, attention_mask=mask, use_cache=True).last_hidden_state
-    assert sp.STATS.original == 0, "no packing outside active(), for an odd batch, or with a KV cache"
+    assert model.model.shared_prompt_stats.original == 0, "no packing outside active(), for an odd batch, or with a KV cache"
     # a batch of 3 and the KV-cache path are other kernels' computations (other blocking on another CPU):
-    # equal within float32 rounding; STATS above is what says nothing was packed
+    # equal within float32 rounding; the stats above are what say nothing was packed
     assert torch.allclose(odd, plain[:3], rtol=0, atol=1e-5) and torch.allclose(cached, plain, rtol=0, atol=1e-5)
 
 
@@ -262,3 +261,23 @@ def test_sft_stage_with_and_without_a_shared_header_trains_the_same(tmp_path):
         "model.name_or_path=tiny:1m", "data.max_samples=64", "eval=null", "options.evaluate_before=false",
         "train.max_steps=3", "train.per_device_train_batch_size=16"])
     assert saved > 0.15, "a 6-token header of ~20-token rows, 8 rows a pack"
+
+
+def test_outcome_reports_sharing_only_when_a_batch_was_packed():
+    """A hooked trainer method that trl stopped calling must not be reported as prompt sharing."""
+    import warnings
+
+    import policies
+
+    model, _ = policies.load("tiny:1m", seed=0)
+    assert sp.install(model)
+    with pytest.warns(RuntimeWarning, match="no batch was packed"):
+        assert sp.outcome(True, model) == {"share_prompt": False, "share_prompt_saved_fraction": None}
+    ids, mask = batch(pair_rows(torch.Generator().manual_seed(2)))
+    with sp.active():
+        model.model(input_ids=ids, attention_mask=mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reported = sp.outcome(True, model)
+    assert reported["share_prompt"] is True and 0.0 < reported["share_prompt_saved_fraction"] < 1.0
+    assert sp.outcome(False, None) == {"share_prompt": False, "share_prompt_saved_fraction": None}

@@ -76,3 +76,29 @@ def test_pickle_checkpoint_refused(tmp_path):
 
 def test_default_dtype_is_fp32_on_cpu():
     assert policies.default_dtype("cpu") == torch.float32
+
+
+def test_end_token_ids_one_definition_for_every_caller():
+    """EOS + the generation config's EOS + end-of-turn tokens in the vocabulary, never the pad token."""
+    from types import SimpleNamespace
+
+    from policies.tokens import end_token_ids
+
+    tokenizer = SimpleNamespace(eos_token_id=7, pad_token_id=3,
+                                get_vocab=lambda: {"<|im_end|>": 7, "<|endoftext|>": 3, "<|eot_id|>": 9, "a": 1})
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 11]))
+    assert end_token_ids(tokenizer, model) == {7, 9, 11}  # 3 pads batches (Qwen2.5's <|endoftext|>)
+    assert end_token_ids(tokenizer) == {7, 9}
+
+
+def test_every_response_ending_reads_the_same_ids():
+    """Generation, PPO rollouts and the SFT audit agree on the tiny tokenizer (one home: policies.tokens)."""
+    import policies
+    from alignment.evaluation.generate import _eos_ids
+    from alignment.ppo.rollout import stop_token_ids
+    from policies.tokens import end_token_ids
+
+    model, tokenizer = policies.load("tiny:1m", seed=0)
+    expected = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert end_token_ids(tokenizer, model) == expected == _eos_ids(model, tokenizer) \
+        == set(stop_token_ids(tokenizer, model))

@@ -1,9 +1,9 @@
 """Checklist items 28 and 29: `kill -9` during a checkpoint write, then resume, mid-epoch and at an epoch boundary.
 
 A real `align run` process is killed with SIGKILL while it writes a checkpoint:
-ALIGNMENT_TEST_SAVE_DELAY=<seconds>@<step> makes that one save pause (after the
-weights and optimizer are written, before the RNG state and trainer_state.json)
-and announce itself on stdout, so the kill lands mid-write every time.  The
+slow_save_child.py runs the CLI with that one save paused (after the weights and
+optimizer are written, before the RNG state and trainer_state.json) and
+announced on stdout, so the kill lands mid-write every time.  The
 resumed loss curve must match an uninterrupted run with the same seed step by
 step.  NEFTune noise (train.neftune_noise_alpha) draws from the global RNG at
 every step, so the curves only match when the trainer restores the RNG state as
@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,9 +56,10 @@ def kill_during_checkpoint_write(run_dir, repo_root, save_steps: int, kill_at: i
     """Run `align run` in a child process and SIGKILL it while it writes checkpoint-<kill_at>."""
     import threading
 
-    args = [sys.executable, "-m", "alignment.cli", "run", "recipes/tiny/sft.yaml", f"output_dir={run_dir}",
-            *SETTINGS, f"train.save_steps={save_steps}"]
-    env = dict(os.environ, ALIGNMENT_TEST_SAVE_DELAY=f"120@{kill_at}", PYTHONUNBUFFERED="1")
+    child_script = Path(__file__).with_name("slow_save_child.py")
+    args = [sys.executable, str(child_script), f"120@{kill_at}", "run", "recipes/tiny/sft.yaml",
+            f"output_dir={run_dir}", *SETTINGS, f"train.save_steps={save_steps}"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(repo_root))
     stderr_path = run_dir.parent / "child-stderr.log"
     with open(stderr_path, "w") as stderr:
         child = subprocess.Popen(args, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
@@ -67,7 +69,7 @@ def kill_during_checkpoint_write(run_dir, repo_root, save_steps: int, kill_at: i
         try:
             for line in child.stdout:
                 seen.append(line)
-                if line.startswith("ALIGNMENT_TEST_SAVE_DELAY: writing") and line.rstrip().endswith(
+                if line.startswith("SLOW_SAVE: writing") and line.rstrip().endswith(
                         f"checkpoint-{kill_at}"):
                     os.kill(child.pid, signal.SIGKILL)  # kill -9, while the checkpoint is half written
                     killed_mid_write = True

@@ -125,13 +125,15 @@ def test_item_14_secrets_never_in_error_messages_or_metrics(tmp_path):
     with pytest.raises(RecipeError) as error:
         recipes.load("recipes/tiny/sft.yaml", ["train.hub_token=[hf_SECRETabc123]"])
     assert SECRET not in str(error.value) and "***" in str(error.value)
+    from alignment.metrics import MetricsLog
     from alignment.stages.common import metrics_logger
 
     class State:
         global_step, is_world_process_zero = 3, True
 
-    metrics_logger(tmp_path).on_log(None, State(), None, logs={"loss": 1.0, "api_key": SECRET})
-    assert SECRET not in (tmp_path / "metrics.jsonl").read_text()
+    metrics_logger(MetricsLog(tmp_path)).on_log(None, State(), None, logs={"loss": 1.0, "api_key": SECRET})
+    written = (tmp_path / "metrics.jsonl").read_text()
+    assert SECRET not in written and '"loss": 1.0' in written
 
 
 # ----------------------------------------------------------------------------- 15

@@ -61,10 +61,7 @@ def test_token_env_must_be_set_and_then_any_host_is_allowed(served, monkeypatch)
 def test_align_main_reports_the_refusal_as_an_error(served, capsys, monkeypatch):
     from alignment import cli as align_cli
 
-    monkeypatch.setattr(align_cli, "EXTRA_COMMANDS", [])
-    align_cli._register_extra_commands()
-    assert cli.add_command in align_cli.EXTRA_COMMANDS
-    monkeypatch.setattr(align_cli, "EXTRA_COMMANDS", [])  # main() registers them again
+    assert cli.add_command in align_cli.extra_commands()
     assert align_cli.main(["serve-reward", "answer_match", "--host", "0.0.0.0"]) == 2
     assert "refusing to serve" in capsys.readouterr().err
     assert served == []

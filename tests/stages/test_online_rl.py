@@ -94,7 +94,7 @@ def test_demo_grpo_raises_greedy_accuracy(sft_run, tmp_path, assert_demo_gain):
                                          [f"model.name_or_path={sft_dir}", f"output_dir={tmp_path}"]))
     assert_demo_gain(metrics)
     assert metrics["after"]["sampled_accuracy"] >= metrics["before"]["sampled_accuracy"]
-    assert metrics["train_kl_last"] < 1.0
+    assert metrics["train_kl_per_token_last"] < 1.0
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])

@@ -81,7 +81,7 @@ def test_stage_writes_a_complete_loadable_run(critic, tmp_path):
 
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["train_steps"] == 3 and written["critic"] == critic
-    for key in ("train_reward_first", "train_reward_last", "train_kl_last"):
+    for key in ("train_reward_first", "train_reward_last", "train_kl_per_sequence_last", "train_kl_per_token_last"):
         assert math.isfinite(written[key])
     assert set(written["time_split"]) == {"generation", "scoring", "training"}
     assert "greedy_accuracy" in written["after"]
@@ -146,7 +146,7 @@ def test_lora_policy_uses_the_disabled_adapter_as_reference_and_saves_merged(tmp
     assert not (tmp_path / "adapter_config.json").exists()  # merged into a plain model
     AutoModelForCausalLM.from_pretrained(tmp_path)
     assert is_float32_noise(log_lines(tmp_path)[0]["objective/kl"])
-    assert math.isfinite(metrics["train_kl_last"])
+    assert math.isfinite(metrics["train_kl_per_sequence_last"])
 
 
 def test_learned_reward_model_as_reward_and_critic_init(tmp_path):
@@ -204,4 +204,4 @@ def test_demo_ppo_rule_raises_greedy_accuracy(sft_run, tmp_path, assert_demo_gai
     metrics = ppo.run(recipes.load("recipes/tiny/ppo_rule.yaml",
                                    [f"model.name_or_path={sft_dir}", f"output_dir={tmp_path}"]))
     assert_demo_gain(metrics)
-    assert metrics["train_kl_max"] < 10.0
+    assert metrics["train_kl_per_sequence_max"] < 10.0

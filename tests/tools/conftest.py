@@ -27,7 +27,6 @@ def align():
     from alignment import cli
 
     def run(*argv) -> int:
-        cli.EXTRA_COMMANDS.clear()  # main() registers the extra commands again on every call
         return cli.main([str(a) for a in argv])
 
     return run

@@ -18,7 +18,6 @@ def exported(tiny_model_dir, tmp_path_factory, repo_root):
     from alignment import cli
 
     out = tmp_path_factory.mktemp("export")
-    cli.EXTRA_COMMANDS.clear()
     status = cli.main(["export", str(tiny_model_dir), "--output", str(out), "--int8", "--prune", "0.3", "--gguf",
                        "--eval-data", str(repo_root / "data/tiny_arith/eval.jsonl"), *FAST])
     assert status == 0

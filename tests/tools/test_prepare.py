@@ -43,7 +43,6 @@ def prepared(tmp_path_factory):
     from alignment import cli
 
     out = tmp_path_factory.mktemp("prepared")
-    cli.EXTRA_COMMANDS.clear()
     assert cli.main(["data", "prepare", str(CORPUS), "--output", str(out)]) == 0
     return out, json.loads((out / "stats.json").read_text())
 

@@ -20,7 +20,6 @@ def bpe_dir(tmp_path_factory, repo_root):
     from alignment import cli
 
     out = tmp_path_factory.mktemp("bpe")
-    cli.EXTRA_COMMANDS.clear()
     assert cli.main(["data", "tokenizer", str(repo_root / CORPUS), "--output", str(out), "--vocab-size", "300"]) == 0
     return out
 
