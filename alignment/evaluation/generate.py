@@ -257,7 +257,7 @@ def sequence_logprobs(
     encoded as in :func:`generate_completions`.
 
     Returns one float per sample, or with ``per_token=True`` one list of
-    per-token log-probs per sample (feed them to ``stats.kl_estimate``).
+    per-token log-probs per sample (feed them to ``stats.kl_monte_carlo``).
     """
     if len(prompt_texts) != len(completions):
         raise DataError(f"sequence_logprobs: {len(prompt_texts)} prompts but {len(completions)} completions")

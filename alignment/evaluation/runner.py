@@ -177,7 +177,7 @@ def add_kl(results: dict, reference: str, spec) -> None:
                                 batch_size=spec.batch_size, per_token=True)
         theirs = sequence_logprobs(ref["_model"], ref["_tokenizer"], prompts, token_ids, spec.temperature,
                                    batch_size=spec.batch_size, per_token=True)
-        entry["metrics"]["kl_to_reference"] = stats.kl_estimate(own, theirs)
+        entry["metrics"]["kl_to_reference"] = stats.kl_monte_carlo(own, theirs)
 
 
 def add_win_rates(results: dict, baseline: str, judge: str, spec) -> None:

@@ -30,7 +30,7 @@ __all__ = [
     "bootstrap_ci",
     "distinct_n",
     "first_integer",
-    "kl_estimate",
+    "kl_monte_carlo",
     "mean_std",
     "perplexity_from_nll",
     "win_rate",
@@ -206,7 +206,7 @@ def _per_token(values: Any, what: str) -> np.ndarray:
     return arr
 
 
-def kl_estimate(logp_policy: Any, logp_ref: Any, mask: Any = None) -> dict:
+def kl_monte_carlo(logp_policy: Any, logp_ref: Any, mask: Any = None) -> dict:
     """Monte-Carlo estimate of KL(pi || ref) from sequences *sampled from pi*.
 
     Inputs are log-probs of the sampled tokens under the policy and under the
@@ -238,25 +238,25 @@ def kl_estimate(logp_policy: Any, logp_ref: Any, mask: Any = None) -> dict:
     ragged = (
         isinstance(logp_policy, (list, tuple)) and logp_policy and isinstance(logp_policy[0], (list, tuple))
     )
-    pol = _per_token(logp_policy, "kl_estimate logp_policy")
-    ref = _per_token(logp_ref, "kl_estimate logp_ref")
+    pol = _per_token(logp_policy, "kl_monte_carlo logp_policy")
+    ref = _per_token(logp_ref, "kl_monte_carlo logp_ref")
     if pol.shape != ref.shape:
-        raise DataError(f"kl_estimate: logp_policy shape {pol.shape} != logp_ref shape {ref.shape}")
+        raise DataError(f"kl_monte_carlo: logp_policy shape {pol.shape} != logp_ref shape {ref.shape}")
     if mask is None:
         if ragged:
             lengths = [len(v) for v in logp_policy]
             if lengths != [len(v) for v in logp_ref]:
-                raise DataError("kl_estimate: ragged logp_policy and logp_ref differ in sequence lengths")
+                raise DataError("kl_monte_carlo: ragged logp_policy and logp_ref differ in sequence lengths")
             m = (np.arange(pol.shape[1])[None, :] < np.asarray(lengths)[:, None]).astype(np.float64)
         else:
             m = np.ones_like(pol)
     else:
-        m = _per_token(mask, "kl_estimate mask")
+        m = _per_token(mask, "kl_monte_carlo mask")
         if m.shape != pol.shape:
-            raise DataError(f"kl_estimate: mask shape {m.shape} != log-prob shape {pol.shape}")
+            raise DataError(f"kl_monte_carlo: mask shape {m.shape} != log-prob shape {pol.shape}")
     n = pol.shape[0]
     if n == 0:
-        raise DataError("kl_estimate: no samples")
+        raise DataError("kl_monte_carlo: no samples")
     r = (pol - ref) * m
     k1 = r.sum(axis=1)
     k3 = ((np.exp(-r) - 1.0 + r) * m).sum(axis=1)

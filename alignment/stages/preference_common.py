@@ -529,7 +529,7 @@ def sampled_kl(policy, reference, tokenizer, prompts: list, max_new_tokens: int,
     if not prompts:
         return None
     from alignment.evaluation.generate import generate_completions, sequence_logprobs
-    from alignment.evaluation.stats import kl_estimate
+    from alignment.evaluation.stats import kl_monte_carlo
 
     samples = generate_completions(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    do_sample=True, temperature=1.0, seed=seed)
@@ -541,7 +541,7 @@ def sampled_kl(policy, reference, tokenizer, prompts: list, max_new_tokens: int,
     with reference as reference_model:
         reference_logps = sequence_logprobs(reference_model, tokenizer, prompts, ids, batch_size=batch_size,
                                             per_token=True)
-    return kl_estimate(policy_logps, reference_logps)
+    return kl_monte_carlo(policy_logps, reference_logps)
 
 
 class HeldOut:
