@@ -5,12 +5,13 @@ them up here. A registry is a dict and a decorator, and a lookup of an unknown n
 
 Estimators share one keyword signature::
 
-    estimator(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95) -> (advantages, returns)
+    estimator(rewards, mask, *, values=None, scores=None, group_size=1, gamma=1.0, lam=0.95) -> (advantages, returns)
 
 ``rewards`` (B, T) are the per-token rewards (the sequence score on the last valid token, plus
 ``-beta * KL_t`` on every token when the KL is in the reward), ``mask`` (B, T) the valid response
 tokens (a dropped sample has an all-false row), ``values`` (B, T) the critic's values (estimators that
-need a critic only), ``group_size`` the number of consecutive rows sampled from the same prompt.
+need a critic only), ``scores`` (B,) the sequence scores alone (without the KL part), ``group_size``
+the number of consecutive rows sampled from the same prompt.
 ``returns`` are the value targets (None when the estimator trains no critic). Masked slots are 0.
 
 A sequence-level estimator works on ``R_i = sum_t rewards_{i,t}`` (the score plus the summed KL part)
@@ -165,7 +166,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
 
 
 @register_advantage_estimator("gae", needs_critic=True, whiten=True)
-def gae(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95):
+def gae(rewards, mask, *, values=None, scores=None, group_size=1, gamma=1.0, lam=0.95):
     """GAE with a learned critic [GAE eq. 16], the trainer then whitens the advantages over the batch.
 
     ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``; returns ``A + V``
@@ -177,7 +178,7 @@ def gae(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95):
 
 
 @register_advantage_estimator("grpo", grouped=True, aggregation="sequence_mean")
-def grpo(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95):
+def grpo(rewards, mask, *, values=None, scores=None, group_size=1, gamma=1.0, lam=0.95):
     """GRPO outcome advantage [GRPO eq. 3]: ``A_i = (R_i - mean_g R) / (std_g R + eps)`` on every token.
 
     ``std`` is the unbiased group std; the loss is a per-sequence token mean, then a mean over sequences.
@@ -189,7 +190,7 @@ def grpo(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95):
 
 
 @register_advantage_estimator("dr_grpo", grouped=True, aggregation="constant")
-def dr_grpo(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95):
+def dr_grpo(rewards, mask, *, values=None, scores=None, group_size=1, gamma=1.0, lam=0.95):
     """Dr. GRPO [DrGRPO sec. 3.1]: ``A_i = R_i - mean_g R`` (no std division) on every token.
 
     Its loss is summed over tokens and divided by a constant (sequences x max_new_tokens), not by each
@@ -202,7 +203,7 @@ def dr_grpo(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95):
 
 
 @register_advantage_estimator("rloo", grouped=True)
-def rloo(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95):
+def rloo(rewards, mask, *, values=None, scores=None, group_size=1, gamma=1.0, lam=0.95):
     """REINFORCE leave-one-out [RLOO eq. 8]: ``A_i = R_i - 1/(k-1) sum_{j != i} R_j`` on every token.
 
     Equivalently ``A_i = k/(k-1) (R_i - mean_g R)``, ``k`` the group's valid samples (0 when ``k < 2``).
@@ -216,7 +217,7 @@ def rloo(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95):
 
 
 @register_advantage_estimator("reinforce_pp", whiten=True)
-def reinforce_pp(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95):
+def reinforce_pp(rewards, mask, *, values=None, scores=None, group_size=1, gamma=1.0, lam=0.95):
     """REINFORCE++ [R++ eq. 5-7]: token returns ``G_t = sum_{s >= t} gamma^(s-t) r_s`` (the KL in ``r_t``).
 
     No critic and no group: the trainer normalises the returns over the whole batch (every process),
@@ -226,18 +227,19 @@ def reinforce_pp(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.9
 
 
 @register_advantage_estimator("reinforce_pp_baseline", grouped=True, whiten=True)
-def reinforce_pp_baseline(rewards, mask, *, values=None, group_size=1, gamma=1.0, lam=0.95):
+def reinforce_pp_baseline(rewards, mask, *, values=None, scores=None, group_size=1, gamma=1.0, lam=0.95):
     """REINFORCE++ with a group baseline [R++ sec. 3.3]: the group's mean score is taken off first.
 
-    ``r'_{i,T_i} = r_{i,T_i} - mean_g(s)`` where ``s_j`` is sample ``j``'s score at its last token, then
-    the returns of :func:`reinforce_pp`, normalised over the batch by the trainer. The KL part of the
-    rewards is left as it is (it is per token, not a group statistic).
+    ``r'_{i,T_i} = r_{i,T_i} - mean_g(s)`` on the last token, ``s_j`` being sample ``j``'s sequence score
+    (``scores``, without the KL part), then the returns of :func:`reinforce_pp`, normalised over the batch
+    by the trainer. The KL part of the rewards is left as it is (it is per token, not a group statistic).
     """
+    if scores is None:
+        raise ValueError("advantage_estimator 'reinforce_pp_baseline' needs the sequence scores")
     mask = mask.bool()
     valid = mask.any(dim=-1)
     last = _last_token_onehot(mask)
-    score = masked_sum(torch.where(last, rewards, torch.zeros_like(rewards)), mask, dim=-1)
-    mean, _ = group_mean_std(score, valid, group_size)
+    mean, _ = group_mean_std(scores.to(rewards.dtype), valid, group_size)
     shifted = rewards - torch.where(last, mean.unsqueeze(-1).expand(mask.shape), torch.zeros_like(rewards))
     return discounted_returns(shifted, mask, gamma), None
 

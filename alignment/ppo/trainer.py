@@ -271,7 +271,7 @@ class PPOTrainer:
         if cfg.whiten_rewards:
             rewards = self._whiten(rewards, mask, shift_mean=False)
         values = rollout.values if spec.needs_critic else None
-        advantages, returns = spec.fn(rewards, mask, values=values, group_size=cfg.num_generations,
+        advantages, returns = spec.fn(rewards, mask, values=values, scores=scores, group_size=cfg.num_generations,
                                       gamma=cfg.gamma, lam=cfg.lam)
         if spec.whiten:
             advantages = self._whiten(advantages, mask)
