@@ -1,4 +1,7 @@
-"""Write an evaluation's results as ``report.json`` (every number) and ``report.md`` (for people).
+"""Write an evaluation's results as ``report.json`` (every number), ``report.md`` and ``report.html`` (for people).
+
+``report.html`` is one self-contained file (its plots embedded as data URIs, no script, no external link): it
+opens in any browser, and can be mailed or attached as it is.
 
 The results dict
 ================
@@ -25,7 +28,7 @@ may be missing (the table shows "—" and leaves out rows no checkpoint has)::
             "win_rate":          {"<source>": {"win_rate": .., "ci_low": .., "ci_high": .., "confidence": ..,
                                                "win": .., "tie": .., "loss": .., "n": .., "tie_rate": ..}},
                                                            # stats.win_rate_with_ci, vs "baseline"
-            "kl_to_reference":   {"k1": .., "k1_stderr": .., "k3": .., "k3_stderr": .., "n": ..},  # stats.kl_estimate
+            "kl_to_reference":   {"k1": .., "k1_stderr": .., "k3": .., "k3_stderr": .., "n": ..},  # stats.kl_monte_carlo
             "perplexity":        12.3,
             "mean_length":       4.2,                      # completion tokens (greedy), EOS not counted
             "distinct_1":        0.31,
@@ -66,27 +69,30 @@ from typing import Any
 
 from alignment.errors import DataError
 
-__all__ = ["render_markdown", "write_report"]
+__all__ = ["render_html", "render_markdown", "write_report"]
 
 DASH = "—"
 
 
 def write_report(results: dict, out_dir: str | os.PathLike, *, max_samples: int = 10) -> dict[str, Path]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir`` (created if needed).
+    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out_dir`` (created if needed).
 
     ``results`` follows the schema in this module's docstring; it is checked
     first (``DataError`` names what is wrong). ``max_samples`` bounds the
-    side-by-side sample table. Returns ``{"json": path, "md": path}``.
+    side-by-side sample table of report.md (report.html shows up to ``HTML_SAMPLES``). The plots named in
+    ``results["plots"]`` are read from ``out_dir`` into report.html, so write them first.
+    Returns ``{"json": path, "md": path, "html": path}``.
     """
     _validate(results)
     results = dict(results)
     results.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "report.json", out / "report.md"
+    json_path, md_path, html_path = out / "report.json", out / "report.md", out / "report.html"
     _atomic_write(json_path, json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
     _atomic_write(md_path, render_markdown(results, max_samples=max_samples))
-    return {"json": json_path, "md": md_path}
+    _atomic_write(html_path, render_html(results, out))
+    return {"json": json_path, "md": md_path, "html": html_path}
 
 
 # --------------------------------------------------------------------------- checks and JSON
@@ -442,3 +448,152 @@ def _definitions(rows: list[tuple[str, list[str]]]) -> list[str]:
     if "Distinct" in labels:
         notes.append("distinct-n = unique n-grams / all n-grams over the set of completions")
     return [f"<sub>{'; '.join(notes)}.</sub>"] if notes else []
+
+
+# --------------------------------------------------------------------------- html
+
+HTML_SAMPLES = 200  # rows of the side-by-side table in report.html (every sample is in report.json)
+
+_STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1200px;
+padding:0 1rem;color:#1d2330}
+h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #dde1e8;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.6rem 0}th,td{border:1px solid #dde1e8;padding:.3rem .6rem;vertical-align:top}
+th{background:#f3f5f8;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
+code{background:#f3f5f8;padding:0 .2rem;border-radius:3px}.ok{color:#1a7f37}.bad{color:#cf222e}
+img{max-width:100%;border:1px solid #dde1e8}pre{background:#f6f8fa;padding:.6rem;overflow:auto}
+.muted{color:#667085;font-size:.9rem}td.text{white-space:pre-wrap;max-width:28rem}
+"""
+
+
+def _inline(text: Any) -> str:
+    """One cell's text as HTML: escaped, with the `code` spans of the markdown labels kept as <code>."""
+    import html
+    import re
+
+    escaped = html.escape(str(text))
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", escaped)
+
+
+def _html_table(header: list[str], rows: list[list[str]], numeric_from: int | None = None) -> list[str]:
+    lines = ["<table>", "<tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        cells = [f'<td class="num">{c}</td>' if numeric_from is not None and i >= numeric_from else f"<td>{c}</td>"
+                 for i, c in enumerate(row)]
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    return lines + ["</table>"]
+
+
+def _embedded_image(out_dir: Path | None, rel: str) -> str | None:
+    """A plot as a data URI (report.html carries its pictures), or None when the file is not there."""
+    import base64
+    import mimetypes
+
+    if out_dir is None:
+        return None
+    path = Path(out_dir) / rel
+    if not path.is_file():
+        return None
+    kind = mimetypes.guess_type(path.name)[0] or "image/png"
+    return f"data:{kind};base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _html_samples(results: dict, names: list[str], limit: int) -> list[str]:
+    import html
+
+    ckpts = results["checkpoints"]
+    samples = {n: ckpts[n].get("samples") or [] for n in names}
+    with_samples = [n for n in names if samples[n]]
+    count = min([len(samples[n]) for n in with_samples] + [limit]) if with_samples else 0
+    if count == 0:
+        return []
+    first = with_samples[0]
+    lines = ["<h2>Sample completions</h2>",
+             "<p class=\"muted\">The same prompts, in the same order, for every checkpoint; "
+             "✓ right, ✗ wrong by the task's rule.</p>"]
+    rows = []
+    for i in range(count):
+        head = samples[first][i]
+        reference = head.get("reference")
+        row = [str(i + 1), html.escape(_prompt_text(head.get("prompt", ""))),
+               html.escape(DASH if reference is None else str(reference))]
+        for n in with_samples:
+            s = samples[n][i]
+            mark = {True: ' <span class="ok">✓</span>', False: ' <span class="bad">✗</span>'}.get(s.get("correct"), "")
+            row.append(html.escape(str(s.get("completion", ""))) + mark)
+        rows.append(row)
+    table = _html_table(["#", "prompt", "reference", *[f"<code>{html.escape(n)}</code>" for n in with_samples]], rows)
+    lines += [line.replace("<td>", '<td class="text">') for line in table]
+    total = max(len(samples[n]) for n in with_samples)
+    if total > count:
+        lines.append(f'<p class="muted">({count} of {total} samples shown; all are in report.json.)</p>')
+    return lines
+
+
+def render_html(results: dict, out_dir: str | os.PathLike | None = None, *, max_samples: int = HTML_SAMPLES) -> str:
+    """The text of ``report.html``: the tables of report.md, the plots (read from ``out_dir``) embedded."""
+    import html
+
+    _validate(results)
+    ckpts = results["checkpoints"]
+    names = list(ckpts)
+    baseline, reference = results.get("baseline"), results.get("reference")
+    title = html.escape(str(results.get("title") or "Evaluation report"))
+    body = [f"<h1>{title}</h1>"]
+    if results.get("created"):
+        body.append(f'<p class="muted">Created {html.escape(str(results["created"]))}.</p>')
+    body.append("<h2>Checkpoints</h2><ul>")
+    for n in names:
+        roles = [r for r, v in (("baseline", baseline), ("KL reference", reference)) if v == n]
+        role = f" ({', '.join(roles)})" if roles else ""
+        body.append(f"<li><code>{html.escape(n)}</code>{role}: <code>{html.escape(str(ckpts[n].get('path', DASH)))}"
+                    "</code></li>")
+    body.append("</ul>")
+
+    rows = _table_rows(results, names)
+    body.append("<h2>Metrics</h2>")
+    if rows:
+        body += _html_table(["metric", *[f"<code>{html.escape(n)}</code>" for n in names]],
+                            [[_inline(label), *[_inline(c) for c in cells]] for label, cells in rows], numeric_from=1)
+        notes = _definitions(rows)
+        if notes:
+            body.append(f'<p class="muted">{html.escape(notes[0][len("<sub>"):-len("</sub>")])}</p>')
+    else:
+        body.append("<p>(no metrics)</p>")
+
+    pairwise = results.get("pairwise") or {}
+    if pairwise:
+        columns = list(next(iter(pairwise.values())))
+        body.append(f"<h2>Pairwise judge: each checkpoint against <code>{html.escape(str(baseline))}</code></h2>")
+        body += _html_table(["checkpoint", *columns],
+                            [[f"<code>{html.escape(n)}</code>", *[_inline(_num(t.get(c))) for c in columns]]
+                             for n, t in pairwise.items()], numeric_from=1)
+
+    if results.get("lm_eval"):
+        from alignment.evaluation.lm_harness import markdown
+
+        body += ["<h2>lm-evaluation-harness</h2>", f"<pre>{html.escape(chr(10).join(markdown(results['lm_eval'])))}</pre>"]
+
+    plots = results.get("plots") or {}
+    if plots:
+        body.append("<h2>Plots</h2>")
+        for plot_title, rel in plots.items():
+            uri = _embedded_image(Path(out_dir) if out_dir is not None else None, rel)
+            body.append(f"<h3>{html.escape(plot_title)}</h3>")
+            body.append(f'<img alt="{html.escape(plot_title)}" src="{uri}">' if uri else
+                        f'<p class="muted">({html.escape(rel)} was not found beside the report)</p>')
+
+    body += _html_samples(results, names, max_samples)
+
+    notes = results.get("notes") or []
+    if notes:
+        body += ["<h2>Notes</h2><ul>", *[f"<li>{html.escape(str(note))}</li>" for note in notes], "</ul>"]
+    setup = {k: results[k] for k in ("spec", "seeds", "versions") if results.get(k)}
+    if setup:
+        body.append("<h2>Setup</h2>")
+        for key, value in setup.items():
+            body += [f"<h3>{html.escape(key)}</h3>",
+                     f"<pre>{html.escape(json.dumps(_jsonable(value), indent=2, sort_keys=True))}</pre>"]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title>"
+            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -16,7 +16,8 @@ def test_report_files_hold_every_number(tmp_path):
     results = example_results()
     results["checkpoints"]["dpo"]["metrics"]["odd"] = np.float32(float("nan"))
     paths = write_report(results, tmp_path / "eval")
-    assert paths == {"json": tmp_path / "eval" / "report.json", "md": tmp_path / "eval" / "report.md"}
+    assert paths == {"json": tmp_path / "eval" / "report.json", "md": tmp_path / "eval" / "report.md",
+                     "html": tmp_path / "eval" / "report.html"}
     saved = json.loads(paths["json"].read_text())
     assert saved["checkpoints"]["dpo"]["metrics"]["win_rate"]["correct"] == pytest.approx(
         results["checkpoints"]["dpo"]["metrics"]["win_rate"]["correct"]
@@ -93,3 +94,55 @@ def test_accuracy_cell_says_how_many_samples_failed_and_counts_are_not_rows_of_t
     assert sft_cell == "50.0% (2 failed, of 500)"
     assert "failed" not in dpo_cell  # nothing failed: the plain percentage
     assert "accuracy_scored" not in md and "accuracy_failed" not in md
+
+
+def test_html_report_is_one_file_with_its_plots_and_tables(tmp_path):
+    """report.html: the metrics table and the samples of report.md, its plots inside it (no file beside it)."""
+    import base64
+    import re
+    from html.parser import HTMLParser
+
+    from alignment.evaluation.plots import plot_score_distributions
+
+    results = example_results()
+    out = tmp_path / "eval"
+    plot_score_distributions(results, out / "scores.png")
+    results["plots"] = {"Score distributions": "scores.png", "Missing": "gone.png"}
+    results["checkpoints"]["dpo"]["samples"][0]["completion"] = "<script>alert(1)</script>"
+    html = write_report(results, out)["html"].read_text()
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.images, self.cells, self._cell = [], [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            if tag == "img":
+                self.images.append(dict(attrs)["src"])
+            if tag in ("td", "th"):
+                self._cell = ""
+
+        def handle_data(self, data):
+            if self._cell is not None:
+                self._cell += data
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th"):
+                self.cells.append(self._cell)
+                self._cell = None
+
+    page = Collect()
+    page.feed(html)
+    assert "script" not in page.tags and "link" not in page.tags  # nothing to fetch, nothing to run
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # a completion is text, never markup
+    assert len(page.images) == 1 and page.images[0].startswith("data:image/png;base64,")
+    assert base64.b64decode(page.images[0].split(",", 1)[1]) == (out / "scores.png").read_bytes()
+    assert "gone.png was not found beside the report" in html
+    dpo = results["checkpoints"]["dpo"]["metrics"]
+    for label in ("Greedy accuracy", "Win rate vs sft by correct [95% CI]", "KL to sft, k1 (± s.e.)", "EOS rate"):
+        assert label in page.cells, label
+    row = page.cells.index("Greedy accuracy")
+    assert page.cells[row + 2] == f"{100 * dpo['greedy_accuracy']:.1f}%"  # the sft cell, then dpo's
+    assert "What is 0 + 3?" in page.cells
+    assert len(re.findall(r"<tr>", html.split("Sample completions")[1])) == 1 + 40  # header + every sample
