@@ -180,6 +180,24 @@ def test_the_interrupted_run_shows_as_resumable_in_its_own_view(browser, server,
     assert "resumable from checkpoint-4" in browser.find_element("css selector", "div[data-run]").text
 
 
+def test_curves_grow_as_the_run_writes_metrics_jsonl(browser, server, tiny_runs):
+    """Live: a line appended to metrics.jsonl (as a training run appends one per step) is drawn within seconds."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    log = tiny_runs / "ppo_interrupted" / "metrics.jsonl"
+    before = log.read_text()
+    browser.get(server + "/#/run?p=ppo_interrupted")
+    wait_for(browser, ".panel canvas", count=4)
+    assert "5" not in series_on_page(browser)["Reward"]["reward/total"]
+    try:
+        with log.open("a") as handle:
+            handle.write(json.dumps({"step": 5, "time": time.time(), "reward/total": 0.75, "objective/score": 0.75}) + "\n")
+        WebDriverWait(browser, 15).until(
+            lambda b: series_on_page(b).get("Reward", {}).get("reward/total", {}).get("5") == 0.75)
+    finally:
+        log.write_text(before)
+
+
 def test_report_opens_with_its_tables_and_plots(browser, server, tiny_runs, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -226,7 +244,8 @@ def test_side_by_side_filters_right_and_wrong(browser, server, tiny_runs, tmp_pa
     browser.find_element("css selector", "[data-preset='ppo>sft']").click()  # quick filter: ppo right, sft wrong
     assert shown() == [i + 1 for i in range(total) if samples["ppo"][i]["correct"] and not samples["sft"][i]["correct"]]
     Select(browser.find_element("css selector", "select[data-filter='ppo']")).select_by_value("any")
-    Select(browser.find_element("css selector", "select[data-filter='sft']")).select_by_value("any")
+    Select(browser.find_element("css selector", "select[data-filter='sft']")).select_by_value("right")
+    assert shown() == [i + 1 for i in range(total) if samples["sft"][i]["correct"]]
     screenshot(browser, tmp_path, "side_by_side")
 
 

@@ -74,12 +74,16 @@ def test_trl_sft_run_with_tensorboard_logs_what_metrics_jsonl_holds(tmp_path):
     assert [s for s, _ in logged_series(tmp_path)["loss"]] == [1, 2, 3, 4]
 
 
-def test_missing_tracker_package_stops_the_stage_before_any_model_loads(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage, recipe, extra", [
+    ("ppo", "recipes/tiny/ppo_rule.yaml", PPO_TINY),
+    ("sft", "recipes/tiny/sft.yaml", ["data.max_samples=64", "train.max_steps=2"]),
+])
+def test_missing_tracker_package_stops_the_stage_before_any_model_loads(stage, recipe, extra, tmp_path, monkeypatch):
+    import importlib
     import importlib.util
 
     import policies
     from alignment.errors import RecipeError
-    from alignment.stages import ppo
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
@@ -88,6 +92,7 @@ def test_missing_tracker_package_stops_the_stage_before_any_model_loads(tmp_path
         raise AssertionError("a model was loaded before the tracker check")
 
     monkeypatch.setattr(policies, "load", no_loading)
+    module = importlib.import_module(f"alignment.stages.{stage}")
     with pytest.raises(RecipeError, match=r"wandb needs the 'wandb' package.*pip install -e '\.\[tracking\]'"):
-        ppo.run(recipes.load("recipes/tiny/ppo_rule.yaml", PPO_TINY + [f"output_dir={tmp_path}",
-                                                                       "train.report_to=wandb"]))
+        module.run(recipes.load(recipe, extra + [f"output_dir={tmp_path}", "train.report_to=wandb"]))
+    assert not (tmp_path / "metrics.jsonl").exists()
