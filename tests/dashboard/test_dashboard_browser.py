@@ -215,6 +215,16 @@ def test_report_opens_with_its_tables_and_plots(browser, server, tiny_runs, tmp_
         browser.switch_to.default_content()
     screenshot(browser, tmp_path, "report")
 
+    # the report.html the pipeline's evaluation wrote beside report.md: one file, opened from the disk
+    page = tiny_runs / "tiny" / "eval" / "report.html"
+    assert (page.parent / "report.md").is_file()
+    browser.get(page.as_uri())
+    images = wait_for(browser, "img", count=2)
+    assert all(i.get_attribute("src").startswith("data:image/png;base64,") for i in images)
+    assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i) > 300
+               for i in images)
+    assert "Greedy accuracy" in [c.text for c in browser.find_elements(By.CSS_SELECTOR, "td")]
+
 
 def test_side_by_side_filters_right_and_wrong(browser, server, tiny_runs, tmp_path):
     from selenium.webdriver.support.ui import Select

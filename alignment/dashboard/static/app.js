@@ -374,3 +374,5 @@ async function route() {
 
 window.addEventListener("hashchange", route);
 route();
+// the folder shown in the header, whichever view the page opened on
+api("/api/overview").then((data) => { document.getElementById("root").textContent = data.root; }).catch(() => {});
