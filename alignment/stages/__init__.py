@@ -72,6 +72,10 @@ STAGES: dict[str, StageSpec] = {
                   summary="SimPO: length-normalised reward with a margin, no reference model (trl.experimental CPO)"),
         StageSpec("ppo", "alignment.stages.ppo", "alignment.ppo.config:PPOConfig", "prompt", needs_reward=True,
                   summary="PPO with a learned critic (value head or separate), KL to a reference (ours: alignment.ppo)"),
+        StageSpec("online_dpo", "alignment.stages.online_dpo", "alignment.ppo.online_dpo:OnlineDPOConfig", "prompt",
+                  needs_reward=True,
+                  summary="online DPO: k samples per prompt from the current policy, best vs worst by the reward, DPO "
+                          "loss against the reference (ours: alignment.ppo)"),
         StageSpec("best_of_n", "alignment.stages.best_of_n", "trl:SFTConfig", "prompt", needs_reward=True,
                   summary="rejection sampling: N samples per prompt, keep the best (and worst as pairs), optional SFT"),
     ]

@@ -1,0 +1,100 @@
+"""Stage `online_dpo`: DPO on pairs the current policy samples each step, ranked by any reward (ours: alignment.ppo).
+
+    align run recipes/tiny/online_dpo.yaml
+
+Each step samples `train.num_generations` responses of each prompt from the policy being trained, scores
+them with the recipe's `reward:` list (rules, Python functions, reward-model directories, URLs), pairs
+each prompt's best and worst, and takes the DPO-family loss (`train.loss_type`: sigmoid, ipo, hinge) of
+the pairs against the reference - a frozen copy of the starting policy, or the LoRA adapter disabled.
+It runs on our RL loop (alignment.ppo.online_dpo.OnlineDPOTrainer: the PPO stage's rollout, reward
+plumbing, metrics, checkpoints, clean stops and --resume), not trl's experimental trainer.
+
+Run directory: as the ppo stage's, without a critic: the policy (LoRA merged), metrics.jsonl (one record
+per step: the PPO rollout metrics plus `dpo/*`), metrics.json (held-out before/after, train reward, KL,
+`preference_judgements`: the pairs trained on) and checkpoints/checkpoint-<step>.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Union
+
+from alignment import data
+from alignment.errors import RecipeError
+from alignment.recipe import check, positive
+from alignment.stages import common, ppo
+
+
+@dataclass(frozen=True)
+class Options:
+    """`options:` of an online_dpo recipe."""
+
+    evaluate_before: bool = True  # held-out metrics of the starting policy, for the before/after table
+    save_steps: int = field(default=50, metadata=check(positive))  # checkpoint every this many steps
+    save_total_limit: int = field(default=2, metadata=check(positive))  # checkpoints kept (the newest)
+    max_train_seconds: Union[float, None] = field(default=None, metadata=check(positive))  # stop early: controls
+    progress_bar: bool = True  # tqdm bar with reward and KL
+
+
+def build_config(recipe):
+    """OnlineDPOConfig from the recipe's `train:` section (the recipe's seed unless `train.seed` is set)."""
+    from alignment.ppo.online_dpo import OnlineDPOConfig
+
+    try:
+        return OnlineDPOConfig(**{"seed": recipe.seed, **dict(recipe.train)})
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{recipe.source_path}: train: OnlineDPOConfig rejected the settings: {exc}") from None
+
+
+def build_models(recipe, model):
+    """``(policy, ref_policy)``: the LoRA-wrapped model with the adapter-off reference, or the model and a copy."""
+    lora = common.lora_config(recipe.model.lora)
+    if lora is not None:
+        from peft import get_peft_model
+
+        return get_peft_model(model, lora), None
+    return model, copy.deepcopy(model)  # frozen by the trainer
+
+
+def run(recipe) -> dict:
+    import reward as reward_sources
+    from alignment.ppo.online_dpo import OnlineDPOTrainer
+
+    config = build_config(recipe)  # validated before anything heavy
+    started, run_dir, resume_from = common.start_run(recipe)
+    splits = data.load(recipe.data, "prompt", seed=recipe.seed)
+    rewards = reward_sources.build([dict(spec) for spec in recipe.reward])
+    model, tokenizer = common.load_policy(recipe)
+    if config.use_vllm:  # vLLM (colocate) loads the starting weights from model.name_or_path
+        common.ensure_loadable_path(model, tokenizer, run_dir)
+    prompts, too_long = ppo.prompt_rows(splits.train, tokenizer, recipe.data.max_prompt_tokens)
+    before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
+    policy, ref_policy = build_models(recipe, model)
+    reward_fn = ppo.RecipeReward(rewards)
+    trainer = OnlineDPOTrainer(config, policy, ref_policy, tokenizer, reward_fn, prompts)
+    metrics_log = common.open_metrics_log(recipe, run_dir, enabled=trainer.accelerator.is_main_process)
+    if resume_from:
+        trainer.load(resume_from)
+        metrics_log.trim(trainer.step_count)  # the steps after the checkpoint are trained and logged again
+    try:
+        log = ppo.train(trainer, reward_fn, run_dir, recipe.options, metrics_log, recipe.eval)
+    finally:
+        metrics_log.close()
+    lm = ppo.language_model(trainer)
+    after = common.evaluate_policy(lm, tokenizer, recipe.eval)
+    metrics = {
+        "stage": "online_dpo",
+        "train_steps": trainer.step_count,
+        "train_seconds": round(time.time() - started, 1),
+        **ppo.summarize(log),
+        "preference_judgements": int(sum(entry.get("dpo/pairs", 0) for entry in log)),
+        "reward_failures": {source.name: source.stats.as_dict() for source in rewards.sources},
+        "before": before,
+        "after": after,
+        "data": [vars(report) for report in splits.reports] + [{"prompts_longer_than_max": too_long}],
+    }
+    rewards.close()
+    return common.finish_run(recipe, run_dir, lm, tokenizer, metrics, started,
+                             note=f" | {metrics['preference_judgements']} preference pairs")
