@@ -89,7 +89,18 @@ def validate_file(path: Path) -> str:
                         (("eval", "data"), recipe.eval.data if recipe.eval else None)]:
         if value and Path(value).suffix in LOCAL_SUFFIXES and not Path(value).is_file():
             raise locations.error(keys, f"no such data file {value!r} (paths are relative to the current folder)")
+    build_trainer_config(recipe)
     return f"stage {recipe.stage}"
+
+
+def build_trainer_config(recipe) -> None:
+    """Build the trainer config the run would build (trl's, from the stage's own defaults), loading no model:
+    what trl refuses in the settings is refused here, not at the first step."""
+    from alignment.stages import stage_spec
+
+    build = getattr(stage_spec(recipe.stage).load_module(), "trainer_config", None)
+    if build is not None:
+        build(recipe, Path(recipe.output_dir))
 
 
 def cmd_validate(args) -> int:

@@ -150,20 +150,39 @@ def graceful_stop():
     return GracefulStop()
 
 
+class TimeBudget:
+    """`max_seconds` of training from `start()` (None: no limit): the one clock of every loop's time budget,
+    trl's (through :func:`time_budget`) and ours (stages/ppo.py's train)."""
+
+    def __init__(self, max_seconds: float | None):
+        self.max_seconds = max_seconds
+        self.start()
+
+    def start(self) -> None:
+
+        self.started = time.time()
+
+    def exhausted(self) -> bool:
+
+        return self.max_seconds is not None and time.time() - self.started >= self.max_seconds
+
+
 def time_budget(max_seconds: float):
     """Stop training (after saving) once `max_seconds` of training have passed: for equal-time controls."""
 
     from transformers import TrainerCallback
 
-    class TimeBudget(TrainerCallback):
+    budget = TimeBudget(max_seconds)
+
+    class StopWhenOutOfTime(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.time()
+            budget.start()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if time.time() - self.started >= max_seconds:
+            if budget.exhausted():
                 control.should_training_stop = True
 
-    return TimeBudget()
+    return StopWhenOutOfTime()
 
 
 # Default RL health bounds (PPO's train.*, GRPO/RLOO's options.*; null turns one off).  Each sits far from a

@@ -149,18 +149,23 @@ def summarize(scores, best_rows, pair_rows, counts, options) -> dict:
     }
 
 
+def trainer_config(recipe, run_dir):
+    """The SFT stage's config, for the optional fine-tuning on the kept completions (built by `align validate`)."""
+    from alignment.stages import sft
+
+    return sft.trainer_config(recipe, run_dir)
+
+
 def finetune(recipe, model, tokenizer, best_rows, run_dir, resume_from):
     """SFT on the kept completions: the SFT stage's trainer path (trl SFTTrainer + common.train)."""
     import datasets
-    from trl import SFTConfig, SFTTrainer
-
-    from alignment.stages.sft import sft_defaults
+    from trl import SFTTrainer
 
     if not best_rows:
         raise DataError(f"{recipe.source_path}: no completion was kept (see options.min_score / require_eos); "
                         "nothing to fine-tune on")
     train_set = datasets.Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in best_rows])
-    args = common.build_trainer_config(recipe, SFTConfig, sft_defaults(recipe, run_dir))
+    args = trainer_config(recipe, run_dir)
     trainer = SFTTrainer(**common.trainer_inputs(recipe, model, tokenizer, args, train_set))
     common.train(trainer, recipe, run_dir, resume_from)
     return trainer

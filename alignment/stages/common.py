@@ -352,7 +352,7 @@ def require_trackers(recipe) -> None:
 
     names = report_to_names(recipe)
     if names:
-        require_tracker_packages(names)
+        require_tracker_packages(names, where=f"{recipe.source_path}: train.report_to")
 
 
 def open_metrics_log(recipe, run_dir: Path, enabled: bool | None = None):
@@ -390,11 +390,13 @@ def metrics_logger(metrics_log):
     return LogToMetricsLog()
 
 
-def train(trainer, recipe, run_dir: Path, resume_from: str | None, max_seconds: float | None = None) -> None:
+def train(trainer, recipe, run_dir: Path, resume_from: str | None, max_seconds: float | None = None,
+          metrics_log=None) -> None:
     """trainer.train with the shared guards: metrics.jsonl, non-finite gradient skips, clean SIGINT/SIGTERM.
 
     A signal finishes the step, saves a checkpoint and raises `Interrupted`, so
-    the run is never marked complete; `--resume` continues it.
+    the run is never marked complete; `--resume` continues it.  Without `metrics_log` the run's log (and
+    trackers) is opened here and closed when training ends; a caller that logs after training passes its own.
     """
     from alignment.guards import (
         disk_error,
@@ -406,7 +408,8 @@ def train(trainer, recipe, run_dir: Path, resume_from: str | None, max_seconds: 
         time_budget,
     )
 
-    metrics_log = open_metrics_log(recipe, run_dir)
+    owns_log = metrics_log is None
+    metrics_log = open_metrics_log(recipe, run_dir) if owns_log else metrics_log
     if recipe.stage == "sft":
         audit_sft_tokens(trainer, recipe, metrics_log)
     stopper = graceful_stop()
@@ -431,7 +434,8 @@ def train(trainer, recipe, run_dir: Path, resume_from: str | None, max_seconds: 
             raise failed_write from exc
         raise
     finally:
-        metrics_log.close()
+        if owns_log:
+            metrics_log.close()
     stopper.check(run_dir)
 
 

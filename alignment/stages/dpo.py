@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from alignment import shared_prompt
+from alignment.stages import common
 from alignment.stages import preference_common as pref
 
 
@@ -50,10 +51,15 @@ def trainer_class(share_prompt: bool):
     return SharedPromptDPOTrainer
 
 
-def run(recipe) -> dict:
+def trainer_config(recipe, run_dir):
+    """trl's DPOConfig this recipe trains with (built by `align validate` too)."""
     from trl import DPOConfig
 
-    run = pref.start(recipe, DPOConfig)
+    return common.build_trainer_config(recipe, DPOConfig, common.trainer_defaults(recipe, run_dir))
+
+
+def run(recipe) -> dict:
+    run = pref.start(recipe, trainer_config)
     args = run.args
     reference = pref.choose_reference(recipe, args, len(run.pairs.train))
     reference_kwargs = pref.reference_setup(reference, run.model, args)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from alignment.stages import common
 from alignment.stages import preference_common as pref
 
 
@@ -25,11 +26,18 @@ class Options(pref.Options):
     unpair: bool = False  # the data is paired (prompt/chosen/rejected): split each pair into a true and a false row
 
 
+def trainer_config(recipe, run_dir):
+    """trl's KTOConfig this recipe trains with (built by `align validate` too)."""
+    from trl import KTOConfig
+
+    return common.build_trainer_config(recipe, KTOConfig, common.trainer_defaults(recipe, run_dir))
+
+
 def run(recipe) -> dict:
-    from trl import KTOConfig, KTOTrainer
+    from trl import KTOTrainer
 
     unpair = recipe.options["unpair"]
-    run = pref.start(recipe, KTOConfig, fmt="preference" if unpair else "unpaired", unpair_rows=unpair,
+    run = pref.start(recipe, trainer_config, fmt="preference" if unpair else "unpaired", unpair_rows=unpair,
                      seed=recipe.seed)
     args = run.args
     reference = pref.choose_reference(recipe, args, len(run.pairs.train))

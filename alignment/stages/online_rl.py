@@ -107,15 +107,27 @@ def online_defaults(recipe, run_dir) -> dict:
     return defaults
 
 
+def trainer_config(recipe, run_dir, reward_weights: list | None = None):
+    """trl's GRPOConfig / RLOOConfig this recipe trains with (built by `align validate` too).
+
+    The sources' weights become trl's reward_weights unless the recipe sets train.reward_weights; without
+    built sources (validation), the weights the reward specs name.
+    """
+    import trl
+
+    config_name, _ = TRAINERS[recipe.stage]
+    defaults = online_defaults(recipe, run_dir)
+    if "reward_weights" not in recipe.train:
+        defaults["reward_weights"] = reward_weights if reward_weights is not None else \
+            [float(spec.get("weight", 1.0)) for spec in recipe.reward]
+    return common.build_trainer_config(recipe, getattr(trl, config_name), defaults)
+
+
 def build_trainer(recipe, model, tokenizer, rewards, splits, run_dir):
     import trl
 
-    config_name, trainer_name = TRAINERS[recipe.stage]
-    defaults = online_defaults(recipe, run_dir)
-    train = dict(recipe.train)
-    if "reward_weights" not in train:
-        defaults["reward_weights"] = rewards.weights
-    args = common.build_trainer_config(recipe, getattr(trl, config_name), defaults)
+    _, trainer_name = TRAINERS[recipe.stage]
+    args = trainer_config(recipe, run_dir, rewards.weights)
     sharing = shared_prompt.install_for_recipe(recipe, model)
     trainer = trainer_class(getattr(trl, trainer_name), sharing)(
         reward_funcs=rewards.sources, **common.trainer_inputs(recipe, model, tokenizer, args, splits.train, splits.eval))

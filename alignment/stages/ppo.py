@@ -212,12 +212,12 @@ def train(trainer, reward_fn, run_dir: Path, options, metrics_log, eval_spec=Non
     """
     from tqdm.auto import tqdm
 
-    from alignment.guards import Interrupted, SignalLatch
+    from alignment.guards import Interrupted, SignalLatch, TimeBudget
 
     total = trainer.config.num_steps
     main = trainer.accelerator.is_main_process
     bar = tqdm(total=total, initial=trainer.step_count, desc="ppo", disable=not (main and options["progress_bar"]))
-    started, stopped_early = time.time(), False
+    budget, stopped_early = TimeBudget(options["max_train_seconds"]), False
     with SignalLatch("PPO step") as stop:
         while trainer.step_count < total:
             metrics = ppo_step(trainer)
@@ -231,8 +231,7 @@ def train(trainer, reward_fn, run_dir: Path, options, metrics_log, eval_spec=Non
                 print(f"ppo step {trainer.step_count}/{total}: score {metrics['objective/score']:.3f} "
                       f"kl {metrics['objective/kl']:.3f} entropy {metrics['objective/entropy']:.3f} "
                       f"eos_rate {metrics['val/eos_rate']:.2f}", flush=True)
-            out_of_time = options["max_train_seconds"] is not None and time.time() - started >= options["max_train_seconds"]
-            stopped_early = out_of_time and trainer.step_count < total
+            stopped_early = budget.exhausted() and trainer.step_count < total
             if stop.signal_name or trainer.step_count % options["save_steps"] == 0 or stopped_early:
                 save_checkpoint(trainer, run_dir, options["save_total_limit"])
             if stop.signal_name:

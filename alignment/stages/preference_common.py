@@ -588,8 +588,8 @@ class Measurements:
     Both also go to metrics.jsonl (as ``heldout/...`` records).
     """
 
-    def __init__(self, recipe, tokenizer, pairs: PairData, run_dir: Path):
-        self.recipe, self.tokenizer, self.run_dir = recipe, tokenizer, run_dir
+    def __init__(self, recipe, tokenizer, pairs: PairData, metrics_log):
+        self.recipe, self.tokenizer, self.metrics_log = recipe, tokenizer, metrics_log
         self.heldout = HeldOut(tokenizer, pairs.eval_rows, recipe.options["heldout_batch_size"])
         self.task_before = self.heldout_before = None
 
@@ -599,21 +599,21 @@ class Measurements:
         if self.recipe.options["evaluate_before"]:
             self.task_before = common.evaluate_policy(model, self.tokenizer, self.recipe.eval)
         self.heldout_before = self.heldout.score_start(model)
-        log_record(self.run_dir, 0, self.heldout_before, "heldout")
+        log_record(self.metrics_log, 0, self.heldout_before, "heldout")
 
     def after(self, trainer, beta: float | None = None) -> dict:
         from alignment.stages import common
 
         policy = trainer.accelerator.unwrap_model(trainer.model)
         heldout_after = self.heldout.score(policy, beta=beta)
-        log_record(self.run_dir, trainer.state.global_step, heldout_after, "heldout")
+        log_record(self.metrics_log, trainer.state.global_step, heldout_after, "heldout")
         kl = None
         if self.heldout and self.recipe.options["kl_samples"]:
             max_new_tokens = self.recipe.eval.max_new_tokens if self.recipe.eval else 16
             kl = sampled_kl(policy, reference_model(trainer, self.recipe), self.tokenizer,
                             self.heldout.prompts(self.recipe.options["kl_samples"]),
                             max_new_tokens=max_new_tokens, seed=self.recipe.seed)
-            log_record(self.run_dir, trainer.state.global_step, kl, "kl_to_start")
+            log_record(self.metrics_log, trainer.state.global_step, kl, "kl_to_start")
         return {
             "train_margin_first_last": logged_series(trainer, "rewards/margins"),
             "train_accuracy_first_last": logged_series(trainer, "rewards/accuracies"),
@@ -625,14 +625,13 @@ class Measurements:
         }
 
 
-def log_record(run_dir: Path, step: int, record: dict, prefix: str) -> None:
-    """Append one flat record (prefix/key: value) to run_dir/metrics.jsonl, next to the trainer's logs."""
+def log_record(metrics_log, step: int, record: dict, prefix: str) -> None:
+    """Append one flat record (prefix/key: value) to the run's metrics.jsonl and trackers, next to the trainer's
+    logs."""
     if not record:
         return
-    from alignment.metrics import MetricsLog
-
     flat = {f"{prefix}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}
-    MetricsLog(run_dir).write(flat, step=step)  # after training: the file only, the trackers are closed
+    metrics_log.write(flat, step=step)
 
 
 def logged_series(trainer, key: str) -> tuple[float | None, float | None]:
@@ -657,6 +656,7 @@ class PreferenceRun:
     pairs: PairData
     model: object
     measure: Measurements
+    metrics_log: object  # alignment.metrics.MetricsLog, open from start() to finish()
     started: float  # the stage's start (wall clock)
     train_started: float = 0.0  # after the "before" measurements: set-up included (tokenizing, precompute)
     cpu_started: float = 0.0
@@ -669,12 +669,11 @@ class PreferenceRun:
         return common.trainer_inputs(self.recipe, self.model, self.tokenizer, self.args, self.pairs.train, evaluation)
 
 
-def start(recipe, config_class, defaults: dict | None = None, *, needs_reference: bool = True,
-          **pair_options) -> PreferenceRun:
+def start(recipe, trainer_config, *, needs_reference: bool = True, **pair_options) -> PreferenceRun:
     """Seed, run directory, tokenizer, trainer config, the validated pairs, the policy, the "before" numbers.
 
-    The data is read and checked before the model loads, so a bad row fails in seconds.  `defaults` are laid
-    over the trainer defaults (the recipe's `train:` keys still win); `pair_options` go to prepare_pairs.
+    The data is read and checked before the model loads, so a bad row fails in seconds.  `trainer_config`
+    is the stage's (recipe, run_dir) -> trl config; `pair_options` go to prepare_pairs.
     """
     import time
 
@@ -684,13 +683,13 @@ def start(recipe, config_class, defaults: dict | None = None, *, needs_reference
         check_reference(recipe)
     started, run_dir, resume_from = common.start_run(recipe)
     tokenizer = common.load_tokenizer(recipe)
-    args = common.build_trainer_config(recipe, config_class,
-                                       {**common.trainer_defaults(recipe, run_dir), **(defaults or {})})
+    args = trainer_config(recipe, run_dir)
     pairs = prepare_pairs(recipe, tokenizer, args.max_length, **pair_options)
     model, tokenizer = common.load_policy(recipe)
-    measure = Measurements(recipe, tokenizer, pairs, run_dir)
+    metrics_log = common.open_metrics_log(recipe, run_dir)  # the held-out records before and after go there too
+    measure = Measurements(recipe, tokenizer, pairs, metrics_log)
     measure.before(model)
-    run = PreferenceRun(recipe, run_dir, resume_from, tokenizer, args, pairs, model, measure, started)
+    run = PreferenceRun(recipe, run_dir, resume_from, tokenizer, args, pairs, model, measure, metrics_log, started)
     run.train_started, run.cpu_started = time.time(), time.process_time()
     return run
 
@@ -701,7 +700,11 @@ def train(run: PreferenceRun, trainer) -> dict:
 
     from alignment.stages import common
 
-    common.train(trainer, run.recipe, run.run_dir, run.resume_from)
+    try:
+        common.train(trainer, run.recipe, run.run_dir, run.resume_from, metrics_log=run.metrics_log)
+    except BaseException:
+        run.metrics_log.close()
+        raise
     return {"train_loss": common.final_train_loss(trainer), "train_steps": trainer.state.global_step,
             "train_seconds": round(time.time() - run.train_started, 1),
             # all threads; steadier than wall time on a busy machine
@@ -715,4 +718,5 @@ def finish(run: PreferenceRun, trainer, metrics: dict) -> dict:
     from alignment.stages import common
 
     metrics["total_seconds"] = round(time.time() - run.started, 1)
+    run.metrics_log.close()  # after the measurements: their records reach the trackers too
     return common.finish_run(run.recipe, run.run_dir, trainer.model, run.tokenizer, metrics, run.started)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignment.errors import RecipeError
+from alignment.stages import common
 from alignment.stages import preference_common as pref
 
 TRAINERS = {
@@ -62,12 +63,20 @@ def stage_defaults(recipe) -> dict:
     return {**defaults, "loss_type": "simpo", "cpo_alpha": 0.0}
 
 
+def trainer_config(recipe, run_dir):
+    """trl's ORPOConfig / CPOConfig this recipe trains with (built by `align validate` too)."""
+    _, config_name, _ = TRAINERS[recipe.stage]
+    config_class = __getattr__(config_name)  # with trl's experimental warning off
+    defaults = {**common.trainer_defaults(recipe, run_dir), **stage_defaults(recipe)}
+    return common.build_trainer_config(recipe, config_class, defaults)
+
+
 def run(recipe) -> dict:
     import importlib
 
     module_name, config_name, trainer_name = TRAINERS[recipe.stage]
     trl_module = importlib.import_module(module_name)
-    run = pref.start(recipe, getattr(trl_module, config_name), stage_defaults(recipe), needs_reference=False)
+    run = pref.start(recipe, trainer_config, needs_reference=False)
     trainer = getattr(trl_module, trainer_name)(**run.trainer_inputs())
     training = pref.train(run, trainer)
     metrics = {

@@ -22,15 +22,21 @@ class Options:
     """`options:` of a pretrain recipe (none yet)."""
 
 
+def trainer_config(recipe, run_dir):
+    """trl's SFTConfig over plain text (built by `align validate` too)."""
+    from trl import SFTConfig
+
+    defaults = {**common.trainer_defaults(recipe, run_dir), "max_length": 256, "dataset_text_field": "text"}
+    return common.build_trainer_config(recipe, SFTConfig, defaults)
+
+
 def run(recipe) -> dict:
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     started, run_dir, resume_from = common.start_run(recipe)
     splits = data.load(recipe.data, "text", seed=recipe.seed)
     model, tokenizer = common.load_policy(recipe)
-    defaults = common.trainer_defaults(recipe, run_dir)
-    defaults.update({"max_length": 256, "dataset_text_field": "text"})
-    args = common.build_trainer_config(recipe, SFTConfig, defaults)
+    args = trainer_config(recipe, run_dir)
     trainer = SFTTrainer(**common.trainer_inputs(recipe, model, tokenizer, args, splits.train, splits.eval))
     common.train(trainer, recipe, run_dir, resume_from)
     held_out = trainer.evaluate() if splits.eval is not None else {}

@@ -278,14 +278,19 @@ def summary(run_dir: Path, metrics: dict, started: float) -> str:
     return line
 
 
-def run(recipe) -> dict:
+def trainer_config(recipe, run_dir):
+    """trl's RewardConfig this recipe trains with (built by `align validate` too)."""
     from trl import RewardConfig
 
+    return common.build_trainer_config(recipe, RewardConfig, reward_model_defaults(recipe, run_dir))
+
+
+def run(recipe) -> dict:
     check_options(recipe)
     started, run_dir, resume_from = common.start_run(recipe)
     splits = data.load(recipe.data, "preference", seed=recipe.seed)
     model, tokenizer = common.load_policy(recipe, task="sequence_classification")
-    args = common.build_trainer_config(recipe, RewardConfig, reward_model_defaults(recipe, run_dir))
+    args = trainer_config(recipe, run_dir)
     train_started, cpu_started = time.time(), time.process_time()  # set-up included: tokenizing the pairs
     sharing = shared_prompt.install_for_recipe(recipe, model)
     trainer = trainer_class(sharing)(

@@ -51,14 +51,19 @@ def sft_defaults(recipe, run_dir) -> dict:
     return defaults
 
 
-def run(recipe) -> dict:
+def trainer_config(recipe, run_dir):
+    """trl's SFTConfig this recipe trains with (built by `align validate` too: its errors come before a run)."""
     from trl import SFTConfig
 
+    return common.build_trainer_config(recipe, SFTConfig, sft_defaults(recipe, run_dir))
+
+
+def run(recipe) -> dict:
     started, run_dir, resume_from = common.start_run(recipe)
     splits = data.load(recipe.data, "sft", seed=recipe.seed)
     model, tokenizer = common.load_policy(recipe)
     before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
-    args = common.build_trainer_config(recipe, SFTConfig, sft_defaults(recipe, run_dir))
+    args = trainer_config(recipe, run_dir)
     sharing = shared_prompt.install_for_recipe(recipe, model)
     trainer = trainer_class(sharing, recipe.options["share_group_size"])(
         **common.trainer_inputs(recipe, model, tokenizer, args, splits.train, splits.eval))

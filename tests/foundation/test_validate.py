@@ -287,3 +287,28 @@ def test_eval_rewards_as_source_strings_stay_valid(tmp_path, capsys):
     path = write(tmp_path, PPO + "eval:\n  data: data/tiny_arith/eval.jsonl\n  rewards: [answer_match]\n")
     status, out = validate(path, capsys)
     assert status == 0, out
+
+
+SFT_WITH = """\
+stage: sft
+model:
+  name_or_path: tiny:1m
+data:
+  train: data/tiny_arith/sft.jsonl
+output_dir: runs/validate_test
+train:
+  max_steps: 10
+{extra}"""
+
+
+def test_validate_builds_trls_config_and_reports_what_trl_refuses(tmp_path, capsys):
+    """A combination only TrainingArguments checks (best model at the end needs matching save and eval
+    strategies) fails at `align validate`, not after the model has loaded."""
+    good = write(tmp_path, SFT_WITH.format(extra="  eval_strategy: steps\n  save_strategy: steps\n"))
+    status, out = validate(good, capsys)
+    assert status == 0, out
+    bad = write(tmp_path, SFT_WITH.format(
+        extra="  load_best_model_at_end: true\n  eval_strategy: steps\n  save_strategy: epoch\n"))
+    status, out = validate(bad, capsys)
+    assert status == 1 and f"FAIL  {bad}: train: SFTConfig rejected the settings" in out, out
+    assert "load_best_model_at_end" in out, out
