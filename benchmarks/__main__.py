@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run | efficacy | table | ceiling | peer-env``."""
+"""Command line: ``python -m benchmarks run | efficacy | table | ceiling | peer-env | export-speed``."""
 
 from __future__ import annotations
 
@@ -53,6 +53,15 @@ def main(argv=None) -> int:
                           help="re-read a finished study's run directories and rewrite its table (no training)")
     commands.add_parser("ceiling", help="measure the fp32 matmul ceiling and print it as JSON")
     commands.add_parser("peer-env", help="create (or check) the trl 1.12.0 venv of the PPO peer")
+    export_speed = commands.add_parser("export-speed", help="decode speed of the torchao int8 exports vs fp32 "
+                                       "(table and ratio; benchmarks/export_speed.py)")
+    export_speed.add_argument("--size", choices=["1m", "20m", "110m"], default="110m")
+    export_speed.add_argument("--threads", type=int, default=1)
+    export_speed.add_argument("--tokens", type=int, default=32, help="new tokens per timed generation")
+    export_speed.add_argument("--repeats", type=int, default=5, help="rounds, variants in turns")
+    export_speed.add_argument("--schemes", type=_list, default=["dynamic", "weight-only"])
+    export_speed.add_argument("--modes", type=_list, default=["eager", "compiled"], help="eager,compiled")
+    export_speed.add_argument("--json", help="also write the report as JSON here")
     args = parser.parse_args(argv)
 
     if args.command == "table":
@@ -73,6 +82,10 @@ def main(argv=None) -> int:
 
         print(json.dumps(measure(), indent=1))
         return 0
+    if args.command == "export-speed":
+        from benchmarks import export_speed
+
+        return export_speed.main(args)
     if args.command == "peer-env":
         from benchmarks import peer_env
 

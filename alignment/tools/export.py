@@ -1,6 +1,6 @@
 """`align export`: turn a checkpoint into deployable artefacts, and measure what each one costs.
 
-    align export runs/tiny/sft --output exports/tiny-sft --int8 --prune 0.3
+    align export runs/tiny/sft --output exports/tiny-sft --int8 --gguf --prune 0.3
     align export runs/lora/checkpoints/checkpoint-400 --output exports/merged --merge-lora
 
 Always written: OUTPUT itself, a clean transformers directory in fp32
@@ -8,26 +8,28 @@ Always written: OUTPUT itself, a clean transformers directory in fp32
 with ``--merge-lora`` the LoRA adapter is first merged into its base (peft).
 Variants, each in a sub-folder:
 
-* ``--int8`` -> ``int8/``: dynamic int8 quantisation of every ``nn.Linear`` for CPU
-  inference (``torch.ao.quantization.quantize_dynamic``).  A quantised model is not a
-  transformers checkpoint; its weights are stored as plain tensors in
-  ``model_int8.safetensors`` (int8 values + scale + zero point per layer, no pickle)
-  and :func:`load_int8` rebuilds the model.  ``align chat`` / ``align generate`` load it.
+* ``--int8`` -> ``int8/``: torchao int8 quantisation of every ``nn.Linear`` through transformers'
+  ``TorchAoConfig`` (``--int8-scheme weight-only``, the default: int8 weights, fp32 matmul;
+  ``dynamic``: int8 weights and activations, the matmul in int8 on the CPU's int8 units).  A transformers
+  directory: ``AutoModelForCausalLM.from_pretrained`` loads it as it is (torchao installed).
 * ``--prune AMOUNT`` -> ``pruned/``: global L1 magnitude pruning of the Linear weights
   (the output embedding excluded), made permanent; a transformers directory (dense
   storage: the zeros do not make the file smaller).
-* ``--gguf`` -> ``gguf/model.gguf`` when the ``gguf`` package is installed (experimental);
-  otherwise the report says it is unavailable and the other exports go on.
+* ``--gguf`` -> ``gguf/model-<type>.gguf`` for each of ``--gguf-types`` (f32, f16, bf16, q8_0)
+  and an Ollama ``Modelfile`` (see :mod:`alignment.tools.gguf_export`).  The tokenizer is
+  written so that llama.cpp splits text as transformers does; a tokenizer it cannot match is
+  refused before anything is written.
 
-Each export writes ``export_report.json`` and ``export_report.md``: file size, CPU
-generation speed (greedy, batch 1, the same prompts, a fixed number of new tokens)
-and held-out accuracy (``answer_match`` on ``--eval-data``) of every variant next to
-fp32, with the tolerance each variant is held to.
+Each export writes ``export_report.json`` and ``export_report.md``: for every variant the file
+size, generation speed (greedy, batch 1, the same prompts, a fixed number of new tokens),
+held-out accuracy (``answer_match`` on ``--eval-data``) and how many greedy answers are
+identical to fp32's, each measured where the variant runs: transformers for the transformers
+directories, llama.cpp (llama-cpp-python, when installed) for the GGUF files, through its own
+tokenizer and chat template.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import json
@@ -35,16 +37,27 @@ import os
 import shutil
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 from alignment.errors import CheckpointError, DataError
+from alignment.tools import gguf_export
 
-INT8_WEIGHTS = "model_int8.safetensors"
-INT8_MARKER = "quantization.json"
+LEGACY_INT8_MARKER = "quantization.json"  # written by the torch.ao int8 export this module had before torchao
 DEFAULT_EVAL = "data/tiny_arith/eval.jsonl"
 EXPORT_MARKER = ".align-export"  # lets a later export replace this folder
-_INT8_SUFFIXES = (".weight_int8", ".weight_scale", ".weight_zero_point", ".weight_axis", ".bias")
+EXTRA_HINT = "pip install -c constraints-cpu.txt -e '.[export]'"
+
+# torchao configs by scheme.  Weight-only is the default: in eager mode (plain from_pretrained + generate) its
+# decode beat fp32 on this project's CPU (AVX512-VNNI, no AMX), where dynamic's per-layer activation
+# quantisation cost more than its int8 matmul saved; compiled, dynamic was the fastest
+# (benchmarks/export_speed.py; docs/tools.md has the table).
+INT8_SCHEMES = {"dynamic": "Int8DynamicActivationInt8WeightConfig", "weight-only": "Int8WeightOnlyConfig"}
+DEFAULT_INT8_SCHEME = "weight-only"
+# Greedy answers identical to transformers' fp32 that each GGUF type is held to (share of the eval prompts).
+# f32 computes what transformers computes; f16/bf16 round the weights (and llama.cpp the activations of
+# f16 matmuls); q8_0 also quantises the activations to 8 bits inside llama.cpp's matmuls.
+GGUF_AGREEMENT = {"f32": 0.98, "f16": 0.90, "bf16": 0.90, "q8_0": 0.90}
+INT8_AGREEMENT = 0.90
 
 
 # ----------------------------------------------------------------------------- loading
@@ -54,8 +67,26 @@ def is_adapter(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def is_int8_export(path: Path) -> bool:
-    return (Path(path) / INT8_MARKER).is_file()
+def is_legacy_int8_export(path: Path) -> bool:
+    return (Path(path) / LEGACY_INT8_MARKER).is_file() and not (Path(path) / "model.safetensors").is_file()
+
+
+def quantization_method(path: Path) -> str | None:
+    """The quant_method a transformers directory's config.json records (None for a plain model)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return (json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}).get("quant_method")
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config}: not valid JSON ({exc})") from None
+
+
+def _refuse_legacy(path: Path) -> None:
+    if is_legacy_int8_export(path):
+        raise CheckpointError(f"{path} is an int8 export in the old torch.ao format ({LEGACY_INT8_MARKER}, no "
+                              "model.safetensors), which this version no longer reads; export again from the fp32 "
+                              "checkpoint with --int8")
 
 
 def load_source(spec: str, *, merge_lora: bool = False, base: str | None = None):
@@ -65,8 +96,11 @@ def load_source(spec: str, *, merge_lora: bool = False, base: str | None = None)
 
     path = Path(spec)
     require_finished_run(spec)
-    if is_int8_export(path):
-        raise CheckpointError(f"{spec} is already an int8 export; export from the fp32 checkpoint")
+    _refuse_legacy(path)
+    method = quantization_method(path)
+    if method:
+        raise CheckpointError(f"{spec} is already quantised ({method}, config.json quantization_config); "
+                              "export from the fp32 checkpoint")
     if is_adapter(path):
         if not merge_lora:
             raise CheckpointError(f"{spec} holds a LoRA adapter (adapter_config.json), not a full model; "
@@ -101,148 +135,45 @@ def merge_adapter(adapter_dir: Path, base: str | None):
 
 
 def load_any(spec: str):
-    """A model for inference from a checkpoint, an int8 export, or any spec `policies.load` takes."""
+    """A model for inference from a checkpoint, an export (int8 included), or any spec `policies.load` takes."""
     import policies
 
-    if is_int8_export(Path(spec)):
-        return load_int8(spec)
+    _refuse_legacy(Path(spec))
     return policies.load(spec)
 
 
-# ----------------------------------------------------------------------------- int8
+# ----------------------------------------------------------------------------- int8 (torchao)
 
 
-@contextlib.contextmanager
-def _quiet():
-    """torch.ao.quantization warns that it is deprecated in favour of torchao; the API still works."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+def torchao_available() -> bool:
+    return importlib.util.find_spec("torchao") is not None
 
 
-def quantize_int8(model):
-    """A dynamic int8 copy of `model` (every nn.Linear; activations quantised on the fly), for CPU."""
+def quantize_int8_dir(fp32_dir: Path, out_dir: Path, scheme: str = DEFAULT_INT8_SCHEME) -> Path:
+    """torchao int8 of a saved fp32 transformers directory, written as a transformers directory.
+
+    Quantised while loading (``from_pretrained(quantization_config=TorchAoConfig(...))``, the path
+    transformers documents) and saved with safetensors; ``config.json`` records the
+    ``quantization_config``, so a plain ``from_pretrained(out_dir)`` rebuilds the int8 model.
+    """
+    if scheme not in INT8_SCHEMES:
+        raise DataError(f"--int8-scheme must be one of {', '.join(INT8_SCHEMES)}, got {scheme!r}")
+    if not torchao_available():
+        raise CheckpointError(f"--int8 needs torchao, which is not installed: {EXTRA_HINT}")
     import torch
-
-    with _quiet():
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu().eval(), {torch.nn.Linear},
-                                                      dtype=torch.qint8)
-
-
-def _dynamic_linear_class():
-    import torch
-
-    return torch.ao.nn.quantized.dynamic.Linear
-
-
-def int8_tensors(qmodel) -> dict:
-    """Plain tensors for safetensors: int8 values, scales and zero points of each quantised layer, the rest as is."""
-    import torch
-
-    linear = _dynamic_linear_class()
-    tensors, prefixes = {}, []
-    for name, module in qmodel.named_modules():
-        if not isinstance(module, linear):
-            continue
-        prefixes.append(name + ".")
-        weight, bias = module._weight_bias()
-        tensors[f"{name}.weight_int8"] = weight.int_repr().contiguous()
-        if weight.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-            tensors[f"{name}.weight_scale"] = torch.tensor([weight.q_scale()], dtype=torch.float64)
-            tensors[f"{name}.weight_zero_point"] = torch.tensor([weight.q_zero_point()], dtype=torch.int64)
-        else:
-            tensors[f"{name}.weight_scale"] = weight.q_per_channel_scales().to(torch.float64)
-            tensors[f"{name}.weight_zero_point"] = weight.q_per_channel_zero_points().to(torch.int64)
-            tensors[f"{name}.weight_axis"] = torch.tensor([weight.q_per_channel_axis()], dtype=torch.int64)
-        if bias is not None:
-            tensors[f"{name}.bias"] = bias.detach().contiguous()
-    for key, value in qmodel.state_dict().items():
-        if not any(key.startswith(p) for p in prefixes) and isinstance(value, torch.Tensor):
-            tensors[key] = value.detach().contiguous()
-    return tensors
-
-
-def save_int8(qmodel, tokenizer, out_dir: Path) -> Path:
-    """config + tokenizer + model_int8.safetensors + quantization.json + README.md (how to load it)."""
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    qmodel.config.save_pretrained(str(out_dir))
-    if getattr(qmodel, "generation_config", None) is not None:
-        qmodel.generation_config.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    save_file(int8_tensors(qmodel), str(out_dir / INT8_WEIGHTS), metadata={"format": "alignment-int8-dynamic"})
-    marker = {
-        "method": "torch.ao.quantization.quantize_dynamic",
-        "modules": ["torch.nn.Linear"],
-        "dtype": "qint8",
-        "weights": INT8_WEIGHTS,
-        "loader": "alignment.tools.export:load_int8",
-        "note": "not loadable by AutoModelForCausalLM.from_pretrained; use load_int8(dir) or `align chat DIR`",
-    }
-    (out_dir / INT8_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "README.md").write_text(
-        "# int8 (dynamic) export\n\n"
-        "Every `nn.Linear` of the model quantised to int8 with `torch.ao.quantization.quantize_dynamic`\n"
-        "(activations are quantised on the fly; for CPU inference). The weights are stored without pickle\n"
-        f"in `{INT8_WEIGHTS}`: for each quantised layer `<name>.weight_int8`, `.weight_scale`,\n"
-        "`.weight_zero_point` (and `.bias`); every other tensor as in the fp32 model.\n\n"
-        "Load it with\n\n```python\nfrom alignment.tools.export import load_int8\n"
-        "model, tokenizer = load_int8('THIS_DIR')\n```\n\nor run `align chat THIS_DIR`.\n",
-        encoding="utf-8",
-    )
-    return out_dir / INT8_WEIGHTS
-
-
-def load_int8(directory: str | Path):
-    """Rebuild an int8 export: model from its config, quantised, then the stored int8 weights put back."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import torchao.quantization
+    from transformers import AutoModelForCausalLM, TorchAoConfig
 
     import policies
 
-    directory = Path(directory)
-    if not is_int8_export(directory):
-        raise CheckpointError(f"{directory} is not an int8 export (no {INT8_MARKER})")
-    config = AutoConfig.from_pretrained(str(directory))
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(config)
-    qmodel = quantize_int8(model)
-    tensors = load_file(str(directory / INT8_WEIGHTS))
-    linear = _dynamic_linear_class()
-    restored = set()
-    for name, module in qmodel.named_modules():
-        if not isinstance(module, linear):
-            continue
-        values = tensors[f"{name}.weight_int8"]
-        scale, zero_point = tensors[f"{name}.weight_scale"], tensors[f"{name}.weight_zero_point"]
-        if f"{name}.weight_axis" in tensors:
-            axis = int(tensors[f"{name}.weight_axis"][0])
-            shape = [-1 if d == axis else 1 for d in range(values.dim())]
-            real = (values.double() - zero_point.view(shape)) * scale.view(shape)
-            weight = torch.quantize_per_channel(real.float(), scale, zero_point, axis, torch.qint8)
-        else:
-            real = (values.double() - float(zero_point[0])) * float(scale[0])
-            weight = torch.quantize_per_tensor(real.float(), float(scale[0]), int(zero_point[0]), torch.qint8)
-        module.set_weight_bias(weight, tensors.get(f"{name}.bias"))
-        restored.update(f"{name}{suffix}" for suffix in _INT8_SUFFIXES)
-    # The other tensors (embeddings, norms) are copied in place; load_state_dict would ask the
-    # quantised layers for their pickle-era keys.
-    rest = {k: v for k, v in tensors.items() if k not in restored}
-    quantized_prefixes = tuple(n + "." for n, m in qmodel.named_modules() if isinstance(m, linear))
-    own = {k: v for k, v in qmodel.state_dict().items() if not k.startswith(quantized_prefixes)}
-    missing, unexpected = sorted(set(own) - set(rest)), sorted(set(rest) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{directory}: int8 weights do not match the config (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
-    with torch.no_grad():
-        for key, value in rest.items():
-            own[key].copy_(value)
-    tokenizer = policies.load_tokenizer(str(directory))
-    if qmodel.config.pad_token_id is None:
-        qmodel.config.pad_token_id = tokenizer.pad_token_id
-    return qmodel.eval(), tokenizer
+    config = TorchAoConfig(quant_type=getattr(torchao.quantization, INT8_SCHEMES[scheme])())
+    model = AutoModelForCausalLM.from_pretrained(str(fp32_dir), dtype=torch.float32, quantization_config=config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    if (Path(fp32_dir) / "tokenizer_config.json").is_file():  # a bare model directory (the benchmark's) has none
+        policies.load_tokenizer(str(fp32_dir)).save_pretrained(str(out_dir))
+    return out_dir / "model.safetensors"
+
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -271,87 +202,6 @@ def prune_global_l1(model, amount: float) -> tuple[object, float]:
     return pruned, zeros / total
 
 
-# ----------------------------------------------------------------------------- gguf (optional)
-
-
-def gguf_available() -> bool:
-    return importlib.util.find_spec("gguf") is not None
-
-
-def _permute_rope(weight, heads: int):
-    """llama.cpp's layout for Llama q/k projections (its converter reorders rotary halves the same way)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def write_gguf(model, tokenizer, path: Path) -> Path:
-    """Experimental: an f32 GGUF file for Llama / Qwen2 models with a byte-level BPE tokenizer.
-
-    Tensor names, the q/k reordering and the metadata keys follow llama.cpp's
-    converter; this writer is not checked against llama.cpp here.
-    """
-    import gguf
-
-    config = model.config
-    arch = {"llama": "llama", "qwen2": "qwen2"}.get(config.model_type)
-    if arch is None:
-        raise CheckpointError(f"GGUF export supports llama and qwen2 models, not {config.model_type!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "model")).name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    rope_theta = getattr(config, "rope_theta", None) or (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
-    writer.add_rope_freq_base(float(rope_theta))
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    special = set(tokenizer.all_special_ids)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([token for token, _ in vocab])
-    writer.add_token_types([3 if i in special else 1 for _, i in vocab])
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("merges", [])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    for name in ("bos", "eos", "pad", "unk"):
-        token_id = getattr(tokenizer, f"{name}_token_id")
-        if token_id is not None:
-            getattr(writer, f"add_{name}_token_id")(token_id)
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for key, tensor in model.state_dict().items():
-        data = tensor.detach().float()
-        if key == "model.embed_tokens.weight":
-            out = "token_embd.weight"
-        elif key == "model.norm.weight":
-            out = "output_norm.weight"
-        elif key == "lm_head.weight":
-            if getattr(config, "tie_word_embeddings", False):
-                continue
-            out = "output.weight"
-        elif key.startswith("model.layers."):
-            _, _, layer, rest = key.split(".", 3)
-            module, _, kind = rest.rpartition(".")
-            if module not in names:
-                continue
-            if arch == "llama" and module == "self_attn.q_proj" and kind == "weight":
-                data = _permute_rope(data, config.num_attention_heads)
-            if arch == "llama" and module == "self_attn.k_proj" and kind == "weight":
-                data = _permute_rope(data, config.num_key_value_heads)
-            out = f"blk.{layer}.{names[module]}.{kind}"
-        else:
-            continue
-        writer.add_tensor(out, data.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
 
 # ----------------------------------------------------------------------------- measurements
 
@@ -375,15 +225,12 @@ def eval_rows(path: str, limit: int | None) -> list[dict]:
 
 def accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64) -> tuple[float, list[str]]:
     """Greedy held-out accuracy (answer_match) and the completions."""
-    import reward
     from alignment.evaluation.generate import generate_completions
 
     prompts = [row["prompt"] for row in rows]
     samples = generate_completions(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     completions = [s["text"] for s in samples]
-    scored = reward.build([{"source": "answer_match"}])(prompts, completions, answer=[row["answer"] for row in rows])
-    applied = [s for s in scored.per_source["answer_match"] if s is not None]
-    return (sum(applied) / len(applied) if applied else float("nan")), completions
+    return _answer_match(rows, completions), completions
 
 
 def generation_speed(models: dict, prompts: list, new_tokens: int = 32, repeats: int = 3) -> dict:
@@ -437,8 +284,10 @@ def export(
     merge_lora: bool = False,
     base: str | None = None,
     int8: bool = False,
+    int8_scheme: str = DEFAULT_INT8_SCHEME,
     prune: float | None = None,
     gguf: bool = False,
+    gguf_types: tuple[str, ...] = gguf_export.DEFAULT_GGUF_TYPES,
     eval_data: str | None = DEFAULT_EVAL,
     eval_samples: int | None = None,
     max_new_tokens: int = 6,
@@ -450,8 +299,8 @@ def export(
 ) -> dict:
     """Write the fp32 export and the asked-for variants into `output`, measure each, write the report.
 
-    Everything runs with `threads` torch threads (default 1: single-threaded timings are
-    comparable between machines, and several threads on a busy CPU can run many times
+    Everything runs with `threads` torch (and llama.cpp) threads (default 1: single-threaded timings
+    are comparable between machines, and several threads on a busy CPU can run many times
     slower); None keeps torch's setting.
     """
     import torch
@@ -459,86 +308,80 @@ def export(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or previous_threads)
     try:
-        return _export(checkpoint, output, merge_lora=merge_lora, base=base, int8=int8, prune=prune, gguf=gguf,
-                       eval_data=eval_data, eval_samples=eval_samples, max_new_tokens=max_new_tokens,
-                       speed_prompts=speed_prompts, speed_tokens=speed_tokens, speed_repeats=speed_repeats,
-                       tolerance=tolerance)
+        return _export(checkpoint, output, merge_lora=merge_lora, base=base, int8=int8, int8_scheme=int8_scheme,
+                       prune=prune, gguf=gguf, gguf_types=tuple(gguf_types), eval_data=eval_data,
+                       eval_samples=eval_samples, max_new_tokens=max_new_tokens, speed_prompts=speed_prompts,
+                       speed_tokens=speed_tokens, speed_repeats=speed_repeats, tolerance=tolerance)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _export(checkpoint, output, *, merge_lora, base, int8, prune, gguf, eval_data, eval_samples, max_new_tokens,
-            speed_prompts, speed_tokens, speed_repeats, tolerance) -> dict:
+def _check_request(int8, int8_scheme, gguf, gguf_types) -> None:
+    """Refuse what cannot be exported before anything is written."""
+    if int8:
+        if int8_scheme not in INT8_SCHEMES:
+            raise DataError(f"--int8-scheme must be one of {', '.join(INT8_SCHEMES)}, got {int8_scheme!r}")
+        if not torchao_available():
+            raise CheckpointError(f"--int8 needs torchao, which is not installed: {EXTRA_HINT}")
+    if gguf:
+        unknown = [t for t in gguf_types if t not in gguf_export.GGUF_TYPE_NAMES]
+        if unknown or not gguf_types:
+            raise DataError(f"--gguf-types: {unknown or 'none given'}; choose from "
+                            f"{', '.join(gguf_export.GGUF_TYPE_NAMES)}")
+
+
+def _export(checkpoint, output, *, merge_lora, base, int8, int8_scheme, prune, gguf, gguf_types, eval_data,
+            eval_samples, max_new_tokens, speed_prompts, speed_tokens, speed_repeats, tolerance) -> dict:
     import torch
 
     from alignment.checkpoint import write_atomic, write_json
 
+    _check_request(int8, int8_scheme, gguf, gguf_types)
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         if not (output / EXPORT_MARKER).is_file():
             raise CheckpointError(f"{output} exists and is not an earlier export; choose an empty or new folder")
+    started = time.time()
+    model, tokenizer, source = load_source(checkpoint, merge_lora=merge_lora, base=base)
+    if gguf and gguf_export.gguf_available():
+        gguf_export.llama_cpp_pre_tokenizer(tokenizer)  # a tokenizer llama.cpp cannot match: refused up front
+        if model.config.model_type not in gguf_export.SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(f"GGUF export supports {sorted(gguf_export.SUPPORTED_ARCHITECTURES)} models, "
+                                  f"not {model.config.model_type!r}")
+    if output.exists():
         shutil.rmtree(output)  # an earlier (or interrupted) export of ours: replaced
     output.mkdir(parents=True, exist_ok=True)
     (output / EXPORT_MARKER).write_text("written by align export\n", encoding="utf-8")
-    started = time.time()
-    model, tokenizer, source = load_source(checkpoint, merge_lora=merge_lora, base=base)
     model.save_pretrained(str(output), safe_serialization=True)
     tokenizer.save_pretrained(str(output))
 
-    variants: dict[str, dict] = {"fp32": {"path": str(output), "files": [p.name for p in weight_files(output)]}}
+    eval_path = eval_data if eval_data and Path(eval_data).is_file() else None
+    rows = eval_rows(eval_path, eval_samples) if eval_path else []
+    speed_set = [row["prompt"] for row in (rows or _default_speed_prompts())][:speed_prompts]
+
+    variants: dict[str, dict] = {"fp32": {"path": str(output), "files": [p.name for p in weight_files(output)],
+                                          "format": "transformers", "engine": "transformers"}}
     if int8:
-        weights = save_int8(quantize_int8(model), tokenizer, output / "int8")
-        variants["int8"] = {"path": str(output / "int8"), "files": [weights.name], "format": "safetensors (int8 + scales)"}
+        weights = quantize_int8_dir(output, output / "int8", int8_scheme)
+        variants["int8"] = {"path": str(output / "int8"), "files": [weights.name], "format": "transformers + torchao",
+                            "engine": "transformers", "scheme": int8_scheme, "config": INT8_SCHEMES[int8_scheme],
+                            "agreement_required": INT8_AGREEMENT}
     if prune:
         pruned, sparsity = prune_global_l1(model, prune)
         pruned.save_pretrained(str(output / "pruned"), safe_serialization=True)
         tokenizer.save_pretrained(str(output / "pruned"))
         variants["pruned"] = {"path": str(output / "pruned"), "files": ["model.safetensors"], "amount": prune,
+                              "format": "transformers", "engine": "transformers",
                               "linear_weight_sparsity": round(sparsity, 4),
                               "note": "stored dense: zeros speed nothing up and save no space without sparse kernels"}
         del pruned
     if gguf:
-        if gguf_available():
-            path = write_gguf(model, tokenizer, output / "gguf" / "model.gguf")
-            variants["gguf"] = {"path": str(path.parent), "files": [path.name], "status": "written (experimental)",
-                                "note": "f32 tensors; not measured here (needs llama.cpp)"}
-        else:
-            variants["gguf"] = {"status": "unavailable", "note": "the gguf package is not installed (pip install gguf)"}
+        variants.update(_write_ggufs(model, tokenizer, output, gguf_types, rows))
     del model
 
-    eval_path = eval_data if eval_data and Path(eval_data).is_file() else None
-    rows = eval_rows(eval_path, eval_samples) if eval_path else []
-    speed_set = [row["prompt"] for row in (rows or _default_speed_prompts())][:speed_prompts]
-    measured = {name: v for name, v in variants.items() if name != "gguf"}
-    loaded = {}
-    for name, variant in measured.items():
-        directory = Path(variant["path"])
-        variant["file_bytes"] = file_bytes(directory / f for f in variant["files"])
-        loaded[name] = load_int8(directory) if name == "int8" else _load_dir(directory)
-    for name, speed in generation_speed(loaded, speed_set, speed_tokens, speed_repeats).items():
-        variants[name]["speed"] = speed
-    baseline_completions = None
-    for name, (model, model_tokenizer) in loaded.items():
-        if rows:
-            acc, completions = accuracy(model, model_tokenizer, rows, max_new_tokens)
-            variants[name]["accuracy"] = round(acc, 4)
-            if baseline_completions is None:
-                baseline_completions = completions
-            else:
-                same = sum(a == b for a, b in zip(completions, baseline_completions))
-                variants[name]["same_completion_as_fp32"] = round(same / len(rows), 4)
-    del loaded
-    base_variant = variants["fp32"]
-    for name, variant in variants.items():
-        if name in ("fp32", "gguf"):
-            continue
-        variant["size_vs_fp32"] = round(variant["file_bytes"] / base_variant["file_bytes"], 4)
-        variant["speed_vs_fp32"] = round(variant["speed"]["tokens_per_s"] / base_variant["speed"]["tokens_per_s"], 3)
-        if "accuracy" in variant:
-            delta = variant["accuracy"] - base_variant["accuracy"]
-            variant["accuracy_delta"] = round(delta, 4)
-            variant["tolerance"] = tolerance
-            variant["within_tolerance"] = delta >= -tolerance
+    baseline = _measure_transformers(variants, rows, speed_set, max_new_tokens, speed_tokens, speed_repeats)
+    _measure_llama_cpp(variants, tokenizer, rows, speed_set, max_new_tokens, speed_tokens, speed_repeats, baseline)
+    _compare_to_fp32(variants, tolerance)
 
     report = {
         "source": source,
@@ -548,9 +391,10 @@ def _export(checkpoint, output, *, merge_lora, base, int8, prune, gguf, eval_dat
                  "tolerance": f"a variant passes if its accuracy is at most {tolerance * 100:g} points below fp32's"},
         "speed_settings": {"prompts": len(speed_set), "new_tokens": speed_tokens, "batch_size": 1,
                            "repeats": speed_repeats, "decoding": "greedy, EOS suppressed until new_tokens",
-                           "order": "variants timed in turns, median round reported"},
-        "environment": {"torch": torch.__version__, "quantized_engine": torch.backends.quantized.engine,
-                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                           "order": "transformers variants timed in turns, median round reported; "
+                                    "GGUF files after them in llama.cpp"},
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                        "packages": _versions("torchao", "gguf", "llama_cpp_python"),
                         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "variants": variants,
         "seconds": round(time.time() - started, 1),
@@ -558,6 +402,133 @@ def _export(checkpoint, output, *, merge_lora, base, int8, prune, gguf, eval_dat
     write_json(output / "export_report.json", report)
     write_atomic(output / "export_report.md", report_markdown(report))
     return report
+
+
+def _versions(*names) -> dict:
+    from importlib import metadata
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _write_ggufs(model, tokenizer, output: Path, gguf_types, rows) -> dict:
+    from alignment.evaluation.generate import render_prompt
+
+    if not gguf_export.gguf_available():
+        return {"gguf": {"status": "unavailable", "note": f"the gguf package is not installed ({EXTRA_HINT})"}}
+    directory = output / "gguf"
+    checked_texts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
+    variants = {}
+    for gguf_type in gguf_types:
+        path = directory / f"model-{gguf_type}.gguf"
+        info = gguf_export.write_gguf(model, tokenizer, path, gguf_type, tokenizer_dir=output)
+        if gguf_export.llama_cpp_available():
+            info["tokenizer_check"] = gguf_export.verify_tokenizer(path, tokenizer, checked_texts)
+        else:
+            info["tokenizer_check"] = "not run: llama-cpp-python is not installed"
+        variants[f"gguf-{gguf_type}"] = {"path": str(directory), "files": [path.name], "format": "GGUF",
+                                         "engine": "llama.cpp", "agreement_required": GGUF_AGREEMENT[gguf_type],
+                                         **info}
+    # Ollama gets the smallest file written: the one a user would run
+    preferred = next(t for t in ("q8_0", "f16", "bf16", "f32") if t in gguf_types)
+    modelfile = gguf_export.write_modelfile(directory, f"model-{preferred}.gguf", tokenizer)
+    variants[f"gguf-{preferred}"]["ollama_modelfile"] = str(modelfile)
+    return variants
+
+
+def _measure_transformers(variants, rows, speed_set, max_new_tokens, speed_tokens, speed_repeats) -> list[str] | None:
+    """Size, speed, accuracy of the transformers directories; returns fp32's greedy completions."""
+    loaded = {}
+    for name, variant in variants.items():
+        if variant.get("engine") != "transformers":
+            continue
+        directory = Path(variant["path"])
+        variant["file_bytes"] = file_bytes(directory / f for f in variant["files"])
+        loaded[name] = _load_dir(directory)
+    for name, speed in generation_speed(loaded, speed_set, speed_tokens, speed_repeats).items():
+        variants[name]["speed"] = {**speed, "engine": "transformers"}
+    baseline = None
+    for name, (model, model_tokenizer) in loaded.items():
+        if rows:
+            acc, completions = accuracy(model, model_tokenizer, rows, max_new_tokens)
+            variants[name]["accuracy"] = round(acc, 4)
+            if name == "fp32":
+                baseline = completions
+            else:
+                _record_agreement(variants[name], completions, baseline)
+    return baseline
+
+
+def _visible(text: str) -> str:
+    """The text without U+FFFD: transformers decodes bytes that are not valid UTF-8 to it, llama-cpp-python
+    drops them, so the same generated tokens read differently only there."""
+    return text.replace("\ufffd", "")
+
+
+def _record_agreement(variant: dict, completions: list[str], baseline: list[str]) -> None:
+    same = sum(_visible(a) == _visible(b) for a, b in zip(completions, baseline))
+    variant["identical_greedy_answers"] = same
+    variant["identical_greedy_answers_of"] = len(baseline)
+    variant["same_completion_as_fp32"] = round(same / len(baseline), 4)
+    if "agreement_required" in variant:
+        variant["agreement_ok"] = same / len(baseline) >= variant["agreement_required"]
+
+
+def _measure_llama_cpp(variants, tokenizer, rows, speed_set, max_new_tokens, speed_tokens, speed_repeats,
+                       baseline) -> None:
+    """The GGUF files in llama.cpp: its tokenizer on the eval prompts, its chat path's greedy answers, its speed."""
+    import torch
+
+    from alignment.evaluation.generate import render_prompt
+
+    for variant in variants.values():
+        if variant.get("engine") != "llama.cpp":
+            continue
+        path = Path(variant["path"]) / variant["files"][0]
+        variant["file_bytes"] = path.stat().st_size
+        if not gguf_export.llama_cpp_available():
+            variant["note"] = f"written; not measured: llama-cpp-python is not installed ({EXTRA_HINT})"
+            continue
+        llama = gguf_export.load_llama(path, threads=torch.get_num_threads())
+        if rows:
+            texts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
+            variant["identical_token_ids"] = len(texts) - len(gguf_export.check_tokenization(llama, tokenizer, texts))
+            variant["identical_token_ids_of"] = len(texts)
+            completions = gguf_export.chat_answers(llama, [row["prompt"] for row in rows], max_new_tokens)
+            variant["accuracy"] = round(_answer_match(rows, completions), 4)
+            if baseline is not None:
+                _record_agreement(variant, completions, baseline)
+        variant["speed"] = gguf_export.llama_speed(llama, tokenizer, speed_set, speed_tokens, speed_repeats)
+        llama.close()
+
+
+def _compare_to_fp32(variants: dict, tolerance: float) -> None:
+    base = variants["fp32"]
+    for name, variant in variants.items():
+        if name == "fp32" or "file_bytes" not in variant:
+            continue
+        variant["size_vs_fp32"] = round(variant["file_bytes"] / base["file_bytes"], 4)
+        if "speed" in variant:
+            variant["speed_vs_fp32"] = round(variant["speed"]["tokens_per_s"] / base["speed"]["tokens_per_s"], 3)
+        if "accuracy" in variant and "accuracy" in base:
+            delta = variant["accuracy"] - base["accuracy"]
+            variant["accuracy_delta"] = round(delta, 4)
+            variant["tolerance"] = tolerance
+            variant["within_tolerance"] = delta >= -tolerance
+
+
+def _answer_match(rows: list[dict], completions: list[str]) -> float:
+    import reward
+
+    prompts = [row["prompt"] for row in rows]
+    scored = reward.build([{"source": "answer_match"}])(prompts, completions, answer=[row["answer"] for row in rows])
+    applied = [s for s in scored.per_source["answer_match"] if s is not None]
+    return sum(applied) / len(applied) if applied else float("nan")
 
 
 def _load_dir(directory: Path):
@@ -582,40 +553,53 @@ def report_markdown(report: dict) -> str:
         "",
         f"Output: `{report['output']}`" + (" (LoRA adapter merged into its base)" if report["source"]["lora_merged"] else ""),
         "",
-        "| variant | weights | size | vs fp32 | tokens/s (CPU) | vs fp32 | accuracy | vs fp32 | within tolerance |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| variant | weights | run in | size | vs fp32 | tokens/s (CPU) | vs fp32 | accuracy | vs fp32 | "
+        "identical greedy answers | within tolerance |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, v in report["variants"].items():
         if "file_bytes" not in v:
-            lines.append(f"| {name} | {v.get('status', '')} | | | | | | | |")
+            lines.append(f"| {name} | {v.get('status', '')} | | | | | | | | | |")
             continue
         acc = f"{v['accuracy']:.1%}" if "accuracy" in v else "n/a"
         delta = f"{v['accuracy_delta'] * 100:+.1f} pts" if "accuracy_delta" in v else ""
         ok = "" if "within_tolerance" not in v else ("yes" if v["within_tolerance"] else "**no**")
+        same = (f"{v['identical_greedy_answers']} of {v['identical_greedy_answers_of']}"
+                if "identical_greedy_answers" in v else "")
+        tokens = v["speed"]["tokens_per_s"] if "speed" in v else "n/a"
+        ratio = f"{v['speed_vs_fp32']:.2f}x" if "speed_vs_fp32" in v else ("1.00x" if name == "fp32" else "")
         lines.append(
-            f"| {name} | {', '.join(v['files'])} | {_mb(v['file_bytes'])} | {v.get('size_vs_fp32', 1.0):.2f}x | "
-            f"{v['speed']['tokens_per_s']} | {v.get('speed_vs_fp32', 1.0):.2f}x | {acc} | {delta} | {ok} |"
+            f"| {name} | {', '.join(v['files'])} | {v['engine']} | {_mb(v['file_bytes'])} | "
+            f"{v.get('size_vs_fp32', 1.0):.2f}x | {tokens} | {ratio} | {acc} | {delta} | {same} | {ok} |"
         )
     lines += [
         "",
         f"- accuracy: {report['eval']['metric']}, {report['eval']['decoding']}, {report['eval']['prompts']} prompts "
         f"of `{report['eval']['data']}`, {report['eval']['max_new_tokens']} new tokens; {report['eval']['tolerance']}",
         f"- speed: {speed['prompts']} prompts, batch 1, {speed['new_tokens']} new tokens each, {speed['decoding']}; "
-        f"variants timed in turns, median of {speed['repeats']} rounds, torch {report['environment']['torch']}, "
-        f"{report['environment']['threads']} threads, quantized engine {report['environment']['quantized_engine']}, "
-        f"{report['environment']['cpu_count']} CPUs with 1-minute load average {report['environment']['load_average_1min']} "
-        "(timings on a busy machine are noisy)",
+        f"{speed['order']}, median of {speed['repeats']} rounds, torch {report['environment']['torch']}, "
+        f"{report['environment']['threads']} threads, {report['environment']['cpu_count']} CPUs with 1-minute load "
+        f"average {report['environment']['load_average_1min']} (timings on a busy machine are noisy)",
     ]
     for name, v in report["variants"].items():
+        if "identical_greedy_answers" in v:
+            lines.append(f"- {name}: identical greedy answers: {v['identical_greedy_answers']} of "
+                         f"{v['identical_greedy_answers_of']} (held to {v.get('agreement_required', 0):.0%}: "
+                         f"{'met' if v.get('agreement_ok', True) else '**not met**'})")
+        if "identical_token_ids" in v:
+            lines.append(f"- {name}: llama.cpp token ids identical to transformers' on {v['identical_token_ids']} of "
+                         f"{v['identical_token_ids_of']} rendered prompts (pre-tokenizer `{v['pre_tokenizer']}`)")
         if v.get("note"):
             lines.append(f"- {name}: {v['note']}")
+        for caveat in v.get("caveats", []):
+            lines.append(f"- {name}: caveat: {caveat}")
         if "linear_weight_sparsity" in v:
             lines.append(f"- {name}: {v['linear_weight_sparsity']:.1%} of the Linear weights are zero")
-        if "same_completion_as_fp32" in v:
-            lines.append(f"- {name}: {v['same_completion_as_fp32']:.1%} of greedy completions identical to fp32")
+        if "ollama_modelfile" in v:
+            lines.append(f"- {name}: Ollama: `ollama create NAME -f {v['ollama_modelfile']}`")
     if "int8" in report["variants"]:
-        lines.append("- int8: load with `alignment.tools.export.load_int8(dir)` or `align chat DIR/int8` "
-                     "(not `AutoModelForCausalLM.from_pretrained`)")
+        lines.append(f"- int8: torchao `{report['variants']['int8']['config']}`; loads with "
+                     "`AutoModelForCausalLM.from_pretrained(DIR/int8)` (torchao installed)")
     lines.append("")
     return "\n".join(lines)
 
@@ -625,19 +609,25 @@ def report_markdown(report: dict) -> str:
 
 def cmd_export(args) -> int:
     report = export(
-        args.checkpoint, args.output, merge_lora=args.merge_lora, base=args.base, int8=args.int8, prune=args.prune,
-        gguf=args.gguf, eval_data=None if args.no_eval else args.eval_data, eval_samples=args.eval_samples,
+        args.checkpoint, args.output, merge_lora=args.merge_lora, base=args.base, int8=args.int8,
+        int8_scheme=args.int8_scheme, prune=args.prune, gguf=args.gguf, gguf_types=args.gguf_types,
+        eval_data=None if args.no_eval else args.eval_data, eval_samples=args.eval_samples,
         max_new_tokens=args.max_new_tokens, speed_prompts=args.speed_prompts, speed_tokens=args.speed_tokens,
         speed_repeats=args.speed_repeats, threads=args.threads or None, tolerance=args.tolerance,
     )
     print(report_markdown(report))
     print(f"report: {Path(args.output) / 'export_report.md'}")
-    outside = [name for name, v in report["variants"].items() if v.get("within_tolerance") is False]
+    outside = [name for name, v in report["variants"].items()
+               if v.get("within_tolerance") is False or v.get("agreement_ok") is False]
     if outside:
-        print(f"warning: accuracy outside tolerance for: {', '.join(outside)}")
+        print(f"warning: accuracy or agreement with fp32 outside tolerance for: {', '.join(outside)}")
         if args.fail_outside_tolerance:
             return 3
     return 0
+
+
+def _type_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip().lower() for item in text.split(",") if item.strip())
 
 
 def add_parser(commands) -> None:
@@ -650,9 +640,14 @@ def add_parser(commands) -> None:
     p.add_argument("--output", required=True, help="export folder (the fp32 model; variants in sub-folders)")
     p.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapter in CHECKPOINT into its base")
     p.add_argument("--base", help="base model for --merge-lora (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--int8", action="store_true", help="dynamic int8 quantisation of Linear layers (CPU)")
+    p.add_argument("--int8", action="store_true", help="torchao int8 quantisation of Linear layers (needs torchao)")
+    p.add_argument("--int8-scheme", choices=list(INT8_SCHEMES), default=DEFAULT_INT8_SCHEME,
+                   help=f"weight-only: int8 weights; dynamic: int8 weights and activations (default {DEFAULT_INT8_SCHEME})")
     p.add_argument("--prune", type=float, metavar="AMOUNT", help="global L1 magnitude pruning of this share of Linear weights")
-    p.add_argument("--gguf", action="store_true", help="also write GGUF (needs the gguf package; experimental)")
+    p.add_argument("--gguf", action="store_true", help="also write GGUF files and an Ollama Modelfile (needs gguf)")
+    p.add_argument("--gguf-types", type=_type_list, default=gguf_export.DEFAULT_GGUF_TYPES,
+                   help=f"comma list of {','.join(gguf_export.GGUF_TYPE_NAMES)} "
+                   f"(default {','.join(gguf_export.DEFAULT_GGUF_TYPES)})")
     p.add_argument("--eval-data", default=DEFAULT_EVAL, help=f"held-out prompts with an 'answer' column (default {DEFAULT_EVAL})")
     p.add_argument("--eval-samples", type=int, help="use only the first N eval rows (default: all)")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy measurement")
@@ -661,8 +656,9 @@ def add_parser(commands) -> None:
     p.add_argument("--speed-tokens", type=int, default=32, help="new tokens per timed prompt (default 32)")
     p.add_argument("--speed-repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for the whole export and its timings (default 1; 0 = torch's default)")
+                   help="torch and llama.cpp threads for the whole export and its timings (default 1; 0 = torch's default)")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="largest accuracy drop vs fp32 (absolute, 0.05 = 5 points) a variant may show (default 0.05)")
-    p.add_argument("--fail-outside-tolerance", action="store_true", help="exit with status 3 if a variant is outside")
+    p.add_argument("--fail-outside-tolerance", action="store_true",
+                   help="exit with status 3 if a variant is outside its accuracy tolerance or agreement with fp32")
     p.set_defaults(func=cmd_export)
