@@ -10,7 +10,8 @@ Feedback", arXiv 2402.04792, algorithm 1):
 3. per prompt, the best-scored response is ``chosen`` and the worst ``rejected`` (a prompt whose
    responses all tie, or with fewer than 2 scored, gives no pair: counted as ``dpo/tied_prompts``);
 4. ``ppo_epochs`` optimizer updates, each over all the step's pairs, of the DPO-family loss
-   (:data:`DPO_LOSSES`) against the frozen reference.
+   (:data:`DPO_LOSSES`) against the frozen reference, plus ``sft_weight`` x the chosen response's
+   mean token negative log-likelihood (Pang et al. 2024, arXiv 2404.19733, eq. 1; trl's ``sft`` loss).
 
 Sequence log-probs are sums over response tokens at ``temperature`` (the sampling temperature, so the
 policy being trained is the one that sampled; 1.0 is the plain model).
@@ -71,13 +72,18 @@ def hinge_loss(margin: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.relu(1.0 - beta * margin)
 
 
-def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid"):
+def dpo_loss(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
+             sft_weight: float = 0.0, chosen_length=None):
     """Per-pair loss of ``loss_type`` and the margin
-    ``h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))`` (sequence log-probs)."""
+    ``h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))`` (sequence log-probs);
+    with ``sft_weight`` w the loss gains ``w * (-log pi(y_w) / |y_w|)``, the chosen response's mean token NLL."""
     if loss_type not in DPO_LOSSES:
         raise KeyError(f"unknown loss_type {loss_type!r}; valid: {', '.join(sorted(DPO_LOSSES))}")
     margin = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
-    return DPO_LOSSES[loss_type](margin, beta), margin
+    loss = DPO_LOSSES[loss_type](margin, beta)
+    if sft_weight:
+        loss = loss + sft_weight * (-logp_chosen / chosen_length.clamp(min=1))
+    return loss, margin
 
 
 def best_worst_pairs(scores: torch.Tensor, keep: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +118,9 @@ class OnlineDPOConfig(PPOConfig):
 
     beta: float = 0.1  # DPO's beta: the strength of the implicit KL to the reference
     loss_type: str = "sigmoid"  # sigmoid (DPO), ipo, hinge
+    # + sft_weight x the chosen response's mean token NLL (as trl's loss_type [sigmoid, sft]): plain DPO can
+    # lower the chosen response's likelihood too, only less than the rejected one's
+    sft_weight: float = 0.0
     num_generations: int = 2  # responses sampled per prompt; the best and the worst form its pair
     ppo_epochs: int = 1  # updates per step over the same pairs (1: each judgement used once, as in the paper)
     mini_batch_size: int = 16  # pairs per forward pass; the update covers all the step's pairs
@@ -125,6 +134,7 @@ class OnlineDPOConfig(PPOConfig):
                 raise SettingError(key, f"OnlineDPOConfig.{key} is a PPO setting online DPO does not use; remove it "
                                    "(the KL to the reference is DPO's beta)")
         self._check_positive("beta")
+        self._check_non_negative("sft_weight")
         self._check_choice("loss_type", tuple(sorted(DPO_LOSSES)))
         if self.num_generations < 2:
             raise SettingError("num_generations", "OnlineDPOConfig.num_generations must be >= 2: a pair needs two "
@@ -204,8 +214,9 @@ class OnlineDPOTrainer(PPOTrainer):
         logp = logprobs_from_logits(logits, batch["response_ids"], self.config.temperature)
         sequence = masked_sum(logp, batch["response_mask"], dim=-1)
         ref = data["ref_sequence_logp"][rows]
-        n = chosen.shape[0]
-        return dpo_loss(sequence[:n], sequence[n:], ref[:n], ref[n:], self.config.beta, self.config.loss_type)
+        n, cfg = chosen.shape[0], self.config
+        return dpo_loss(sequence[:n], sequence[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type, cfg.sft_weight,
+                        batch["response_mask"][:n].sum(dim=-1))
 
     def _summary(self) -> dict:
         return {**super()._summary(), "trainer": "alignment.ppo.online_dpo.OnlineDPOTrainer"}

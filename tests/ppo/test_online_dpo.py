@@ -24,6 +24,9 @@ def test_dpo_losses_by_hand():
     assert close(loss, [(2.0 - 1.0) ** 2])  # (h - 1/(2 beta))^2 = (2 - 1)^2
     loss, _ = dpo_loss(*args, beta=0.25, loss_type="hinge")
     assert close(loss, [0.5])  # max(0, 1 - 0.25 x 2)
+    # + sft_weight 2 x the chosen mean token NLL: -(-1) / 4 tokens = 0.25 -> 0.31326 + 0.5
+    loss, _ = dpo_loss(*args, beta=0.5, sft_weight=2.0, chosen_length=torch.tensor([4]))
+    assert close(loss, [math.log1p(math.exp(-1.0)) + 0.5])
     with pytest.raises(KeyError, match="hinge, ipo, sigmoid"):
         dpo_loss(*args, beta=0.5, loss_type="kto")
 
