@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["METRICS_FILE", "VOCABULARY", "MetricsLog", "Metric", "read_records", "shared_rl_metrics"]
+__all__ = ["COMPLETIONS_FILE", "METRICS_FILE", "VOCABULARY", "MetricsLog", "Metric", "read_records", "shared_rl_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"  # a few sampled completions per logged step (the dashboard shows them)
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,27 @@ class MetricsLog:
             self.trackers.log(full)
         return full
 
+    def write_completions(self, step: int, samples: list[dict]) -> None:
+        """Append sampled completions of `step` ({"prompt", "completion", "reward", ...} each) to
+        completions.jsonl, secrets redacted."""
+        from alignment.recipe import redact
+
+        if not self.enabled or not samples:
+            return
+        with (self.path.parent / COMPLETIONS_FILE).open("a", encoding="utf-8") as handle:
+            for sample in samples:
+                handle.write(json.dumps(redact({"step": step, **sample}), default=str) + "\n")
+
     def trim(self, last_step: int) -> None:
         """Drop records after `last_step` (a resumed run re-logs the steps after its checkpoint)."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= last_step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        for path in (self.path, self.path.parent / COMPLETIONS_FILE):
+            if not path.is_file():
+                continue
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= last_step]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def close(self) -> None:
         if self.trackers is not None:

@@ -36,6 +36,7 @@ class Options:
     save_total_limit: int = field(default=2, metadata=check(positive))  # checkpoints kept (the newest)
     max_train_seconds: Union[float, None] = field(default=None, metadata=check(positive))  # stop early: controls
     progress_bar: bool = True  # tqdm bar with reward and KL
+    log_completions: int = 4  # sampled completions written to completions.jsonl every logging_steps; 0 = none
 
 
 def build_config(recipe):

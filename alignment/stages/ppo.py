@@ -56,6 +56,7 @@ class Options:
     save_total_limit: int = field(default=2, metadata=check(positive))  # checkpoints kept (the newest)
     max_train_seconds: Union[float, None] = field(default=None, metadata=check(positive))  # stop early: controls
     progress_bar: bool = True  # tqdm bar with reward and KL
+    log_completions: int = 4  # sampled completions written to completions.jsonl every logging_steps; 0 = none
 
 
 # ------------------------------------------------------------------ set-up
@@ -170,14 +171,18 @@ class RecipeReward:
     def __init__(self, combined):
         from reward.base import is_conversation
 
-        self.combined, self.is_conversation, self.last_metrics = combined, is_conversation, {}
+        self.combined, self.is_conversation, self.last_metrics, self.last_samples = combined, is_conversation, {}, []
 
     def __call__(self, prompts, completions, **columns):
         originals = columns.pop(ORIGINAL_PROMPT, None) or prompts
+        texts = list(completions)
         completions = [[{"role": "assistant", "content": c}] if self.is_conversation(p) else c
-                       for p, c in zip(originals, completions)]
+                       for p, c in zip(originals, texts)]
         result = self.combined(list(originals), completions, **columns)
         self.last_metrics = result.metrics
+        # kept for completions.jsonl: the prompt as the data has it, the completion's text, its total score
+        self.last_samples = [{"prompt": p, "completion": c, "reward": r}
+                             for p, c, r in zip(originals, texts, result.total)]
         return result.total
 
 
@@ -222,6 +227,9 @@ def train(trainer, reward_fn, run_dir: Path, options, metrics_log, eval_spec=Non
         while trainer.step_count < total:
             metrics = ppo_step(trainer)
             metrics_log.write({**reward_fn.last_metrics, **metrics}, step=trainer.step_count)
+            if trainer.step_count % trainer.config.logging_steps == 0:
+                metrics_log.write_completions(trainer.step_count,
+                                              reward_fn.last_samples[:options.get("log_completions", 0)])
             if eval_spec is not None and eval_spec.every_steps and trainer.step_count % eval_spec.every_steps == 0:
                 common.evaluate_during_training(language_model(trainer), trainer.tokenizer, eval_spec,
                                                 trainer.step_count, metrics_log)

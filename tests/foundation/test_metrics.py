@@ -1,6 +1,7 @@
 """One metrics vocabulary (alignment/metrics.py): the same name, the same quantity, the same unit, in every stage."""
 
 import inspect
+import json
 import math
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def test_docs_table_lists_every_shared_name():
 
 PPO_ONE_STEP = ["model.name_or_path=tiny:1m", "data.max_samples=16", "eval=null", "train.total_steps=1",
                 "train.batch_size=8", "train.mini_batch_size=8", "train.ppo_epochs=1", "train.max_new_tokens=4",
+                "train.logging_steps=1",
                 "train.missing_eos_penalty=null", "options.evaluate_before=false", "options.progress_bar=false",
                 "options.save_steps=1",
                 "reward=[{source: answer_match}]"]
@@ -118,6 +120,7 @@ def one_step_logs(tmp_path_factory):
         metrics = run(recipes.load(recipe_path, overrides + [f"output_dir={out}"]))
         step_records = [r for r in read_records(out) if "reward/total" in r]
         logs[stage] = (step_records, metrics)
+        logs[f"{stage}_dir"] = out
     return logs
 
 
@@ -138,7 +141,7 @@ def test_one_step_logs_the_shared_keys_with_one_meaning(stage, one_step_logs):
 
 
 def test_the_three_logs_share_one_key_set(one_step_logs):
-    key_sets = {stage: set(records[0]) & set(SHARED) for stage, (records, _) in one_step_logs.items()}
+    key_sets = {stage: set(one_step_logs[stage][0][0]) & set(SHARED) for stage in ("ppo", "grpo", "rloo")}
     assert all(keys == set(SHARED) for keys in key_sets.values()), key_sets
 
 
@@ -147,3 +150,11 @@ def test_a_broken_metrics_line_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2"):
         read_records(tmp_path)
     assert read_records(tmp_path / "missing") == []
+
+
+def test_ppo_logs_sampled_completions_for_the_dashboard(one_step_logs):
+    """options.log_completions (4) samples of each logged step, with the score the reward gave them."""
+    lines = [json.loads(line) for line in (one_step_logs["ppo_dir"] / "completions.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and {line["step"] for line in lines} == {1}
+    assert all(isinstance(line["completion"], str) and line["reward"] in (0.0, 1.0) for line in lines), lines
+    assert all("prompt" in line for line in lines)
