@@ -12,7 +12,6 @@ command refuses before loading the source or opening a socket.
 from __future__ import annotations
 
 import argparse
-import os
 
 from reward.errors import RewardError
 from reward.protocols import PROTOCOLS
@@ -27,15 +26,11 @@ EXAMPLES = """examples:
 
 def check_exposure(host: str, token_env: str | None) -> None:
     """Refuse a non-loopback host unless `token_env` names a set environment variable (the token)."""
-    from reward.server import is_loopback
+    from reward.server import exposure_problem
 
-    if token_env and not os.environ.get(token_env):
-        raise RewardError(f"serve-reward: --token-env {token_env}: that environment variable is not set "
-                          "(it must hold the bearer token)")
-    if not is_loopback(host) and not token_env:
-        raise RewardError(f"serve-reward: refusing to serve on non-loopback host {host!r} without a token: "
-                          "anyone who can reach it could call the scorer. Put a token in an environment "
-                          "variable and pass --token-env NAME, or bind to 127.0.0.1")
+    problem = exposure_problem(host, token_env, "anyone who can reach it could call the scorer")
+    if problem:
+        raise RewardError(f"serve-reward: {problem}")
 
 
 def cmd_serve_reward(args) -> int:
@@ -54,13 +49,11 @@ def add_command(commands) -> None:
         "or processes. Protocol: docs/rewards.md.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from reward.server import add_bind_arguments
+
     parser.add_argument("source", metavar="SOURCE", help="reward source string, e.g. runs/tiny/reward_model")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1; any other needs --token-env)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    add_bind_arguments(parser, 8000, "environment variable holding the bearer token clients must send")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="align",
                         help="align: POST /score (ours); openrlhf: POST /get_reward (OpenRLHF's remote RM); "
                         "llamafactory: POST /v1/score/evaluation (LLaMA-Factory's reward_model_type: api)")
-    parser.add_argument("--token-env", default=None, metavar="NAME",
-                        help="environment variable holding the bearer token clients must send")
     parser.set_defaults(func=cmd_serve_reward)

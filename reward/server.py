@@ -95,6 +95,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exposure_problem(host: str, token_env: str | None, risk: str) -> str | None:
+    """Why serving on `host` with the token in `token_env` must be refused, or None.
+
+    One policy for every server we ship (the reward server, the dashboard): a host other than loopback needs a
+    token, and a named token variable must be set.  `risk` says what an open socket would give away.
+    """
+    if token_env and not os.environ.get(token_env):
+        return f"--token-env {token_env}: that environment variable is not set (it must hold the token)"
+    if not is_loopback(host) and not token_env:
+        return (f"refusing to serve on non-loopback host {host!r} without a token: {risk}. Put a token in an "
+                "environment variable and pass --token-env NAME, or bind to 127.0.0.1")
+    return None
+
+
+def add_bind_arguments(parser, default_port: int, token_help: str) -> None:
+    """--host (default 127.0.0.1), --port and --token-env, the same for every server command."""
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1; any other needs --token-env)")
+    parser.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port})")
+    parser.add_argument("--token-env", default=None, metavar="NAME", help=token_help)
+
+
 def serve(
     source: str,
     host: str = "127.0.0.1",

@@ -28,15 +28,12 @@ EXAMPLES = """examples:
 
 def dashboard_token(host: str, token_env: str | None) -> str | None:
     """The token to require: refuse a non-loopback host without one, and a --token-env that is not set."""
-    from reward.server import is_loopback
+    from reward.server import exposure_problem
 
-    if token_env and not os.environ.get(token_env):
-        raise RecipeError(f"dashboard: --token-env {token_env}: that environment variable is not set (it must hold "
-                          "the token)")
-    if not is_loopback(host) and not token_env:
-        raise RecipeError(f"dashboard: refusing to serve on non-loopback host {host!r} without a token: anyone who "
-                          "can reach it could read every run's recipes and completions. Put a token in an "
-                          "environment variable and pass --token-env NAME, or bind to 127.0.0.1")
+    problem = exposure_problem(host, token_env, "anyone who can reach it could read every run's recipes and "
+                                                "completions")
+    if problem:
+        raise RecipeError(f"dashboard: {problem}")
     return os.environ[token_env] if token_env else None
 
 
@@ -56,6 +53,8 @@ def cmd_dashboard(args) -> int:
 
 
 def add_command(commands) -> None:
+    from reward.server import add_bind_arguments
+
     parser = commands.add_parser(
         "dashboard", help="a local web page over a runs directory: states, live curves, reports, side by side",
         description="Serve a web page listing the runs and pipelines under RUNS_DIR with their state (running, "
@@ -65,10 +64,6 @@ def add_command(commands) -> None:
     )
     parser.add_argument("runs_dir", nargs="?", default=DEFAULT_RUNS_DIR, metavar="RUNS_DIR",
                         help=f"folder holding run directories and pipelines (default {DEFAULT_RUNS_DIR})")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1; any other needs --token-env)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--token-env", default=None, metavar="NAME",
-                        help="environment variable holding the token a browser must present (the printed URL's "
-                        "?token=, then a cookie) or a client as Authorization: Bearer")
+    add_bind_arguments(parser, DEFAULT_PORT, "environment variable holding the token a browser must present (the "
+                       "printed URL's ?token=, then a cookie) or a client as Authorization: Bearer")
     parser.set_defaults(func=cmd_dashboard)
