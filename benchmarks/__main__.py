@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run | efficacy | table | ceiling | peer-env | export-speed``."""
+"""Command line: ``python -m benchmarks run | efficacy | table | ceiling | peer-env | export-speed | rl-peer``."""
 
 from __future__ import annotations
 
@@ -62,8 +62,16 @@ def main(argv=None) -> int:
     export_speed.add_argument("--schemes", type=_list, default=["dynamic", "weight-only"])
     export_speed.add_argument("--modes", type=_list, default=["eager", "compiled"], help="eager,compiled")
     export_speed.add_argument("--json", help="also write the report as JSON here")
+    from benchmarks import rl_peer
+
+    rl_peer.add_arguments(commands.add_parser("rl-peer", help="our loop's GRPO / RLOO vs trl's GRPOTrainer / "
+                                              "RLOOTrainer at equal settings (benchmarks/rl_peer.py)"))
     args = parser.parse_args(argv)
 
+    if args.command == "rl-peer":
+        rl_peer.run_benchmark(args.algo, args.preset, args.repeats, rl_peer.settings_from(args), args.model,
+                              args.output, args.timeout)
+        return 0
     if args.command == "table":
         from benchmarks.harness import merged_table
 
