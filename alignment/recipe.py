@@ -26,6 +26,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from alignment.envs.base import EnvironmentSpec
 from alignment.errors import RecipeError, RewardError
 from reward import combine as reward_combine
 
@@ -137,6 +138,7 @@ class Recipe:
     options: Mapping = field(default_factory=dict)
     reward: tuple = ()
     eval: Union[EvalSpec, None] = None
+    environment: Union[EnvironmentSpec, None] = None  # multi-turn episodes with tools (docs/environments.md)
     seed: int = 42
     resume: Union[bool, Literal["force"]] = False  # "force": resume even if data/seed/hyper-parameters changed
     overwrite: bool = False  # a fresh start may replace a finished run in output_dir (`align run --overwrite`)
@@ -755,6 +757,7 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
     if spec.needs_reward and not rewards:
         raise locations.error(("reward",), f"stage {stage!r} scores completions: list at least one reward source")
     eval_spec = coerce(data["eval"], EvalSpec, ("eval",), locations) if data.get("eval") is not None else None
+    environment = checked_environment(stage, data.get("environment"), locations)
     return Recipe(
         stage=stage,
         model=model,
@@ -764,12 +767,29 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
         options=_freeze(options),
         reward=_freeze(list(rewards)),
         eval=eval_spec,
+        environment=environment,
         seed=coerce(data.get("seed", 42), int, ("seed",), locations),
         resume=coerce(data.get("resume", False), Union[bool, Literal["force"]], ("resume",), locations),
         overwrite=coerce(data.get("overwrite", False), bool, ("overwrite",), locations),
         source_path=locations.path,
         raw=_freeze(data),
     )
+
+
+# Stages that run an `environment:` (trl's GRPOTrainer through environment_factory; our PPO loop comes later)
+ENVIRONMENT_STAGES = ("grpo",)
+
+
+def checked_environment(stage: str, raw, locations: Locations) -> Union[EnvironmentSpec, None]:
+    """The `environment:` section: its keys, types and ranges, the source's form (and file), and a stage that runs
+    environments; the class itself is imported when the stage runs, as reward sources are."""
+    if raw is None:
+        return None
+    spec = coerce(raw, EnvironmentSpec, ("environment",), locations)
+    if stage not in ENVIRONMENT_STAGES:
+        raise locations.error(("environment",), f"stage {stage!r} does not run environments (yet); stages that do: "
+                              f"{', '.join(ENVIRONMENT_STAGES)}")
+    return spec
 
 
 def reward_specs(raw: list, keys: tuple, locations: Locations) -> list[RewardSpec]:

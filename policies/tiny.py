@@ -17,20 +17,11 @@ TINY_TOKENIZER_DIR = ASSETS / "tiny_tokenizer"
 PAD, UNK, BOS, EOS = "<|pad|>", "<|unk|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]
 
-# Compact ChatML-style template: no newline after the end-of-turn token, since
-# every extra template token is paid on every training example.  The
-# {% generation %} markers let trl's `assistant_only_loss` find the assistant
-# tokens (the end-of-turn token included, so the model learns to stop).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
-)
+# Compact ChatML-style template (no newline after the end-of-turn token, since every extra template token is
+# paid on every training example), with tool calls and tool results; it lives in the asset file, one copy, so
+# the shipped tokenizer and a retrained one carry the same text.  The {% generation %} markers let trl's
+# `assistant_only_loss` find the assistant tokens (the end-of-turn token included, so the model learns to stop).
+CHAT_TEMPLATE = (TINY_TOKENIZER_DIR / "chat_template.jinja").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)

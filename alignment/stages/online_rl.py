@@ -120,6 +120,8 @@ def trainer_config(recipe, run_dir, reward_weights: list | None = None):
     if "reward_weights" not in recipe.train:
         defaults["reward_weights"] = reward_weights if reward_weights is not None else \
             [float(spec.get("weight", 1.0)) for spec in recipe.reward]
+    if recipe.environment is not None:  # max_turns assistant turns = the first and max_turns - 1 after tool results
+        defaults["max_tool_calling_iterations"] = recipe.environment.max_turns - 1
     return common.build_trainer_config(recipe, getattr(trl, config_name), defaults)
 
 
@@ -129,9 +131,17 @@ def build_trainer(recipe, model, tokenizer, rewards, splits, run_dir):
     _, trainer_name = TRAINERS[recipe.stage]
     args = trainer_config(recipe, run_dir, rewards.weights)
     sharing = shared_prompt.install_for_recipe(recipe, model)
+    environment, malformed = {}, None
+    if recipe.environment is not None:  # trl's own environment_factory / tools (alignment/envs/trl_bridge.py)
+        from alignment.envs import trl_bridge
+
+        environment = trl_bridge.trl_arguments(recipe.environment, tokenizer)
+        malformed = trl_bridge.install_parser(tokenizer)
     trainer = trainer_class(getattr(trl, trainer_name), sharing)(
-        reward_funcs=rewards.sources, **common.trainer_inputs(recipe, model, tokenizer, args, splits.train, splits.eval))
+        reward_funcs=rewards.sources, **environment,
+        **common.trainer_inputs(recipe, model, tokenizer, args, splits.train, splits.eval))
     trainer.combined = rewards
+    trainer.malformed_calls = malformed
     if sharing and getattr(trainer, "ref_model", None) is not None:  # trl loads its reference itself
         shared_prompt.install(trainer.ref_model)
     trainer.share_prompt = sharing
@@ -177,6 +187,8 @@ def run(recipe) -> dict:
         # tokens the log-prob passes did not run thanks to the shared prompts (0.6 = 60% fewer)
         **shared_prompt.outcome(trainer.share_prompt, trainer.model, getattr(trainer, "ref_model", None)),
         "reward_failures": {source.name: source.stats.as_dict() for source in rewards.sources},
+        # tool calls the parser could not read, each answered with an error observation (environment recipes)
+        **({"env_malformed_calls": trainer.malformed_calls.count} if trainer.malformed_calls is not None else {}),
         "before": before,
         "after": after,
         "data": [vars(report) for report in splits.reports],

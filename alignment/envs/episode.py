@@ -1,0 +1,337 @@
+"""One multi-turn episode, token in and token out, over any ``generate(token_ids) -> new token_ids``.
+
+    episode = run_episode(generate, tokenizer, Calculator(), row, max_turns=4)
+    episode.token_ids, episode.mask        # mask: 1 = sampled by the policy, 0 = prompt / environment
+    episode.turns[1].calls, episode.malformed_calls
+
+The policy generates a turn; the turn is parsed (alignment.envs.tool_calls);
+its calls run with a time limit, or ``step(text)`` answers a turn without
+calls; the environment's reply is appended as tokens; and so on until the
+environment is done, the policy answers without a call, or ``max_turns``.
+
+The tokens are never re-encoded: the policy's are kept exactly as sampled and
+the environment's are the chat template's rendering of the reply, cut out of
+the conversation rendered before and after it (as trl does).  So a PPO loop can
+train on ``token_ids`` with ``mask`` and its log-probabilities and KL cover
+exactly the tokens the policy chose.  The strict check (on by default) then
+renders the whole conversation once more and requires the same text, turn by
+turn, and the same tokens outside the policy's own (see
+:func:`check_retokenization`): a template that is not prefix-preserving (e.g.
+it drops a newline between turns that it renders after the last one) would
+otherwise train the model on a context it never sees when served.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from alignment.envs.base import (
+    RetokenizationError,
+    StepResult,
+    bad_arguments,
+    call_with_timeout,
+    tool_schemas,
+    tools_of,
+)
+from alignment.envs.tool_calls import ParsedTurn, error_text, parse_assistant, result_text
+
+
+@dataclass
+class Turn:
+    """One assistant turn and the environment's reply to it."""
+
+    index: int
+    policy_ids: list[int]
+    text: str  # the policy's tokens decoded
+    parsed: ParsedTurn
+    closed: bool  # ended by an end-of-turn token (else cut by the generation length)
+    replies: list[dict] = field(default_factory=list)  # the messages the environment answered with
+    env_ids: list[int] = field(default_factory=list)  # their tokens, as appended (empty after the last turn)
+    reward: float | None = None  # step()'s reward for this turn
+    tool_errors: int = 0  # calls that raised, named an unknown tool, had wrong arguments or timed out
+    timed_out: int = 0
+    tool_seconds: float = 0.0
+
+
+@dataclass
+class Episode:
+    prompt: list[dict]  # the prompt messages (the reset observation appended)
+    prompt_ids: list[int]
+    completion_ids: list[int] = field(default_factory=list)  # every token after the prompt: policy and environment
+    completion_mask: list[int] = field(default_factory=list)  # 1 = sampled by the policy, 0 = environment
+    conversation: list[dict] = field(default_factory=list)  # prompt + every turn, as the chat template renders it
+    turns: list[Turn] = field(default_factory=list)
+    stop: str = ""  # answer | done | max_turns | length | max_tokens | empty
+    final_reward: float | None = None  # the environment's get_reward(), when it has one
+    noncanonical_turns: list[int] = field(default_factory=list)  # see check_retokenization
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.completion_ids
+
+    @property
+    def mask(self) -> list[int]:
+        """Over ``token_ids``: 0 for the prompt and the environment's tokens, 1 for the policy's."""
+        return [0] * len(self.prompt_ids) + self.completion_mask
+
+    @property
+    def completion(self) -> list[dict]:
+        """The messages after the prompt: trl's conversational completion, what reward sources are given."""
+        return self.conversation[len(self.prompt):]
+
+    @property
+    def malformed_calls(self) -> int:
+        return sum(1 for turn in self.turns if turn.parsed.malformed)
+
+    @property
+    def turn_rewards(self) -> list[float | None]:
+        return [turn.reward for turn in self.turns]
+
+    def metrics(self) -> dict[str, float]:
+        calls = sum(len(t.parsed.calls) for t in self.turns)
+        return {"env/turns": float(len(self.turns)), "env/tool_calls": float(calls),
+                "env/malformed_calls": float(self.malformed_calls),
+                "env/tool_errors": float(sum(t.tool_errors for t in self.turns)),
+                "env/tool_timeouts": float(sum(t.timed_out for t in self.turns)),
+                "env/policy_tokens": float(sum(self.completion_mask)),
+                "env/environment_tokens": float(len(self.completion_mask) - sum(self.completion_mask))}
+
+
+class Renderer:
+    """The chat template of one episode (its tools included), as text and as tokens."""
+
+    def __init__(self, tokenizer, tools: list[dict] | None, chat_template: str | None = None):
+        self.tokenizer, self.tools, self.chat_template = tokenizer, tools or None, chat_template
+
+    def text(self, messages: Sequence[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tools=self.tools, tokenize=False,
+                                                  add_generation_prompt=generation_prompt,
+                                                  chat_template=self.chat_template)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def first_prompt(row: dict, observation) -> list[dict]:
+    """The row's prompt as messages, with reset()'s observation appended to the last one (trl's convention)."""
+    prompt = row.get("prompt")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt or []]
+    if not messages:
+        messages = [{"role": "user", "content": ""}]
+    if observation:
+        messages[-1] = {**messages[-1], "content": messages[-1]["content"] + observation}
+    return messages
+
+
+def reply_tokens(renderer: Renderer, before: list[dict], replies: list[dict], end_of_turn: str, turn: int) -> list[int]:
+    """The tokens of the environment's ``replies`` after the conversation ``before``, up to the next generation
+    prompt: the rendering with them minus the rendering without, cut after the last end-of-turn token (a template
+    may render a newline after the final turn only)."""
+    head = renderer.text(before, generation_prompt=False)
+    cut = head.rfind(end_of_turn)
+    if cut >= 0:
+        head = head[:cut + len(end_of_turn)]
+    full = renderer.text(before + replies, generation_prompt=True)
+    if not full.startswith(head):
+        at = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+        raise RetokenizationError(
+            f"turn {turn}: the chat template renders the conversation before the environment's reply differently "
+            f"once the reply is appended (character {at}: {head[at:at + 30]!r} becomes {full[at:at + 30]!r}); it is "
+            "not prefix-preserving, so the reply's tokens cannot be cut out of it")
+    return renderer.encode(full[len(head):])
+
+
+def answer_calls(env_tools: dict[str, Callable], parsed: ParsedTurn, timeout: float, turn: Turn) -> list[dict]:
+    """The `tool` messages answering a turn: one per call, or one error for a malformed turn."""
+    if parsed.malformed:
+        return [{"role": "tool", "name": "error", "content": error_text("malformed tool call: " +
+                                                                       "; ".join(parsed.errors))}]
+    replies = []
+    for call in parsed.calls:
+        tool = env_tools.get(call.name)
+        problem = (f"unknown tool {call.name!r}; tools: {', '.join(sorted(env_tools)) or 'none'}" if tool is None
+                   else bad_arguments(tool, call.arguments))
+        if problem is None:
+            outcome = call_with_timeout(tool, call.arguments, timeout)
+            turn.tool_seconds += outcome.seconds
+            turn.timed_out += int(outcome.timed_out)
+            problem = None if outcome.ok else outcome.error
+        if problem is None:
+            content = result_text(outcome.value)
+        else:
+            turn.tool_errors += 1
+            content = error_text(f"{call.name}: {problem}")
+        replies.append({"role": "tool", "name": call.name, "content": content})
+    return replies
+
+
+def run_episode(generate: Callable[[list[int]], Sequence[int]], tokenizer, env, row: dict, *, max_turns: int = 4,
+                tool_timeout: float = 10.0, strict: bool = True, max_tokens: int | None = None,
+                chat_template: str | None = None, end_token_ids: set[int] | None = None) -> Episode:
+    """Play one episode of ``env`` (already built, not yet reset) from dataset ``row``.
+
+    ``generate(token_ids)`` returns the policy's new tokens for the sequence so far (the caller samples and
+    stops at an end-of-turn token or a length); ``max_tokens`` caps the whole sequence (the model's positions):
+    an environment reply that would pass it ends the episode before it is appended.
+    """
+    from policies.tokens import end_token_ids as tokenizer_end_ids
+
+    ends = set(end_token_ids) if end_token_ids is not None else tokenizer_end_ids(tokenizer)
+    renderer = Renderer(tokenizer, tool_schemas(env), chat_template)
+    env_tools = tools_of(env)
+    step = getattr(env, "step", None) if callable(getattr(env, "step", None)) else None
+    prompt = first_prompt(row, env.reset(**row))
+    episode = Episode(prompt=prompt, prompt_ids=renderer.encode(renderer.text(prompt, generation_prompt=True)),
+                      conversation=list(prompt))
+    for index in range(max_turns):
+        new = [int(t) for t in generate(episode.token_ids)]
+        if not new:
+            episode.stop = "empty"
+            break
+        text = renderer.decode(new)
+        closed = new[-1] in ends
+        end_of_turn = renderer.decode(new[-1:]) if closed else None
+        parsed = parse_assistant(text, end_of_turn)
+        turn = Turn(index, new, text, parsed, closed)
+        episode.turns.append(turn)
+        episode.completion_ids += new
+        episode.completion_mask += [1] * len(new)
+        before = episode.conversation + [parsed.as_message()]
+        episode.conversation = before
+        if not closed:
+            episode.stop = "length"
+            break
+        if parsed.calls or parsed.malformed:
+            turn.replies = answer_calls(env_tools, parsed, tool_timeout, turn)
+        elif step is not None:
+            observation, reward, done = StepResult(*step(parsed.raw))
+            turn.reward = None if reward is None else float(reward)
+            if done:
+                episode.stop = "done"
+                break
+            turn.replies = [] if observation is None else [{"role": "user", "content": str(observation)}]
+        else:
+            episode.stop = "answer"
+            break
+        if index == max_turns - 1:
+            episode.stop = "max_turns"  # the replies are in turn.replies; the policy never sees them
+            break
+        if not turn.replies:
+            continue
+        ids = reply_tokens(renderer, before, turn.replies, end_of_turn, index)
+        if max_tokens is not None and len(episode.token_ids) + len(ids) >= max_tokens:
+            episode.stop = "max_tokens"
+            break
+        turn.env_ids = ids
+        episode.conversation = before + turn.replies
+        episode.completion_ids += ids
+        episode.completion_mask += [0] * len(ids)
+    get_reward = getattr(env, "get_reward", None)
+    if callable(get_reward):
+        episode.final_reward = float(get_reward())
+    if strict:
+        episode.noncanonical_turns = check_retokenization(episode, renderer)
+    return episode
+
+
+def segments(episode: Episode) -> list[tuple[str, int, list[int]]]:
+    """(who, turn, tokens) in order: the prompt, then each turn's policy tokens and environment tokens."""
+    parts = [("prompt", 0, episode.prompt_ids)]
+    for turn in episode.turns:
+        parts.append(("policy", turn.index, turn.policy_ids))
+        if turn.env_ids:
+            parts.append(("environment", turn.index, turn.env_ids))
+    return parts
+
+
+def check_retokenization(episode: Episode, renderer: Renderer) -> list[int]:
+    """Raise :class:`RetokenizationError`, naming the turn, unless the chat template's rendering of the episode's
+    conversation is the episode: the same text segment by segment, and the same tokens outside the policy's.
+
+    The policy's own tokens are the sampled ones and may not be the tokenizer's canonical encoding of their text
+    (a byte-level BPE can spell one text several ways): that is no drift, since training uses the sampled tokens;
+    the turns where it happens are returned (``Episode.noncanonical_turns``).
+    """
+    ends_open = bool(episode.turns) and episode.turns[-1].env_ids and episode.stop == "empty"
+    full = renderer.text(episode.conversation, generation_prompt=bool(ends_open))
+    position, canonical = 0, []
+    noncanonical = []
+    for who, turn, ids in segments(episode):
+        text = renderer.decode(ids)
+        if not full.startswith(text, position):
+            at = position + next((i for i, (a, b) in enumerate(zip(text, full[position:])) if a != b),
+                                 min(len(text), len(full) - position))
+            raise RetokenizationError(
+                f"turn {turn} ({who} tokens): the episode's tokens are not the chat template's rendering of its "
+                f"conversation: at character {at} the episode has {text[at - position:][:30]!r}, the template "
+                f"renders {full[at:at + 30]!r}")
+        position += len(text)
+        again = renderer.encode(text)
+        if again != list(ids):
+            if who != "policy":
+                raise RetokenizationError(f"turn {turn} ({who} tokens): re-encoding their text gives other tokens")
+            noncanonical.append(turn)
+        canonical += again
+    rest = full[position:]
+    last = episode.turns[-1] if episode.turns else None
+    if rest.strip() and not (last is not None and not last.closed and rest.strip() in _end_texts(renderer)):
+        raise RetokenizationError(f"turn {last.index if last else 0}: the chat template renders {rest[:30]!r} after "
+                                  "the episode's last token")
+    reference = renderer.encode(full[:position])
+    if reference != canonical:
+        at = next((i for i, (a, b) in enumerate(zip(reference, canonical)) if a != b), min(len(reference),
+                                                                                       len(canonical)))
+        raise RetokenizationError(f"turn {_turn_at(episode, at)}: the whole conversation encodes differently from "
+                                  f"its turns one by one (token {at}): tokens merge across a turn boundary")
+    return noncanonical
+
+
+def _end_texts(renderer: Renderer) -> set[str]:
+    from policies.tokens import END_OF_TURN_TOKENS
+
+    return set(END_OF_TURN_TOKENS) | {renderer.tokenizer.eos_token or ""}
+
+
+def _turn_at(episode: Episode, token: int) -> int:
+    """The turn whose segment holds canonical token index ``token`` (approximate after a non-canonical turn)."""
+    seen = 0
+    for _, turn, ids in segments(episode):
+        seen += len(ids)
+        if token < seen:
+            return turn
+    return episode.turns[-1].index if episode.turns else 0
+
+
+def sampler(model, temperature: float = 1.0, max_new_tokens: int = 32, end_token_ids: set[int] | None = None,
+            seed: int | None = None) -> Callable[[list[int]], list[int]]:
+    """A ``generate`` for :func:`run_episode` from a causal LM (transformers' generate, one sequence): for tests
+    and the CLI; a training loop brings its own (batched, vLLM)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def generate(token_ids: list[int]) -> list[int]:
+        ids = torch.tensor([token_ids], device=model.device)
+        new: list[int] = []
+        past = None
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                out = model(input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                probs = torch.softmax(out.logits[0, -1].float() / temperature, dim=-1)
+                token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
+                new.append(token)
+                if end_token_ids and token in end_token_ids:
+                    break
+                ids = torch.cat([ids, torch.tensor([[token]], device=model.device)], dim=1)
+        return new
+
+    return generate
+
+
+__all__ = ["Episode", "Renderer", "Turn", "check_retokenization", "run_episode", "sampler", "segments"]
