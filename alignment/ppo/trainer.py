@@ -94,7 +94,7 @@ def sampled_ids(response_ids: torch.Tensor, response_mask: torch.Tensor) -> list
 
 
 class PPOTrainer:
-    """PPO with a learned critic for causal language models.
+    """PPO for causal language models: a learned critic (GAE) or a critic-free estimator (GRPO, RLOO, ...).
 
     Args:
         config: :class:`PPOConfig`.
@@ -103,7 +103,9 @@ class PPOTrainer:
         ref_policy: frozen reference model; ``None`` with a peft policy means
             "the policy with its adapter disabled".
         critic: a separate critic (:class:`policies.value.SequenceCritic`) or
-            ``None`` when the policy carries a value head.
+            ``None`` when the policy carries a value head, or when
+            ``config.advantage_estimator`` learns no critic (then the policy
+            is a plain causal LM).
         tokenizer: its pad token must differ from its EOS token.
         reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float | None]``.
         prompts: rows ``{"prompt": str, **columns}``; the extra columns go to ``reward_fn``.
