@@ -23,7 +23,6 @@ otherwise train the model on a context it never sees when served.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -267,14 +266,14 @@ def check_retokenization(episode: Episode, renderer: Renderer) -> list[int]:
             at = position + next((i for i, (a, b) in enumerate(zip(text, full[position:])) if a != b),
                                  min(len(text), len(full) - position))
             raise RetokenizationError(
-                f"turn {turn} ({who} tokens): the episode's tokens are not the chat template's rendering of its "
+                f"{_where(who, turn)}: the episode's tokens are not the chat template's rendering of its "
                 f"conversation: at character {at} the episode has {text[at - position:][:30]!r}, the template "
                 f"renders {full[at:at + 30]!r}")
         position += len(text)
         again = renderer.encode(text)
         if again != list(ids):
             if who != "policy":
-                raise RetokenizationError(f"turn {turn} ({who} tokens): re-encoding their text gives other tokens")
+                raise RetokenizationError(f"{_where(who, turn)}: re-encoding their text gives other tokens")
             noncanonical.append(turn)
         canonical += again
     rest = full[position:]
@@ -289,6 +288,10 @@ def check_retokenization(episode: Episode, renderer: Renderer) -> list[int]:
         raise RetokenizationError(f"turn {_turn_at(episode, at)}: the whole conversation encodes differently from "
                                   f"its turns one by one (token {at}): tokens merge across a turn boundary")
     return noncanonical
+
+
+def _where(who: str, turn: int) -> str:
+    return "the prompt" if who == "prompt" else f"turn {turn} ({who} tokens)"
 
 
 def _end_texts(renderer: Renderer) -> set[str]:
