@@ -214,3 +214,20 @@ def test_environment_positions_change_neither_masked_loss_nor_masked_kl(tiny_tok
     assert torch.allclose(kl, kl_alone, atol=1e-6, rtol=0) and kl > 0
     (loss_n + kl_n).backward()
     assert torch.all(nonsense.grad[mask == 0] == 0) and nonsense.grad[mask == 1].abs().sum() > 0
+
+
+def test_a_sampled_tiny_model_passes_the_strict_check(calculator):
+    """Real sampling (tiny:1m, random weights): whatever it writes, the tokens are the ones it sampled and the
+    strict check holds (non-canonical spellings reported, not raised)."""
+    import policies
+    from alignment.envs import sampler
+    from policies.tokens import end_token_ids
+
+    model, tokenizer = policies.load("tiny:1m", seed=0)
+    ends = end_token_ids(tokenizer, model)
+    for seed in range(4):
+        generate = sampler(model, temperature=1.5, max_new_tokens=12, end_token_ids=ends, seed=seed)
+        episode = run_episode(generate, tokenizer, calculator(), ROW, max_turns=2)
+        policy_tokens = [t for turn in episode.turns for t in turn.policy_ids]
+        assert [t for t, m in zip(episode.completion_ids, episode.completion_mask) if m] == policy_tokens
+        assert episode.stop in ("answer", "length", "max_turns")
