@@ -9,8 +9,8 @@ with ``--merge-lora`` the LoRA adapter is first merged into its base (peft).
 Variants, each in a sub-folder:
 
 * ``--int8`` -> ``int8/``: torchao int8 quantisation of every ``nn.Linear`` through transformers'
-  ``TorchAoConfig`` (``--int8-scheme weight-only``, the default: int8 weights, fp32 matmul;
-  ``dynamic``: int8 weights and activations, the matmul in int8 on the CPU's int8 units).  A transformers
+  ``TorchAoConfig`` (``--int8-scheme dynamic``, the default: int8 weights and activations, the
+  matmul in int8 on the CPU's int8 units; ``weight-only``: int8 weights, fp32 matmul).  A transformers
   directory: ``AutoModelForCausalLM.from_pretrained`` loads it as it is (torchao installed).
 * ``--prune AMOUNT`` -> ``pruned/``: global L1 magnitude pruning of the Linear weights
   (the output embedding excluded), made permanent; a transformers directory (dense
@@ -47,12 +47,11 @@ DEFAULT_EVAL = "data/tiny_arith/eval.jsonl"
 EXPORT_MARKER = ".align-export"  # lets a later export replace this folder
 EXTRA_HINT = "pip install -c constraints-cpu.txt -e '.[export]'"
 
-# torchao configs by scheme.  Weight-only is the default: in eager mode (plain from_pretrained + generate) its
-# decode beat fp32 on this project's CPU (AVX512-VNNI, no AMX), where dynamic's per-layer activation
-# quantisation cost more than its int8 matmul saved; compiled, dynamic was the fastest
-# (benchmarks/export_speed.py; docs/tools.md has the table).
+# torchao configs by scheme.  Dynamic is the default: compiled (torch.compile, static KV cache), its decode
+# was 1.66x fp32's on this project's CPU (AVX512-VNNI, no AMX), the only int8 variant faster in every run;
+# eager, both schemes were slower than fp32 (benchmarks/export_speed.py; docs/tools.md has the table).
 INT8_SCHEMES = {"dynamic": "Int8DynamicActivationInt8WeightConfig", "weight-only": "Int8WeightOnlyConfig"}
-DEFAULT_INT8_SCHEME = "weight-only"
+DEFAULT_INT8_SCHEME = "dynamic"
 # Greedy answers identical to transformers' fp32 that each GGUF type is held to (share of the eval prompts).
 # f32 computes what transformers computes; f16/bf16 round the weights (and llama.cpp the activations of
 # f16 matmuls); q8_0 also quantises the activations to 8 bits inside llama.cpp's matmuls.
@@ -233,12 +232,16 @@ def accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size
     return _answer_match(rows, completions), completions
 
 
-def generation_speed(models: dict, prompts: list, new_tokens: int = 32, repeats: int = 3) -> dict:
+def generation_speed(models: dict, prompts: list, new_tokens: int = 32, repeats: int = 3,
+                     compiled: bool = False) -> dict:
     """CPU tokens/s of each model: greedy, batch 1, exactly `new_tokens` per prompt (EOS suppressed until then).
 
     `models` maps a name to (model, tokenizer).  After one warm-up generation each,
     the models are timed in turns (round-robin, `repeats` rounds) so that a change in
-    machine load hits all of them alike; the median round is reported.
+    machine load hits all of them alike; the median round is reported.  `compiled` times
+    ``torch.compile(model.forward)`` with a static KV cache (torchao's int8 kernels are fused
+    only there); every prompt is then warmed up, so compiling stays out of the timings, and
+    the models get their eager forward back afterwards.
     """
     import torch
 
@@ -252,6 +255,8 @@ def generation_speed(models: dict, prompts: list, new_tokens: int = 32, repeats:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad,
                       temperature=None, top_k=None, top_p=None)
+        if compiled:
+            kwargs["cache_implementation"] = "static"  # fixed decode shapes: one compiled graph for every step
         start = time.perf_counter()
         with torch.inference_mode():
             for ids in encoded:
@@ -260,12 +265,19 @@ def generation_speed(models: dict, prompts: list, new_tokens: int = 32, repeats:
 
     inputs = {name: encode(tokenizer) for name, (_, tokenizer) in models.items()}
     timings: dict[str, list[float]] = {name: [] for name in models}
-    for name, (model, tokenizer) in models.items():
-        model.eval()
-        run(model, tokenizer, inputs[name][:1])  # warm-up
-    for _ in range(repeats):
+    try:
         for name, (model, tokenizer) in models.items():
-            timings[name].append(run(model, tokenizer, inputs[name]))
+            model.eval()
+            if compiled:
+                model.forward = torch.compile(model.forward)
+            run(model, tokenizer, inputs[name] if compiled else inputs[name][:1])  # warm-up
+        for _ in range(repeats):
+            for name, (model, tokenizer) in models.items():
+                timings[name].append(run(model, tokenizer, inputs[name]))
+    finally:
+        for model, _ in models.values():
+            if "forward" in vars(model):
+                del model.forward  # the class's eager forward again
     out = {}
     for name, seconds in timings.items():
         median = statistics.median(seconds)
@@ -294,6 +306,7 @@ def export(
     speed_prompts: int = 8,
     speed_tokens: int = 32,
     speed_repeats: int = 3,
+    speed_compiled: bool = False,
     threads: int | None = 1,
     tolerance: float = 0.05,
 ) -> dict:
@@ -311,7 +324,8 @@ def export(
         return _export(checkpoint, output, merge_lora=merge_lora, base=base, int8=int8, int8_scheme=int8_scheme,
                        prune=prune, gguf=gguf, gguf_types=tuple(gguf_types), eval_data=eval_data,
                        eval_samples=eval_samples, max_new_tokens=max_new_tokens, speed_prompts=speed_prompts,
-                       speed_tokens=speed_tokens, speed_repeats=speed_repeats, tolerance=tolerance)
+                       speed_tokens=speed_tokens, speed_repeats=speed_repeats, speed_compiled=speed_compiled,
+                       tolerance=tolerance)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -331,7 +345,7 @@ def _check_request(int8, int8_scheme, gguf, gguf_types) -> None:
 
 
 def _export(checkpoint, output, *, merge_lora, base, int8, int8_scheme, prune, gguf, gguf_types, eval_data,
-            eval_samples, max_new_tokens, speed_prompts, speed_tokens, speed_repeats, tolerance) -> dict:
+            eval_samples, max_new_tokens, speed_prompts, speed_tokens, speed_repeats, speed_compiled, tolerance) -> dict:
     import torch
 
     from alignment.checkpoint import write_atomic, write_json
@@ -379,7 +393,8 @@ def _export(checkpoint, output, *, merge_lora, base, int8, int8_scheme, prune, g
         variants.update(_write_ggufs(model, tokenizer, output, gguf_types, rows))
     del model
 
-    baseline = _measure_transformers(variants, rows, speed_set, max_new_tokens, speed_tokens, speed_repeats)
+    baseline = _measure_transformers(variants, rows, speed_set, max_new_tokens, speed_tokens, speed_repeats,
+                                     speed_compiled)
     _measure_llama_cpp(variants, tokenizer, rows, speed_set, max_new_tokens, speed_tokens, speed_repeats, baseline)
     _compare_to_fp32(variants, tolerance)
 
@@ -391,6 +406,7 @@ def _export(checkpoint, output, *, merge_lora, base, int8, int8_scheme, prune, g
                  "tolerance": f"a variant passes if its accuracy is at most {tolerance * 100:g} points below fp32's"},
         "speed_settings": {"prompts": len(speed_set), "new_tokens": speed_tokens, "batch_size": 1,
                            "repeats": speed_repeats, "decoding": "greedy, EOS suppressed until new_tokens",
+                           "transformers_mode": "torch.compile, static KV cache" if speed_compiled else "eager",
                            "order": "transformers variants timed in turns, median round reported; "
                                     "GGUF files after them in llama.cpp"},
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -441,7 +457,8 @@ def _write_ggufs(model, tokenizer, output: Path, gguf_types, rows) -> dict:
     return variants
 
 
-def _measure_transformers(variants, rows, speed_set, max_new_tokens, speed_tokens, speed_repeats) -> list[str] | None:
+def _measure_transformers(variants, rows, speed_set, max_new_tokens, speed_tokens, speed_repeats,
+                          compiled) -> list[str] | None:
     """Size, speed, accuracy of the transformers directories; returns fp32's greedy completions."""
     loaded = {}
     for name, variant in variants.items():
@@ -450,7 +467,7 @@ def _measure_transformers(variants, rows, speed_set, max_new_tokens, speed_token
         directory = Path(variant["path"])
         variant["file_bytes"] = file_bytes(directory / f for f in variant["files"])
         loaded[name] = _load_dir(directory)
-    for name, speed in generation_speed(loaded, speed_set, speed_tokens, speed_repeats).items():
+    for name, speed in generation_speed(loaded, speed_set, speed_tokens, speed_repeats, compiled).items():
         variants[name]["speed"] = {**speed, "engine": "transformers"}
     baseline = None
     for name, (model, model_tokenizer) in loaded.items():
@@ -577,7 +594,8 @@ def report_markdown(report: dict) -> str:
         f"- accuracy: {report['eval']['metric']}, {report['eval']['decoding']}, {report['eval']['prompts']} prompts "
         f"of `{report['eval']['data']}`, {report['eval']['max_new_tokens']} new tokens; {report['eval']['tolerance']}",
         f"- speed: {speed['prompts']} prompts, batch 1, {speed['new_tokens']} new tokens each, {speed['decoding']}; "
-        f"{speed['order']}, median of {speed['repeats']} rounds, torch {report['environment']['torch']}, "
+        f"{speed['order']}, median of {speed['repeats']} rounds, transformers {speed['transformers_mode']}, "
+        f"torch {report['environment']['torch']}, "
         f"{report['environment']['threads']} threads, {report['environment']['cpu_count']} CPUs with 1-minute load "
         f"average {report['environment']['load_average_1min']} (timings on a busy machine are noisy)",
     ]
@@ -613,7 +631,8 @@ def cmd_export(args) -> int:
         int8_scheme=args.int8_scheme, prune=args.prune, gguf=args.gguf, gguf_types=args.gguf_types,
         eval_data=None if args.no_eval else args.eval_data, eval_samples=args.eval_samples,
         max_new_tokens=args.max_new_tokens, speed_prompts=args.speed_prompts, speed_tokens=args.speed_tokens,
-        speed_repeats=args.speed_repeats, threads=args.threads or None, tolerance=args.tolerance,
+        speed_repeats=args.speed_repeats, speed_compiled=args.compile, threads=args.threads or None,
+        tolerance=args.tolerance,
     )
     print(report_markdown(report))
     print(f"report: {Path(args.output) / 'export_report.md'}")
@@ -642,7 +661,7 @@ def add_parser(commands) -> None:
     p.add_argument("--base", help="base model for --merge-lora (default: the adapter's base_model_name_or_path)")
     p.add_argument("--int8", action="store_true", help="torchao int8 quantisation of Linear layers (needs torchao)")
     p.add_argument("--int8-scheme", choices=list(INT8_SCHEMES), default=DEFAULT_INT8_SCHEME,
-                   help=f"weight-only: int8 weights; dynamic: int8 weights and activations (default {DEFAULT_INT8_SCHEME})")
+                   help=f"dynamic: int8 weights and activations; weight-only: int8 weights (default {DEFAULT_INT8_SCHEME})")
     p.add_argument("--prune", type=float, metavar="AMOUNT", help="global L1 magnitude pruning of this share of Linear weights")
     p.add_argument("--gguf", action="store_true", help="also write GGUF files and an Ollama Modelfile (needs gguf)")
     p.add_argument("--gguf-types", type=_type_list, default=gguf_export.DEFAULT_GGUF_TYPES,
@@ -655,6 +674,9 @@ def add_parser(commands) -> None:
     p.add_argument("--speed-prompts", type=int, default=8, help="prompts timed for tokens/s (default 8)")
     p.add_argument("--speed-tokens", type=int, default=32, help="new tokens per timed prompt (default 32)")
     p.add_argument("--speed-repeats", type=int, default=3, help="timed repeats, median reported (default 3)")
+    p.add_argument("--compile", action="store_true",
+                   help="time the transformers variants under torch.compile with a static KV cache (where torchao's "
+                   "int8 pays off; compiling takes a while, outside the timings)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch and llama.cpp threads for the whole export and its timings (default 1; 0 = torch's default)")
     p.add_argument("--tolerance", type=float, default=0.05,

@@ -75,8 +75,13 @@ PROBE_TEXTS = (
 )
 
 # transformers' chat-template extension for training masks; jinja without that extension (llama.cpp,
-# llama-cpp-python, Ollama) rejects it, and at inference it renders nothing.
-_GENERATION_TAG = re.compile(r"{%-?\s*(end)?generation\s*-?%}")
+# llama-cpp-python, Ollama) rejects it, and at inference it renders nothing.  Each tag becomes an
+# always-true `if` block, which keeps the tag's whitespace control ({%- ... -%}) exactly.
+_GENERATION_TAG = re.compile(r"{%(-?)\s*(end)?generation\s*(-?)%}")
+
+
+def _neutral_tag(match) -> str:
+    return "{%" + match[1] + (" endif " if match[2] else " if true ") + match[3] + "%}"
 
 
 def gguf_available() -> bool:
@@ -173,13 +178,13 @@ def _added_special_tokens(tokenizer) -> tuple[bool, bool]:
 
 
 def gguf_chat_template(tokenizer) -> str | None:
-    """The chat template without transformers' {% generation %} tags, checked to render the same text."""
+    """The chat template with transformers' {% generation %} tags made plain jinja, checked to render the same text."""
     template = tokenizer.chat_template
     if not template:
         return None
     if not isinstance(template, str):
         raise CheckpointError("GGUF export: the tokenizer has several named chat templates; only one is written")
-    cleaned = _GENERATION_TAG.sub("", template)
+    cleaned = _GENERATION_TAG.sub(_neutral_tag, template)
     if cleaned != template:
         conversation = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"},
                         {"role": "user", "content": "And 4 + 4?"}]
@@ -188,7 +193,7 @@ def gguf_chat_template(tokenizer) -> str | None:
             after = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_prompt,
                                                   chat_template=cleaned)
             if before != after:
-                raise CheckpointError("GGUF export: removing the {% generation %} tags changed the chat template's "
+                raise CheckpointError("GGUF export: replacing the {% generation %} tags changed the chat template's "
                                       "output; write the template without them by hand")
     return cleaned
 

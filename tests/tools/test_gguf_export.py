@@ -61,12 +61,15 @@ def test_a_split_llama_cpp_cannot_make_is_refused_naming_it():
 
 
 def test_chat_template_loses_only_the_generation_tags(tiny_tokenizer):
+    import jinja2
+
     template = gguf_export.gguf_chat_template(tiny_tokenizer)
-    assert "{% generation %}" in tiny_tokenizer.chat_template
-    assert "{% generation %}" not in template and "endgeneration" not in template
-    messages = [{"role": "user", "content": "What is 1 + 1?"}]
-    assert (tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, chat_template=template)
-            == "<|im_start|>user\nWhat is 1 + 1?<|im_end|><|im_start|>assistant\n")
+    assert "endgeneration" in tiny_tokenizer.chat_template and "endgeneration" not in template
+    messages = [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"}]
+    # plain jinja (no transformers extension), as llama-cpp-python renders it
+    rendered = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=False)
+    assert rendered == "<|im_start|>user\nWhat is 1 + 1?<|im_end|><|im_start|>assistant\n2<|im_end|>"
+    assert rendered == tiny_tokenizer.apply_chat_template(messages, tokenize=False)
 
 
 def test_ollama_template_rebuilds_the_jinja_output(tiny_tokenizer):
