@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from alignment.errors import CheckpointError
+from alignment.errors import CheckpointError, DataError
 from alignment.tools import export as ex
 from alignment.tools import gguf_export
 
@@ -130,7 +130,7 @@ def test_int8_without_torchao_is_refused_before_writing(tiny_model_dir, tmp_path
     with pytest.raises(CheckpointError, match=r"--int8 needs torchao.*\.\[export\]"):
         ex.export(str(tiny_model_dir), tmp_path / "i", int8=True, eval_data=None)
     assert not (tmp_path / "i").exists()
-    with pytest.raises(Exception, match="--gguf-types.*q4_k"):
+    with pytest.raises(DataError, match="--gguf-types.*q4_k"):
         ex.export(str(tiny_model_dir), tmp_path / "g", gguf=True, gguf_types=("f32", "q4_k"), eval_data=None)
 
 
