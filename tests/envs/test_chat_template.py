@@ -24,29 +24,31 @@ DATA = ["sft.jsonl", "eval.jsonl", "rl_prompts.jsonl", "preference.jsonl", "pref
 
 
 def conversations(path):
-    """Every conversation a stage renders from a data file: prompts alone, and prompt + each answer."""
+    """What stages render from a data file: each prompt with the generation prompt (RL, evaluation), and the prompt
+    followed by each answer without it (SFT, reward model, DPO)."""
+    prompts, full = [], []
     for line in path.read_text().splitlines():
         row = json.loads(line)
-        yield row["prompt"]
-        for answer in ("completion", "chosen", "rejected"):
-            if answer in row:
-                yield row["prompt"] + row[answer]
+        prompts.append(row["prompt"])
+        full += [row["prompt"] + row[answer] for answer in ("completion", "chosen", "rejected") if answer in row]
+    return prompts, full
 
 
 @pytest.mark.parametrize("name", DATA)
 def test_existing_data_renders_byte_identically(name, repo_root):
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    convs = list(conversations(repo_root / "data/tiny_arith" / name))
-    assert len(convs) >= 500
-    for generation_prompt in (False, True):
-        for template in (TEMPLATE_BEFORE_TOOLS, CHAT_TEMPLATE):
-            rendered, marks = render_jinja_template(convs, chat_template=template, return_assistant_tokens_mask=True,
-                                                    add_generation_prompt=generation_prompt)
-            if template is TEMPLATE_BEFORE_TOOLS:
-                before, before_marks = rendered, marks
-        assert rendered == before
-        assert marks == before_marks  # the assistant spans SFT trains on are the same characters
+    prompts, full = conversations(repo_root / "data/tiny_arith" / name)
+    assert len(prompts) >= 500
+    for convs, generation_prompt in ((prompts, True), (full, False)):
+        if not convs:
+            continue
+        before = render_jinja_template(convs, chat_template=TEMPLATE_BEFORE_TOOLS, return_assistant_tokens_mask=True,
+                                       add_generation_prompt=generation_prompt)
+        now = render_jinja_template(convs, chat_template=CHAT_TEMPLATE, return_assistant_tokens_mask=True,
+                                    add_generation_prompt=generation_prompt)
+        assert now[0] == before[0]
+        assert now[1] == before[1]  # the assistant spans SFT trains on are the same characters
 
 
 CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
