@@ -220,8 +220,7 @@ def run_episode(generate: Callable[[list[int]], Sequence[int]], tokenizer, env, 
         if index == max_turns - 1:
             episode.stop = "max_turns"  # the replies are in turn.replies; the policy never sees them
             break
-        if not turn.replies:
-            continue
+        # no reply (step() observed nothing) still opens the next assistant turn: the generation prompt
         ids = reply_tokens(renderer, before, turn.replies, end_of_turn, index)
         if max_tokens is not None and len(episode.token_ids) + len(ids) >= max_tokens:
             episode.stop = "max_tokens"
@@ -256,11 +255,12 @@ def check_retokenization(episode: Episode, renderer: Renderer) -> list[int]:
     (a byte-level BPE can spell one text several ways): that is no drift, since training uses the sampled tokens;
     the turns where it happens are returned (``Episode.noncanonical_turns``).
     """
-    ends_open = bool(episode.turns) and episode.turns[-1].env_ids and episode.stop == "empty"
-    full = renderer.text(episode.conversation, generation_prompt=bool(ends_open))
+    parts = segments(episode)
+    ends_open = parts[-1][0] != "policy"  # the prompt or a reply: it ends with the generation prompt
+    full = renderer.text(episode.conversation, generation_prompt=ends_open)
     position, canonical = 0, []
     noncanonical = []
-    for who, turn, ids in segments(episode):
+    for who, turn, ids in parts:
         text = renderer.decode(ids)
         if not full.startswith(text, position):
             at = position + next((i for i, (a, b) in enumerate(zip(text, full[position:])) if a != b),

@@ -108,6 +108,25 @@ class Guess:
         return 2.0
 
 
+class Silent(Guess):
+    def step(self, action: str):
+        return StepResult(None, 0.5, int(action.strip()) == self.answer)
+
+
+def test_a_step_without_observation_still_opens_the_next_turn(tiny_tokenizer):
+    episode = run_episode(scripted(tiny_tokenizer, ["3<|im_end|>", "5<|im_end|>"]), tiny_tokenizer, Silent(), ROW)
+    header = tiny_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert episode.turns[0].replies == [] and episode.turns[0].env_ids == header
+    assert episode.stop == "done" and episode.turn_rewards == [0.5, 0.5]
+
+
+def test_an_empty_generation_ends_the_episode(tiny_tokenizer, calculator):
+    episode = run_episode(lambda ids: [], tiny_tokenizer, calculator(), ROW)
+    assert episode.stop == "empty" and episode.completion_ids == [] and episode.turns == []
+    episode = run_episode(scripted(tiny_tokenizer, [CALL, ""]), tiny_tokenizer, calculator(), ROW)
+    assert episode.stop == "empty" and episode.completion_mask[-1] == 0
+
+
 def test_step_environment_rewards_each_turn(tiny_tokenizer):
     episode = run_episode(scripted(tiny_tokenizer, ["3<|im_end|>", "9<|im_end|>", "5<|im_end|>"]), tiny_tokenizer,
                           Guess(), ROW)

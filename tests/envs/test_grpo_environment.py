@@ -102,3 +102,16 @@ def test_grpo_trains_with_the_calculator_environment(tmp_path, scripted_first_tu
     assert torch.isfinite(torch.tensor(metrics["train_loss"]))
     saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert saved["response_template"]["fields"]["tool_calls"]["open"] == "<tool_call>"
+
+
+def test_plain_tools_go_to_trl_as_tools(tiny_tokenizer, tmp_path):
+    source = tmp_path / "plain.py"
+    source.write_text("import time\nfrom alignment.envs import ToolBox\n\n\n"
+                      "def wait(seconds: float) -> str:\n    \"\"\"Sleep.\n\n    Args:\n        seconds: How long.\n"
+                      "    \"\"\"\n    time.sleep(seconds)\n    return 'woke'\n\n\n"
+                      "def tools():\n    return ToolBox([wait])\n")
+    arguments = trl_arguments(EnvironmentSpec(f"{source}:tools", tool_timeout=0.2), tiny_tokenizer)
+    (wait,) = arguments["tools"]
+    assert list(arguments) == ["tools"] and wait.__name__ == "wait" and wait(0) == "woke"
+    with pytest.raises(RuntimeError, match=r"timed out after 0.2 s"):
+        wait(seconds=5)
