@@ -17,7 +17,9 @@ TINY = [
     "train.max_steps=2",
     "train.per_device_train_batch_size=8",
     "train.num_generations=4",
-    "train.max_completion_length=72",
+    "train.max_completion_length=96",  # a call (64 tokens), its result (8) and the model's next turn
+    # a reward that varies within a group (a random model's answers are all wrong): real advantages
+    "reward=[{source: answer_match}, {source: 'examples/rewards/brevity.py:brevity'}]",
     "train.logging_steps=1",
     "train.save_steps=2",
     "options.evaluate_before=false",
