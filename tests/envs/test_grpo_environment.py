@@ -117,3 +117,23 @@ def test_plain_tools_go_to_trl_as_tools(tiny_tokenizer, tmp_path):
     assert list(arguments) == ["tools"] and wait.__name__ == "wait" and wait(0) == "woke"
     with pytest.raises(RuntimeError, match=r"timed out after 0.2 s"):
         wait(seconds=5)
+
+
+def test_trl_and_our_runner_append_the_same_environment_tokens(tiny_tokenizer):
+    """The tool result's tokens trl appends (its _get_tool_suffix_ids) are the ones our episode runner appends."""
+    from types import SimpleNamespace
+
+    import trl
+
+    from alignment.envs.episode import Renderer, reply_tokens
+
+    replies = [{"role": "tool", "name": "add", "content": "5"}, {"role": "tool", "name": "add", "content": "7"}]
+    fake_trainer = SimpleNamespace(processing_class=tiny_tokenizer, _tokenizer=tiny_tokenizer, chat_template=None,
+                                   chat_template_kwargs={}, _is_vlm=False)
+    theirs = trl.GRPOTrainer._get_tool_suffix_ids(fake_trainer, replies)
+    before = [{"role": "user", "content": "What is 2 + 3?"},
+              {"role": "assistant", "content": "", "tool_calls": [
+                  {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]}]
+    ours = reply_tokens(Renderer(tiny_tokenizer, None), before, replies, tiny_tokenizer.eos_token, 0)
+    assert ours == theirs
+    assert tiny_tokenizer.decode(ours) == "<|im_start|>tool\n5<|im_end|><|im_start|>tool\n7<|im_end|><|im_start|>assistant\n"
