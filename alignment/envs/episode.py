@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from alignment.envs.base import (
+    EnvError,
     RetokenizationError,
     StepResult,
     bad_arguments,
@@ -169,6 +170,23 @@ def answer_calls(env_tools: dict[str, Callable], parsed: ParsedTurn, timeout: fl
     return replies
 
 
+def take_step(step: Callable, action: str, timeout: float, turn: Turn, name: str) -> StepResult:
+    """``step(action)`` under the time limit: one that raises or hangs (a move it cannot read, say) is answered with
+    an error observation and no reward, like a failed tool call; one that returns no (observation, reward, done)
+    breaks the contract and is an EnvError."""
+    outcome = call_with_timeout(lambda: step(action), {}, timeout)  # positional: the parameter may have any name
+    turn.tool_seconds += outcome.seconds
+    if not outcome.ok:
+        turn.tool_errors += 1
+        turn.timed_out += int(outcome.timed_out)
+        return StepResult(error_text(f"step: {outcome.error}"), None, False)
+    try:
+        observation, reward, done = outcome.value
+    except (TypeError, ValueError):
+        raise EnvError(f"{name}.step returned {outcome.value!r}, not (observation, reward, done)") from None
+    return StepResult(observation, None if reward is None else float(reward), bool(done))
+
+
 def run_episode(generate: Callable[[list[int]], Sequence[int]], tokenizer, env, row: dict, *, max_turns: int = 4,
                 tool_timeout: float = 10.0, strict: bool = True, max_tokens: int | None = None,
                 chat_template: str | None = None, end_token_ids: set[int] | None = None) -> Episode:
@@ -208,8 +226,8 @@ def run_episode(generate: Callable[[list[int]], Sequence[int]], tokenizer, env, 
         if parsed.calls or parsed.malformed:
             turn.replies = answer_calls(env_tools, parsed, tool_timeout, turn)
         elif step is not None:
-            observation, reward, done = StepResult(*step(parsed.raw))
-            turn.reward = None if reward is None else float(reward)
+            observation, reward, done = take_step(step, parsed.raw, tool_timeout, turn, type(env).__name__)
+            turn.reward = reward
             if done:
                 episode.stop = "done"
                 break

@@ -127,6 +127,13 @@ def test_an_empty_generation_ends_the_episode(tiny_tokenizer, calculator):
     assert episode.stop == "empty" and episode.completion_mask[-1] == 0
 
 
+def test_a_step_that_cannot_read_the_move_is_an_error_observation(tiny_tokenizer):
+    episode = run_episode(scripted(tiny_tokenizer, ["five<|im_end|>", "5<|im_end|>"]), tiny_tokenizer, Guess(), ROW)
+    assert episode.turns[0].replies == [{"role": "user", "content": '{"error": "step: ValueError: invalid literal '
+                                                                    "for int() with base 10: 'five'\"}"}]
+    assert episode.turn_rewards == [None, 1.0] and episode.turns[0].tool_errors == 1 and episode.stop == "done"
+
+
 def test_step_environment_rewards_each_turn(tiny_tokenizer):
     episode = run_episode(scripted(tiny_tokenizer, ["3<|im_end|>", "9<|im_end|>", "5<|im_end|>"]), tiny_tokenizer,
                           Guess(), ROW)
