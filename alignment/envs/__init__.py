@@ -15,9 +15,17 @@ from alignment.envs.base import (
     tool_schemas,
     tools_of,
 )
-from alignment.envs.episode import Episode, Turn, check_retokenization, run_episode, sampler
+from alignment.envs.episode import (
+    Episode,
+    Play,
+    Turn,
+    check_retokenization,
+    run_episode,
+    run_episodes,
+    sampler,
+)
 from alignment.envs.tool_calls import ParsedTurn, ToolCall, parse_assistant
 
-__all__ = ["EnvError", "EnvironmentSpec", "Episode", "ParsedTurn", "RetokenizationError", "StepResult", "ToolBox",
-           "ToolCall", "Turn", "call_with_timeout", "check_retokenization", "load_factory", "parse_assistant",
-           "run_episode", "sampler", "tool_schemas", "tools_of"]
+__all__ = ["EnvError", "EnvironmentSpec", "Episode", "ParsedTurn", "Play", "RetokenizationError", "StepResult",
+           "ToolBox", "ToolCall", "Turn", "call_with_timeout", "check_retokenization", "load_factory",
+           "parse_assistant", "run_episode", "run_episodes", "sampler", "tool_schemas", "tools_of"]

@@ -187,32 +187,38 @@ def take_step(step: Callable, action: str, timeout: float, turn: Turn, name: str
     return StepResult(observation, None if reward is None else float(reward), bool(done))
 
 
-def run_episode(generate: Callable[[list[int]], Sequence[int]], tokenizer, env, row: dict, *, max_turns: int = 4,
-                tool_timeout: float = 10.0, strict: bool = True, max_tokens: int | None = None,
-                chat_template: str | None = None, end_token_ids: set[int] | None = None) -> Episode:
-    """Play one episode of ``env`` (already built, not yet reset) from dataset ``row``.
+class Play:
+    """One episode in progress, fed one policy turn at a time: :func:`run_episode` for one, :func:`run_episodes`
+    for a batch whose turns are generated together."""
 
-    ``generate(token_ids)`` returns the policy's new tokens for the sequence so far (the caller samples and
-    stops at an end-of-turn token or a length); ``max_tokens`` caps the whole sequence (the model's positions):
-    an environment reply that would pass it ends the episode before it is appended.
-    """
-    from policies.tokens import end_token_ids as tokenizer_end_ids
+    def __init__(self, tokenizer, env, row: dict, *, max_turns: int = 4, tool_timeout: float = 10.0,
+                 max_tokens: int | None = None, chat_template: str | None = None,
+                 end_token_ids: set[int] | None = None):
+        from policies.tokens import end_token_ids as tokenizer_end_ids
 
-    ends = set(end_token_ids) if end_token_ids is not None else tokenizer_end_ids(tokenizer)
-    renderer = Renderer(tokenizer, tool_schemas(env), chat_template)
-    env_tools = tools_of(env)
-    step = getattr(env, "step", None) if callable(getattr(env, "step", None)) else None
-    prompt = first_prompt(row, env.reset(**row))
-    episode = Episode(prompt=prompt, prompt_ids=renderer.encode(renderer.text(prompt, generation_prompt=True)),
-                      conversation=list(prompt))
-    for index in range(max_turns):
-        new = [int(t) for t in generate(episode.token_ids)]
+        self.env, self.max_turns, self.tool_timeout, self.max_tokens = env, max_turns, tool_timeout, max_tokens
+        self.ends = set(end_token_ids) if end_token_ids is not None else tokenizer_end_ids(tokenizer)
+        self.renderer = Renderer(tokenizer, tool_schemas(env), chat_template)
+        self.tools = tools_of(env)
+        self.step = env.step if callable(getattr(env, "step", None)) else None
+        prompt = first_prompt(row, env.reset(**row))
+        self.episode = Episode(prompt=prompt, conversation=list(prompt),
+                               prompt_ids=self.renderer.encode(self.renderer.text(prompt, generation_prompt=True)))
+
+    @property
+    def done(self) -> bool:
+        return bool(self.episode.stop)
+
+    def feed(self, new: Sequence[int]) -> None:
+        """The policy's next turn (its tokens as sampled): parse it, answer it, append the reply's tokens."""
+        episode, index = self.episode, len(self.episode.turns)
+        new = [int(t) for t in new]
         if not new:
             episode.stop = "empty"
-            break
-        text = renderer.decode(new)
-        closed = new[-1] in ends
-        end_of_turn = renderer.decode(new[-1:]) if closed else None
+            return
+        text = self.renderer.decode(new)
+        closed = new[-1] in self.ends
+        end_of_turn = self.renderer.decode(new[-1:]) if closed else None
         parsed = parse_assistant(text, end_of_turn)
         turn = Turn(index, new, text, parsed, closed)
         episode.turns.append(turn)
@@ -220,39 +226,73 @@ def run_episode(generate: Callable[[list[int]], Sequence[int]], tokenizer, env, 
         episode.completion_mask += [1] * len(new)
         before = episode.conversation + [parsed.as_message()]
         episode.conversation = before
-        if not closed:
-            episode.stop = "length"
-            break
-        if parsed.calls or parsed.malformed:
-            turn.replies = answer_calls(env_tools, parsed, tool_timeout, turn)
-        elif step is not None:
-            observation, reward, done = take_step(step, parsed.raw, tool_timeout, turn, type(env).__name__)
-            turn.reward = reward
-            if done:
-                episode.stop = "done"
-                break
-            turn.replies = [] if observation is None else [{"role": "user", "content": str(observation)}]
-        else:
-            episode.stop = "answer"
-            break
-        if index == max_turns - 1:
-            episode.stop = "max_turns"  # the replies are in turn.replies; the policy never sees them
-            break
+        episode.stop = self.answer(turn)
+        if episode.stop:
+            return
         # no reply (step() observed nothing) still opens the next assistant turn: the generation prompt
-        ids = reply_tokens(renderer, before, turn.replies, end_of_turn, index)
-        if max_tokens is not None and len(episode.token_ids) + len(ids) >= max_tokens:
+        ids = reply_tokens(self.renderer, before, turn.replies, end_of_turn, index)
+        if self.max_tokens is not None and len(episode.token_ids) + len(ids) >= self.max_tokens:
             episode.stop = "max_tokens"
-            break
+            return
         turn.env_ids = ids
         episode.conversation = before + turn.replies
         episode.completion_ids += ids
         episode.completion_mask += [0] * len(ids)
-    get_reward = getattr(env, "get_reward", None)
-    if callable(get_reward):
-        episode.final_reward = float(get_reward())
-    if strict:
-        episode.noncanonical_turns = check_retokenization(episode, renderer)
-    return episode
+
+    def answer(self, turn: Turn) -> str:
+        """Fill ``turn.replies`` (and its reward); the reason the episode stops here, or "" to go on."""
+        if not turn.closed:
+            return "length"
+        if turn.parsed.calls or turn.parsed.malformed:
+            turn.replies = answer_calls(self.tools, turn.parsed, self.tool_timeout, turn)
+        elif self.step is not None:
+            observation, turn.reward, done = take_step(self.step, turn.parsed.raw, self.tool_timeout, turn,
+                                                       type(self.env).__name__)
+            if done:
+                return "done"
+            turn.replies = [] if observation is None else [{"role": "user", "content": str(observation)}]
+        else:
+            return "answer"
+        # the last turn's replies stay in turn.replies: the policy would never read them
+        return "max_turns" if turn.index == self.max_turns - 1 else ""
+
+    def finish(self, strict: bool = True) -> Episode:
+        """The episode, with the environment's final reward and (``strict``) the re-tokenisation check."""
+        get_reward = getattr(self.env, "get_reward", None)
+        if callable(get_reward):
+            self.episode.final_reward = float(get_reward())
+        if strict:
+            self.episode.noncanonical_turns = check_retokenization(self.episode, self.renderer)
+        return self.episode
+
+
+def run_episode(generate: Callable[[list[int]], Sequence[int]], tokenizer, env, row: dict, *, strict: bool = True,
+                **options) -> Episode:
+    """Play one episode of ``env`` (already built, not yet reset) from dataset ``row``.
+
+    ``generate(token_ids)`` returns the policy's new tokens for the sequence so far (the caller samples and
+    stops at an end-of-turn token or a length).  ``options``: ``max_turns`` (4), ``tool_timeout`` (10 s),
+    ``max_tokens`` (the whole sequence's cap, the model's positions: a reply that would pass it ends the episode
+    before it is appended), ``chat_template``, ``end_token_ids``.
+    """
+    play = Play(tokenizer, env, row, **options)
+    while not play.done:
+        play.feed(generate(play.episode.token_ids))
+    return play.finish(strict)
+
+
+def run_episodes(generate: Callable[[list[list[int]]], Sequence[Sequence[int]]], tokenizer, envs, rows, *,
+                 strict: bool = True, **options) -> list[Episode]:
+    """A batch of episodes whose turns are generated together: ``generate(list of token ids)`` returns the new
+    tokens of each (a batched or vLLM sampler); episodes that stop drop out of the next batch."""
+    plays = [Play(tokenizer, env, row, **options) for env, row in zip(envs, rows, strict=True)]
+    while active := [play for play in plays if not play.done]:
+        outputs = list(generate([play.episode.token_ids for play in active]))
+        if len(outputs) != len(active):
+            raise EnvError(f"generate returned {len(outputs)} sequences for {len(active)} episodes")
+        for play, new in zip(active, outputs):
+            play.feed(new)
+    return [play.finish(strict) for play in plays]
 
 
 def segments(episode: Episode) -> list[tuple[str, int, list[int]]]:
@@ -355,4 +395,5 @@ def sampler(model, temperature: float = 1.0, max_new_tokens: int = 32, end_token
     return generate
 
 
-__all__ = ["Episode", "Renderer", "Turn", "check_retokenization", "run_episode", "sampler", "segments"]
+__all__ = ["Episode", "Play", "Renderer", "Turn", "check_retokenization", "run_episode", "run_episodes", "sampler",
+           "segments"]

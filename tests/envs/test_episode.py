@@ -257,3 +257,23 @@ def test_a_sampled_tiny_model_passes_the_strict_check(calculator):
         policy_tokens = [t for turn in episode.turns for t in turn.policy_ids]
         assert [t for t, m in zip(episode.completion_ids, episode.completion_mask) if m] == policy_tokens
         assert episode.stop in ("answer", "length", "max_turns")
+
+
+def test_a_batch_of_episodes_matches_each_played_alone(tiny_tokenizer, calculator):
+    """run_episodes generates turn k of every live episode in one call; the episodes are the ones run alone."""
+    from alignment.envs import run_episodes
+
+    scripts = [[CALL, "5<|im_end|>"], ["5<|im_end|>"], [CALL, CALL, "5<|im_end|>"]]
+    batches = []
+
+    def generate(batch):
+        batches.append(len(batch))
+        live = [s for s in scripts_left if s]
+        return [tiny_tokenizer(s.pop(0), add_special_tokens=False)["input_ids"] for s in live]
+
+    scripts_left = [list(s) for s in scripts]
+    together = run_episodes(generate, tiny_tokenizer, [calculator() for _ in scripts], [ROW] * 3)
+    assert batches == [3, 2, 1]
+    for script, episode in zip(scripts, together):
+        alone = run_episode(scripted(tiny_tokenizer, script), tiny_tokenizer, calculator(), ROW)
+        assert (episode.token_ids, episode.mask, episode.stop) == (alone.token_ids, alone.mask, alone.stop)
