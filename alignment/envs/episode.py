@@ -89,6 +89,17 @@ class Episode:
     def turn_rewards(self) -> list[float | None]:
         return [turn.reward for turn in self.turns]
 
+    @property
+    def turn_ends(self) -> list[int]:
+        """Index in ``completion_ids`` of each turn's last policy token: where a per-turn reward is placed (and the
+        final one at the last), as a single-turn PPO places its score on the last response token."""
+        ends, position = [], 0
+        for turn in self.turns:
+            position += len(turn.policy_ids)
+            ends.append(position - 1)
+            position += len(turn.env_ids)
+        return ends
+
     def metrics(self) -> dict[str, float]:
         calls = sum(len(t.parsed.calls) for t in self.turns)
         return {"env/turns": float(len(self.turns)), "env/tool_calls": float(calls),

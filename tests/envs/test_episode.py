@@ -138,6 +138,10 @@ def test_step_environment_rewards_each_turn(tiny_tokenizer):
     episode = run_episode(scripted(tiny_tokenizer, ["3<|im_end|>", "9<|im_end|>", "5<|im_end|>"]), tiny_tokenizer,
                           Guess(), ROW)
     assert episode.turn_rewards == [-0.1, -0.1, 1.0] and episode.stop == "done" and episode.final_reward == 2.0
+    ends = episode.turn_ends
+    assert [episode.completion_mask[i] for i in ends] == [1, 1, 1]
+    assert [episode.completion_ids[i] for i in ends] == [tiny_tokenizer.eos_token_id] * 3
+    assert ends[-1] == len(episode.completion_ids) - 1 and episode.completion_mask[ends[0] + 1] == 0
     assert episode.prompt[-1]["content"] == "What is 2 + 3? Guess it."  # reset()'s observation
     assert [t.replies for t in episode.turns[:2]] == [[{"role": "user", "content": "higher"}],
                                                       [{"role": "user", "content": "lower"}]]
