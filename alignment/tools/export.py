@@ -48,8 +48,9 @@ EXPORT_MARKER = ".align-export"  # lets a later export replace this folder
 EXTRA_HINT = "pip install -c constraints-cpu.txt -e '.[export]'"
 
 # torchao configs by scheme.  Dynamic is the default: compiled (torch.compile, static KV cache), its decode
-# was 1.66x fp32's on this project's CPU (AVX512-VNNI, no AMX), the only int8 variant faster in every run;
-# eager, both schemes were slower than fp32 (benchmarks/export_speed.py; docs/tools.md has the table).
+# was 1.30x-1.67x fp32's (3 runs) on this project's CPU (AVX512-VNNI, no AMX), the only int8 variant faster in every run;
+# eager, dynamic was slower than fp32 in every run, weight-only either side of it
+# (benchmarks/export_speed.py; docs/tools.md has the table).
 INT8_SCHEMES = {"dynamic": "Int8DynamicActivationInt8WeightConfig", "weight-only": "Int8WeightOnlyConfig"}
 DEFAULT_INT8_SCHEME = "dynamic"
 # Greedy answers identical to transformers' fp32 that each GGUF type is held to (share of the eval prompts).
