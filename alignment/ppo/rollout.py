@@ -252,12 +252,20 @@ def _chunks(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
-def _token_statistics(policy, ref_policy, critic, batch, mask, temperature, chunk_size) -> dict:
-    """Log-probs, reference log-probs, values and entropy per response token, ``chunk_size`` rows at a time."""
+def _token_statistics(policy, ref_policy, critic, batch, mask, temperature, chunk_size, policy_pass=True) -> dict:
+    """Log-probs, reference log-probs, values and entropy per response token, ``chunk_size`` rows at a time.
+
+    ``policy_pass=False`` (no critic): only the reference pass runs; the policy's log-probs and entropy are
+    0 here, for a caller that takes them from its own forward pass (see PPOTrainer._reuses_update_pass).
+    """
     parts = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
     for rows in _chunks(len(mask), chunk_size):
         sub = {k: v[rows] for k, v in batch.items()}
-        logp, entropy, values = _policy_pass(policy, critic, sub, mask[rows], temperature)
+        if policy_pass:
+            logp, entropy, values = _policy_pass(policy, critic, sub, mask[rows], temperature)
+        else:
+            logp = entropy = torch.zeros(mask[rows].shape, dtype=torch.float32, device=mask.device)
+            values = None
         parts["logprobs"].append(logp)
         parts["entropy"].append(entropy)
         parts["values"].append(values if values is not None else torch.zeros_like(logp))  # no critic: 0
@@ -278,6 +286,7 @@ def collect_rollout(
     forward_batch_size: int,
     device=None,
     sampler=None,
+    policy_pass: bool = True,
 ) -> Rollout:
     """Generate, truncate at EOS, then policy/reference log-probs, entropy and values (no scores).
 
@@ -308,7 +317,7 @@ def collect_rollout(
     response_ids, response_mask, has_eos = truncate_after_eos(raw, eos_ids, tokenizer.pad_token_id)
     batch = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids}
     stats = _token_statistics(
-        policy, ref_policy, critic, batch, response_mask, temperature, forward_batch_size
+        policy, ref_policy, critic, batch, response_mask, temperature, forward_batch_size, policy_pass
     )
     completions = [
         tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)

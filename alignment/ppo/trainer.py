@@ -242,7 +242,17 @@ class PPOTrainer:
             forward_batch_size=self.config.mini_batch_size,
             device=self.accelerator.device,
             sampler=self.sampler,
+            policy_pass=not self._reuses_update_pass(),
         )
+
+    def _reuses_update_pass(self) -> bool:
+        """Whether the rollout's policy log-prob pass is redundant: one update per step, on-policy, no critic,
+        and nothing before the update reads the policy's log-probs (the KL is in the loss). The update's
+        forward then runs the same weights on the same tokens, so its (detached) log-probs are the old
+        log-probs (ratio exactly 1, as trl's GRPO with num_iterations=1) and fill the rollout's for the metrics."""
+        cfg = self.config
+        return (cfg.updates_per_step == 1 and not cfg.needs_critic and cfg.kl_in == "loss"
+                and type(self)._loss is PPOTrainer._loss)
 
     def _score(self, rollout, rows: list[dict]):
         """Scores (after the missing-EOS penalty), the keep mask (score not None) and the raw scores."""
@@ -327,6 +337,7 @@ class PPOTrainer:
                 num_tokens = self._tokens_per_process(self._loss_units(data["loss_mask"][group]))
                 for micro in group.split(cfg.mini_batch_size):
                     batch = {k: data[k][micro] for k in _TRAIN_KEYS}
+                    batch["rows"] = micro
                     self.minibatch_stats.append(self._micro_step(batch, num_tokens))
         return _mean_stats(self.minibatch_stats)
 
@@ -385,6 +396,9 @@ class PPOTrainer:
         logits, values = self._forward(batch)
         new_logp = logprobs_from_logits(logits, batch["response_ids"], cfg.temperature)
         mask = batch["loss_mask"]
+        if self._reuses_update_pass():  # the weights that sampled: these are the old log-probs
+            batch["old_logprobs"] = new_logp.detach()
+            self._fill_rollout(batch, logits.detach(), new_logp.detach())
         per_token, clipped = policy_loss_fn(cfg.policy_loss)(
             new_logp, batch["old_logprobs"], batch["advantages"], mask, clip=cfg.cliprange, dual_clip=cfg.dual_clip
         )
@@ -415,6 +429,16 @@ class PPOTrainer:
             stats["policy/kl_loss"] = kl_loss.item()
             loss = loss + self.kl_ctl.value * kl_loss
         return loss, stats
+
+    def _fill_rollout(self, batch: dict, logits: torch.Tensor, logp: torch.Tensor) -> None:
+        """The rollout's policy log-probs and entropy for these rows, from the update's forward pass."""
+        from alignment.ppo.losses import entropy_from_logits
+
+        rollout, rows, mask = self.last_rollout, batch["rows"], batch["response_mask"].bool()
+        zeros = torch.zeros_like(logp)
+        rollout.logprobs[rows] = torch.where(mask, logp, zeros).to(rollout.logprobs.dtype)
+        entropy = entropy_from_logits(logits, self.config.temperature)
+        rollout.entropy[rows] = torch.where(mask, entropy, zeros).to(rollout.entropy.dtype)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every process (all must skip together)."""

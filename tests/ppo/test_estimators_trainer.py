@@ -146,3 +146,36 @@ def test_k3_as_a_loss_term_optimises_the_reverse_kl(tokenizer):
     tv_forward, tv_reverse = bandit(tokenizer, advantage_estimator="rloo", num_generations=8, kl_in="loss",
                                     kl_estimator="k3")
     assert tv_reverse <= 0.05 < tv_forward, (tv_reverse, tv_forward)
+
+
+def test_one_on_policy_update_reuses_its_forward_for_the_old_logprobs(tokenizer, monkeypatch):
+    """One update per step, no critic, KL in the loss: the rollout's policy pass is skipped (the update's forward
+    gives the same log-probs) and the step ends with the same weights and metrics as with the pass."""
+    from alignment.ppo import rollout as rollout_module
+
+    config = small(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=2, ppo_epochs=1, kl_in="loss",
+                   kl_estimator="k3", kl_coef=0.1)
+    passes = []
+    original = rollout_module._policy_pass
+    monkeypatch.setattr(rollout_module, "_policy_pass", lambda *a, **k: passes.append(1) or original(*a, **k))
+
+    def run(reuse):
+        trainer = make_trainer(tokenizer, config)
+        assert trainer._reuses_update_pass()
+        if not reuse:
+            monkeypatch.setattr(trainer, "_reuses_update_pass", lambda: False)
+        metrics = [trainer.step() for _ in range(2)][-1]
+        return metrics, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
+
+    with_pass, weights_a = run(reuse=False)
+    assert passes
+    passes.clear()
+    reused, weights_b = run(reuse=True)
+    assert not passes  # no policy log-prob pass in the rollout
+    for name, value in weights_a.items():
+        assert torch.allclose(weights_b[name], value, atol=1e-6), name
+    for key in ("objective/kl", "objective/entropy", "policy/loss", "policy/kl_loss", "objective/score"):
+        assert reused[key] == pytest.approx(with_pass[key], abs=1e-5), key
+    assert reused["policy/ratio_mean"] == 1.0 and with_pass["objective/kl"] != 0.0
+    assert not make_trainer(tokenizer, small(ppo_epochs=2, kl_in="loss"))._reuses_update_pass()
+    assert not make_trainer(tokenizer, small(ppo_epochs=1, mini_batch_size=8))._reuses_update_pass()  # KL in reward
