@@ -17,11 +17,9 @@ per step: the PPO rollout metrics plus `dpo/*`), metrics.json (held-out before/a
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Union
 
-from alignment import data
 from alignment.errors import RecipeError
 from alignment.recipe import check, positive
 from alignment.stages import common, ppo
@@ -60,42 +58,18 @@ def build_models(recipe, model):
 
 
 def run(recipe) -> dict:
-    import reward as reward_sources
     from alignment.ppo.online_dpo import OnlineDPOTrainer
 
     config = build_config(recipe)  # validated before anything heavy
-    started, run_dir, resume_from = common.start_run(recipe)
-    splits = data.load(recipe.data, "prompt", seed=recipe.seed)
-    rewards = reward_sources.build([dict(spec) for spec in recipe.reward])
-    model, tokenizer = common.load_policy(recipe)
-    if config.use_vllm:  # vLLM (colocate) loads the starting weights from model.name_or_path
-        common.ensure_loadable_path(model, tokenizer, run_dir)
-    prompts, too_long = ppo.prompt_rows(splits.train, tokenizer, recipe.data.max_prompt_tokens)
-    before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
-    policy, ref_policy = build_models(recipe, model)
-    reward_fn = ppo.RecipeReward(rewards)
-    trainer = OnlineDPOTrainer(config, policy, ref_policy, tokenizer, reward_fn, prompts)
-    metrics_log = common.open_metrics_log(recipe, run_dir, enabled=trainer.accelerator.is_main_process)
-    if resume_from:
-        trainer.load(resume_from)
-        metrics_log.trim(trainer.step_count)  # the steps after the checkpoint are trained and logged again
-    try:
-        log = ppo.train(trainer, reward_fn, run_dir, recipe.options, metrics_log, recipe.eval)
-    finally:
-        metrics_log.close()
+    inputs = ppo.load_inputs(recipe, config)
+    policy, ref_policy = build_models(recipe, inputs.model)
+    reward_fn = ppo.RecipeReward(inputs.rewards)
+    trainer = OnlineDPOTrainer(config, policy, ref_policy, inputs.tokenizer, reward_fn, inputs.prompts)
+    log = ppo.train_logged(trainer, reward_fn, recipe, inputs)
     lm = ppo.language_model(trainer)
-    after = common.evaluate_policy(lm, tokenizer, recipe.eval)
-    metrics = {
-        "stage": "online_dpo",
-        "train_steps": trainer.step_count,
-        "train_seconds": round(time.time() - started, 1),
-        **ppo.summarize(log),
-        "preference_judgements": int(sum(entry.get("dpo/pairs", 0) for entry in log)),
-        "reward_failures": {source.name: source.stats.as_dict() for source in rewards.sources},
-        "before": before,
-        "after": after,
-        "data": [vars(report) for report in splits.reports] + [{"prompts_longer_than_max": too_long}],
-    }
-    rewards.close()
-    return common.finish_run(recipe, run_dir, lm, tokenizer, metrics, started,
+    metrics = ppo.rl_metrics("online_dpo", trainer, log, inputs,
+                             common.evaluate_policy(lm, inputs.tokenizer, recipe.eval))
+    metrics["preference_judgements"] = int(sum(entry.get("dpo/pairs", 0) for entry in log))
+    inputs.rewards.close()
+    return common.finish_run(recipe, inputs.run_dir, lm, inputs.tokenizer, metrics, inputs.started,
                              note=f" | {metrics['preference_judgements']} preference pairs")

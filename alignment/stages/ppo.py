@@ -337,12 +337,29 @@ def summarize(log: list[dict]) -> dict:
     }
 
 
-def run(recipe) -> dict:
-    import reward as reward_sources
-    from alignment.ppo import PPOTrainer
+@dataclass
+class RLInputs:
+    """What every stage on our RL loop (ppo, online_dpo) loads before it builds its trainer."""
 
-    config = build_config(recipe)  # validated before anything heavy
-    check_options(recipe)
+    started: float
+    run_dir: Path
+    resume_from: str | None
+    splits: object  # alignment.data splits of the prompt data
+    rewards: object  # reward.combine.CombinedReward
+    model: object
+    tokenizer: object
+    prompts: list[dict]
+    prompts_too_long: int
+    before: dict | None  # held-out metrics of the starting policy
+
+
+def load_inputs(recipe, config) -> RLInputs:
+    """Run directory, prompt data, reward sources, the starting policy and its held-out numbers.
+
+    `config` is the stage's validated trainer config (built before anything heavy).
+    """
+    import reward as reward_sources
+
     started, run_dir, resume_from = common.start_run(recipe)
     splits = data.load(recipe.data, "prompt", seed=recipe.seed)
     rewards = reward_sources.build([dict(spec) for spec in recipe.reward])
@@ -351,33 +368,53 @@ def run(recipe) -> dict:
         common.ensure_loadable_path(model, tokenizer, run_dir)
     prompts, too_long = prompt_rows(splits.train, tokenizer, recipe.data.max_prompt_tokens)
     before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
-    policy, ref_policy, critic = build_models(recipe, model, tokenizer)
-    reward_fn = RecipeReward(rewards)
-    trainer = PPOTrainer(config, policy, ref_policy, critic, tokenizer, reward_fn, prompts)
-    metrics_log = common.open_metrics_log(recipe, run_dir, enabled=trainer.accelerator.is_main_process)
-    if resume_from:
-        trainer.load(resume_from)
+    return RLInputs(started, run_dir, resume_from, splits, rewards, model, tokenizer, prompts, too_long, before)
+
+
+def train_logged(trainer, reward_fn, recipe, inputs: RLInputs) -> list[dict]:
+    """Resume if asked, then :func:`train` with the run's metrics log (and trackers) open; the per-step log."""
+    metrics_log = common.open_metrics_log(recipe, inputs.run_dir, enabled=trainer.accelerator.is_main_process)
+    if inputs.resume_from:
+        trainer.load(inputs.resume_from)
         metrics_log.trim(trainer.step_count)  # the steps after the checkpoint are trained and logged again
     try:
-        log = train(trainer, reward_fn, run_dir, recipe.options, metrics_log, recipe.eval)
+        return train(trainer, reward_fn, inputs.run_dir, recipe.options, metrics_log, recipe.eval)
     finally:
         metrics_log.close()
-    lm = language_model(trainer)
-    after = common.evaluate_policy(lm, tokenizer, recipe.eval)
-    metrics = {
-        "stage": "ppo",
+
+
+def rl_metrics(stage: str, trainer, log: list[dict], inputs: RLInputs, after: dict | None) -> dict:
+    """metrics.json of a stage on our RL loop: steps, seconds, the log's summary, reward failures, before/after."""
+    return {
+        "stage": stage,
         "train_steps": trainer.step_count,
-        "train_seconds": round(time.time() - started, 1),
+        "train_seconds": round(time.time() - inputs.started, 1),
         **summarize(log),
-        "critic": recipe.options["critic"] if needs_critic(recipe) else None,
-        "reward_failures": {source.name: source.stats.as_dict() for source in rewards.sources},
-        "before": before,
+        "reward_failures": {source.name: source.stats.as_dict() for source in inputs.rewards.sources},
+        "before": inputs.before,
         "after": after,
-        "data": [vars(report) for report in splits.reports] + [{"prompts_longer_than_max": too_long}],
+        "data": [vars(report) for report in inputs.splits.reports] + [{"prompts_longer_than_max":
+                                                                        inputs.prompts_too_long}],
     }
-    rewards.close()
-    save_critic(trainer, tokenizer, run_dir)
-    return common.finish_run(recipe, run_dir, lm, tokenizer, metrics, started, note=_kl_note(metrics))
+
+
+def run(recipe) -> dict:
+    from alignment.ppo import PPOTrainer
+
+    config = build_config(recipe)  # validated before anything heavy
+    check_options(recipe)
+    inputs = load_inputs(recipe, config)
+    policy, ref_policy, critic = build_models(recipe, inputs.model, inputs.tokenizer)
+    reward_fn = RecipeReward(inputs.rewards)
+    trainer = PPOTrainer(config, policy, ref_policy, critic, inputs.tokenizer, reward_fn, inputs.prompts)
+    log = train_logged(trainer, reward_fn, recipe, inputs)
+    lm = language_model(trainer)
+    metrics = rl_metrics("ppo", trainer, log, inputs, common.evaluate_policy(lm, inputs.tokenizer, recipe.eval))
+    metrics["critic"] = recipe.options["critic"] if needs_critic(recipe) else None
+    inputs.rewards.close()
+    save_critic(trainer, inputs.tokenizer, inputs.run_dir)
+    return common.finish_run(recipe, inputs.run_dir, lm, inputs.tokenizer, metrics, inputs.started,
+                             note=_kl_note(metrics))
 
 
 def _kl_note(metrics: dict) -> str:
