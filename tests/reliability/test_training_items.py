@@ -288,4 +288,8 @@ def test_items_24_30_31_32_every_trl_stage_trains_through_the_shared_guards(modu
     import inspect
 
     source = inspect.getsource(importlib.import_module(f"alignment.stages.{module}"))
-    assert "common.train(" in source and ".train(resume_from_checkpoint" not in source
+    # the preference stages train through preference_common.train, which calls common.train
+    through = "pref.train(" if module in ("dpo", "kto", "preference_relatives") else "common.train("
+    assert through in source and ".train(resume_from_checkpoint" not in source
+    shared = inspect.getsource(importlib.import_module("alignment.stages.preference_common").train)
+    assert "common.train(" in shared
