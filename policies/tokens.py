@@ -24,7 +24,10 @@ def end_token_ids(tokenizer, model=None) -> set[int]:
             ids.add(value)
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
-    vocab = tokenizer.get_vocab()
     pad = tokenizer.pad_token_id
-    ids.update(vocab[token] for token in END_OF_TURN_TOKENS if token in vocab and vocab[token] != pad)
+    for token in END_OF_TURN_TOKENS:
+        # a lookup per token, not get_vocab(): PPO asks once per rollout, and a 150k vocabulary's dict costs more
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != pad and tokenizer.convert_ids_to_tokens(token_id) == token:
+            ids.add(token_id)  # the round trip: an unknown token maps to the unk id, which is not that token
     return ids

@@ -336,13 +336,10 @@ def ensure_loadable_path(model, tokenizer, run_dir: Path) -> None:
 
 def report_to_names(recipe) -> list[str]:
     """The trackers a recipe's `train.report_to` names ([] for none); every stage reads the same key."""
-    value = recipe.train.get("report_to")
-    if value in (None, "none", [], ["none"]):  # the default: no tracker module or package needed
-        return []
     from alignment.tracking import normalise_report_to
 
     try:
-        return normalise_report_to(value)
+        return normalise_report_to(recipe.train.get("report_to"))
     except ValueError as exc:
         raise RecipeError(f"{recipe.source_path}: train.report_to: {exc}") from None
 

@@ -84,8 +84,11 @@ def test_end_token_ids_one_definition_for_every_caller():
 
     from policies.tokens import end_token_ids
 
+    vocab = {"<|im_end|>": 7, "<|endoftext|>": 3, "<|eot_id|>": 9, "a": 1, "<unk>": 0}
+    tokens = {i: t for t, i in vocab.items()}
     tokenizer = SimpleNamespace(eos_token_id=7, pad_token_id=3,
-                                get_vocab=lambda: {"<|im_end|>": 7, "<|endoftext|>": 3, "<|eot_id|>": 9, "a": 1})
+                                convert_tokens_to_ids=lambda t: vocab.get(t, 0),  # unknown -> the unk id
+                                convert_ids_to_tokens=lambda i: tokens[i])
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 11]))
     assert end_token_ids(tokenizer, model) == {7, 9, 11}  # 3 pads batches (Qwen2.5's <|endoftext|>)
     assert end_token_ids(tokenizer) == {7, 9}
