@@ -140,6 +140,7 @@ class Recipe:
     eval: Union[EvalSpec, None] = None
     environment: Union[EnvironmentSpec, None] = None  # multi-turn episodes with tools (docs/environments.md)
     seed: int = 42
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # mixed precision of every stage (alignment/precision.py)
     resume: Union[bool, Literal["force"]] = False  # "force": resume even if data/seed/hyper-parameters changed
     overwrite: bool = False  # a fresh start may replace a finished run in output_dir (`align run --overwrite`)
     source_path: Union[str, None] = None
@@ -769,11 +770,23 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
         eval=eval_spec,
         environment=environment,
         seed=coerce(data.get("seed", 42), int, ("seed",), locations),
+        precision=checked_precision(data, train, locations),
         resume=coerce(data.get("resume", False), Union[bool, Literal["force"]], ("resume",), locations),
         overwrite=coerce(data.get("overwrite", False), bool, ("overwrite",), locations),
         source_path=locations.path,
         raw=_freeze(data),
     )
+
+
+def checked_precision(data: dict, train: Mapping, locations: Locations) -> str:
+    """The top-level `precision:` (auto by default), the one place a run's precision is set: a recipe that also
+    sets trl's `train.bf16` / `train.fp16` is refused, naming both keys, rather than one silently winning."""
+    value = coerce(data.get("precision", "auto"), Literal["auto", "fp32", "bf16", "fp16"], ("precision",), locations)
+    for key in ("bf16", "fp16"):
+        if key in train:
+            raise locations.error(("train", key), f"train.{key} and precision (default auto) both set the precision; "
+                                  f"set `precision: {key}` (or auto, fp32) at the top level and drop train.{key}")
+    return value
 
 
 # Stages that run an `environment:` (trl's GRPOTrainer through environment_factory; our PPO loop comes later)

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
                      help="extra trainer-config setting for the peer only, repeatable")
     run.add_argument("--child-env", action="append", default=[], metavar="NAME=VALUE",
                      help="environment variable for every run, both sides alike (e.g. OMP_WAIT_POLICY=PASSIVE)")
+    run.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                     help="both sides alike: our recipe's precision, the peer's bf16 flag (mixed precision)")
     run.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
     run.add_argument("--ceiling-trials", type=int, default=10)
     run.add_argument("--label", default="", help="free text stored in the JSON")
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     efficacy.add_argument("--output", default="benchmarks/results/", help="folder for the JSON and Markdown table")
     efficacy.add_argument("--rebuild", metavar="WORKDIR/STAMP-ISA", default=None,
                           help="re-read a finished study's run directories and rewrite its table (no training)")
-    commands.add_parser("ceiling", help="measure the fp32 matmul ceiling and print it as JSON")
+    commands.add_parser("ceiling", help="measure the fp32 and bf16 matmul ceilings and print them as JSON")
     commands.add_parser("peer-env", help="create (or check) the trl 1.12.0 venv of the PPO peer")
     export_speed = commands.add_parser("export-speed", help="decode speed of the torchao int8 exports vs fp32 "
                                        "(table and ratio; benchmarks/export_speed.py)")
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
                 max_samples=args.max_samples or None,
                 output=args.output, ours_set=args.ours_set, peer_set=args.peer_set, timeout=args.timeout,
                 ceiling_trials=args.ceiling_trials, keep_workdir=args.keep_workdir, label=args.label,
-                child_env=dict(item.split("=", 1) for item in args.child_env))
+                child_env=dict(item.split("=", 1) for item in args.child_env), precision=args.precision)
     try:
         report = run_plan(plan)
     except ValueError as exc:

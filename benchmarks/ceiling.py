@@ -2,10 +2,13 @@
 
     python -m benchmarks.ceiling            # prints JSON
 
-fp32 ``n x n @ n x n`` matmuls (n = 2048 by default) on the CPU with all of
-torch's threads, repeated; each trial times ``repeats`` products and the
-best trial counts (2 n^3 FLOPs a product).  With a CUDA GPU present, bf16 on
-the GPU is measured too (reported, not used for the CPU runs' MFU).
+``n x n @ n x n`` matmuls (n = 2048 by default) on the CPU with all of
+torch's threads, repeated, in fp32 and in bf16; each trial times ``repeats``
+products and the best trial counts (2 n^3 FLOPs a product).  A run's MFU is
+taken against the ceiling of the precision it computed in (``precision:``,
+alignment/precision.py): a bf16 run against the bf16 ceiling, which on a CPU
+with AMX-BF16 or AVX512-BF16 is several times fp32's (and on one without, far
+below it).  With a CUDA GPU present, bf16 on the GPU is measured too.
 """
 
 from __future__ import annotations
@@ -39,10 +42,11 @@ def matmul_gflops(n: int = 2048, repeats: int = 5, trials: int = 5, dtype: str =
 
 
 def measure(n: int = 2048, repeats: int = 2, trials: int = 10) -> dict:
-    """fp32 CPU ceiling (always) and bf16 GPU ceiling (when a CUDA device is present)."""
+    """fp32 and bf16 CPU ceilings (always) and the bf16 GPU ceiling (when a CUDA device is present)."""
     import torch
 
-    result = {"cpu_fp32": matmul_gflops(n, repeats, trials)}
+    result = {"cpu_fp32": matmul_gflops(n, repeats, trials), "cpu_bf16": matmul_gflops(n, repeats, trials, "bfloat16")}
+    result["cpu_bf16_over_fp32"] = round(result["cpu_bf16"]["best_gflops"] / result["cpu_fp32"]["best_gflops"], 2)
     if torch.cuda.is_available():
         result["gpu_bf16"] = matmul_gflops(max(n, 4096), 20, trials, dtype="bfloat16", device="cuda")
         result["gpu_name"] = torch.cuda.get_device_name(0)

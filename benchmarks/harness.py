@@ -69,6 +69,7 @@ class Plan:
     keep_workdir: bool = False
     label: str = ""
     child_env: dict = field(default_factory=dict)  # extra environment for every child (both sides, ceiling)
+    precision: str = "fp32"  # both sides alike: our `precision=`, the peer's bf16 flag (like for like)
 
     def steps_for(self, stage: str, preset: str) -> int:
         return self.steps or DEFAULT_STEPS[stage].get(preset, DEFAULT_STEPS[stage]["1m"])
@@ -111,7 +112,8 @@ def measure_ceiling(workdir: Path, trials: int, log) -> dict:
         raise RuntimeError(f"ceiling measurement failed (exit {code}); see {log_path}")
     result = json.loads(text[-1])
     log(f"[ceiling] fp32 matmul: {result['cpu_fp32']['best_gflops']} GFLOP/s "
-        f"(trials {result['cpu_fp32']['trials_gflops']}, {result['cpu_fp32']['threads']} threads)")
+        f"(trials {result['cpu_fp32']['trials_gflops']}, {result['cpu_fp32']['threads']} threads); "
+        f"bf16: {result.get('cpu_bf16', {}).get('best_gflops')} GFLOP/s")
     return result
 
 
@@ -146,11 +148,11 @@ def one_run(plan: Plan, stage: str, preset: str, side: str, repeat: int, assets_
             peer_set[key] = yaml.safe_load(text)
         cmd = [str(peer_python), "-m", "benchmarks.ppo_peer", "--assets-json", str(assets_json),
                "--steps", str(steps), "--workdir", str(run_dir), "--result", str(result_path),
-               "--peer-set", json.dumps(peer_set)]
+               "--peer-set", json.dumps(peer_set), "--precision", plan.precision]
     else:
         cmd = [sys.executable, "-m", "benchmarks.worker", "--stage", stage, "--side", side,
                "--assets-json", str(assets_json), "--steps", str(steps), "--workdir", str(run_dir),
-               "--result", str(result_path)]
+               "--result", str(result_path), "--precision", plan.precision]
         if plan.batch:
             cmd += ["--batch", str(plan.batch)]
         if plan.max_samples:
@@ -365,7 +367,9 @@ def run(plan: Plan, log=print) -> dict:
                 if runs[-2].get("status") == "pending":
                     break  # our side cannot run yet: the peer's one run stays as a reference
     ceiling_after = measure_ceiling(workdir, plan.ceiling_trials, log)
-    ceiling = max(ceiling_before["cpu_fp32"]["best_gflops"], ceiling_after["cpu_fp32"]["best_gflops"])
+    # MFU against the ceiling of the precision both sides ran (a bf16 run is not measured against fp32's)
+    key = f"cpu_{plan.precision}"
+    ceiling = max(ceiling_before[key]["best_gflops"], ceiling_after[key]["best_gflops"])
     add_mfu(runs, ceiling)
     rows = summarise_runs(runs)
     finished = datetime.datetime.now(datetime.timezone.utc)
@@ -375,9 +379,10 @@ def run(plan: Plan, log=print) -> dict:
         "started": started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),
         "machine": {**machine_info(), "load_average_at_start": load_before},
-        "ceiling_gflops_fp32": ceiling,
+        "precision": plan.precision,
+        f"ceiling_gflops_{plan.precision}": ceiling,
         "ceiling": {"before": ceiling_before, "after": ceiling_after},
-        "mfu_formula": "MFU = 6 x matmul_params x train_tokens_per_s / ceiling_fp32_flops",
+        "mfu_formula": f"MFU = 6 x matmul_params x train_tokens_per_s / ceiling_{plan.precision}_flops",
         "plan": {"stages": plan.stages, "presets": plan.presets, "repeats": plan.repeats,
                  "child_env": plan.child_env,
                  "steps": {s: {p: plan.steps_for(s, p) for p in plan.presets} for s in plan.stages},
@@ -416,15 +421,17 @@ def _run_line(result: dict, steps: int) -> str:
 
 def markdown_report(report: dict, table: str) -> str:
     m = report["machine"]
+    precision = report.get("precision", "fp32")  # reports written before the precision key were fp32
     lines = [
         f"# Benchmark {report['started']}",
         "",
         f"- command: `{report['command']}`",
         f"- machine: {m.get('cpu', '?')}, {m.get('cpus')} CPUs, {m.get('memory_gib', '?')} GiB; "
         f"load average at start {m.get('load_average_at_start')}, at end {m.get('load_average')}",
-        f"- measured fp32 matmul ceiling: {report['ceiling_gflops_fp32']} GFLOP/s "
-        f"(before {report['ceiling']['before']['cpu_fp32']['best_gflops']}, "
-        f"after {report['ceiling']['after']['cpu_fp32']['best_gflops']})",
+        f"- precision: {precision} on both sides; measured {precision} matmul ceiling: "
+        f"{report[f'ceiling_gflops_{precision}']} GFLOP/s "
+        f"(before {report['ceiling']['before'][f'cpu_{precision}']['best_gflops']}, "
+        f"after {report['ceiling']['after'][f'cpu_{precision}']['best_gflops']})",
         f"- {report['mfu_formula']}",
         f"- repeats {report['plan']['repeats']} (alternating ours, peer); steps {report['plan']['steps']}; "
         f"extra environment of every run {report['plan']['child_env'] or 'none'}",

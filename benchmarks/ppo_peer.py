@@ -27,7 +27,7 @@ from pathlib import Path
 from benchmarks.workloads import PPO_SETTINGS, ppo_prompts
 
 
-def run(assets: dict, steps: int, workdir: str, peer_set: dict | None = None) -> dict:
+def run(assets: dict, steps: int, workdir: str, peer_set: dict | None = None, precision: str = "fp32") -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
@@ -64,7 +64,7 @@ def run(assets: dict, steps: int, workdir: str, peer_set: dict | None = None) ->
         logging_steps=1,
         save_strategy="no",
         seed=42,
-        bf16=False,
+        bf16=precision == "bf16",  # the precision our side runs (benchmarks --precision)
         gradient_checkpointing=False,
         use_cpu=True,
         report_to="none",
@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--result", required=True)
     parser.add_argument("--peer-set", default="{}", help="JSON dict of extra PPOConfig settings")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args(argv)
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1"),
                        ("TRL_EXPERIMENTAL_SILENCE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
 
     assets = json.loads(Path(args.assets_json).read_text())
     try:
-        result = run(assets, args.steps, args.workdir, json.loads(args.peer_set))
+        result = run(assets, args.steps, args.workdir, json.loads(args.peer_set), args.precision)
         result["status"] = "ok"
     except Exception as exc:
         result = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}

@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--result", required=True)
     parser.add_argument("--ours-set", action="append", default=[])
     parser.add_argument("--peer-set", action="append", default=[])
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args(argv)
 
     from benchmarks import workloads
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
         stage=args.stage, side=args.side, assets=json.loads(Path(args.assets_json).read_text()),
         steps=args.steps, workdir=args.workdir, batch=args.batch, logging_steps=args.logging_steps,
         max_samples=args.max_samples,
-        ours_set=tuple(args.ours_set), peer_set=tuple(args.peer_set),
+        ours_set=tuple(args.ours_set), peer_set=tuple(args.peer_set), precision=args.precision,
     )
     try:
         result = workloads.run(spec)

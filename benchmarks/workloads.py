@@ -89,6 +89,7 @@ class Spec:
     max_samples: int | None = None  # first N rows of the training file, on both sides (None: all)
     ours_set: tuple = ()  # extra recipe overrides for our side (speed-lever experiments)
     peer_set: tuple = ()  # extra trainer-config settings for the peer (key=value, YAML values)
+    precision: str = "fp32"  # both sides: our recipe's `precision:`, the peer's `bf16` flag
 
 
 def recipe_path(stage: str) -> Path:
@@ -117,6 +118,7 @@ def our_overrides(spec: Spec, with_ours_set: bool = True) -> list[str]:
         f"train.max_steps={spec.steps}",
         f"train.logging_steps={logging_steps(spec)}",
         "train.save_strategy='no'",
+        f"precision={spec.precision}",  # never auto here: the peer runs the same precision, named
     ]
     if spec.batch:
         overrides.append(f"train.per_device_train_batch_size={spec.batch}")
@@ -268,7 +270,8 @@ def run_peer(spec: Spec) -> dict:
 
     config_name, trainer_name, data_file, kind = TRL[spec.stage]
     task, recipe = peer_task_settings(spec)
-    args = {**task, **PEER_CPU_SETTINGS, "output_dir": str(Path(spec.workdir) / "peer-run"), "save_strategy": "no"}
+    args = {**task, **PEER_CPU_SETTINGS, "bf16": spec.precision == "bf16",
+            "output_dir": str(Path(spec.workdir) / "peer-run"), "save_strategy": "no"}
     args.update(_parse_sets(spec.peer_set))
     set_seed(args["seed"])
     path = spec.assets[kind]

@@ -50,6 +50,7 @@ from alignment.ppo.losses import (
     per_token_rewards,
 )
 from alignment.ppo.rollout import (
+    _unwrap_lm,
     collect_rollout,
     concat_rollouts,
     critic_forward,
@@ -119,7 +120,7 @@ class PPOTrainer:
 
             check_vllm_machine()
         self.config = config
-        self.accelerator = accelerator or _make_accelerator(config)
+        self.accelerator = accelerator or make_accelerator(config)
         if self.accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
             raise ValueError(
                 f"accelerator.gradient_accumulation_steps ({self.accelerator.gradient_accumulation_steps}) must equal "
@@ -168,13 +169,14 @@ class PPOTrainer:
     def step(self) -> dict:
         """One rollout batch and its PPO updates; returns the step's metrics."""
         start = time.perf_counter()
-        rows = self._batch_rows(self.step_count)
-        rollout = self._rollout(rows)
-        generated = time.perf_counter()
-        scores, keep, raw = self._score(rollout, rows)
-        scored = time.perf_counter()
-        data, reward_stats = self._prepare_batch(rollout, scores, keep)
-        train_stats = self._update(data)
+        with self._precision():
+            rows = self._batch_rows(self.step_count)
+            rollout = self._rollout(rows)
+            generated = time.perf_counter()
+            scores, keep, raw = self._score(rollout, rows)
+            scored = time.perf_counter()
+            data, reward_stats = self._prepare_batch(rollout, scores, keep)
+            train_stats = self._update(data)
         done = time.perf_counter()
         times = {
             "time/generation": generated - start,
@@ -187,6 +189,23 @@ class PPOTrainer:
         self.step_count += 1
         self._check_health(metrics)
         return metrics
+
+    @contextlib.contextmanager
+    def _precision(self):
+        """The accelerator's mixed precision over every pass of a step (generation, reference, reward model,
+        update), with the LM heads in fp32 (alignment.precision.fp32_logits: the log-probs of ratios and KL)."""
+        if self.accelerator.mixed_precision == "no":
+            yield
+            return
+        from alignment.precision import fp32_logits
+
+        models = [self.accelerator.unwrap_model(self.policy), self.ref_policy]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.accelerator.autocast())
+            for model in models:
+                if model is not None:
+                    stack.enter_context(fp32_logits(_unwrap_lm(model)))
+            yield
 
     # -------------------------------------------------------------- rollout
 
@@ -663,11 +682,20 @@ def _seeded_rng(seed: int, position: int, device):
         yield
 
 
-def _make_accelerator(config: PPOConfig):
+def make_accelerator(config: PPOConfig, mixed_precision: str = "no"):
+    """The loop's accelerator; `mixed_precision` ("no", "bf16", "fp16") from the recipe's `precision:`
+    (alignment.precision.Choice.mixed_precision): fp32 master weights, half-precision autocast."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps)
+    # accelerate keeps one process-wide state that refuses a second precision; an earlier stage of the same
+    # pipeline process may have set another (transformers resets it the same way for trl's stages). The
+    # process group (PartialState) is kept.
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+                              mixed_precision=mixed_precision)
     set_seed(config.seed, device_specific=True)
     return accelerator
 

@@ -137,10 +137,13 @@ def prepare_run_dir(recipe) -> tuple[Path, str | None]:
 def start_run(recipe) -> tuple[float, Path, str | None]:
     """The opening of every stage: its start time, offline settings, seeds, and the run directory (locked,
     marked unfinished) with the checkpoint to resume from."""
+    from alignment.precision import for_recipe
+
     started = time.time()
     offline_defaults()
     seed_everything(recipe.seed)
     run_dir, resume_from = prepare_run_dir(recipe)
+    print(f"[{recipe.stage}] {for_recipe(recipe).line()}", flush=True)  # what was chosen, and why
     return started, run_dir, resume_from
 
 
@@ -154,13 +157,12 @@ def finish_run(recipe, run_dir: Path, model, tokenizer, metrics: dict, started: 
     return metrics
 
 
-def precision_defaults() -> dict:
-    """fp32 on CPU (bf16 there is 6-400x slower); bf16 on GPUs that support it, else fp16."""
-    if not on_gpu():
-        return {"bf16": False, "fp16": False, "use_cpu": True}
-    import torch
+def precision_defaults(recipe) -> dict:
+    """trl's precision flags from the recipe's `precision:` (alignment/precision.py chooses; mixed precision:
+    fp32 master weights and optimizer state, bf16/fp16 autocast)."""
+    from alignment.precision import for_recipe
 
-    return {"bf16": torch.cuda.is_bf16_supported(), "fp16": not torch.cuda.is_bf16_supported()}
+    return {**for_recipe(recipe).trainer_flags(), **({} if on_gpu() else {"use_cpu": True})}
 
 
 def checkpointing_key(recipe) -> str:
@@ -187,7 +189,7 @@ def trainer_defaults(recipe, run_dir: Path) -> dict:
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
     }
-    defaults.update(precision_defaults())
+    defaults.update(precision_defaults(recipe))
     return defaults
 
 
@@ -541,7 +543,9 @@ def data_files(recipe) -> list[str]:
 
 
 def run_info(recipe) -> dict:
-    return base_run_info(recipe, data_files(recipe))
+    from alignment.precision import for_recipe
+
+    return {**base_run_info(recipe, data_files(recipe)), "precision": for_recipe(recipe).as_dict()}
 
 
 def final_train_loss(trainer) -> float | None:

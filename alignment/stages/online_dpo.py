@@ -64,7 +64,8 @@ def run(recipe) -> dict:
     inputs = ppo.load_inputs(recipe, config)
     policy, ref_policy = build_models(recipe, inputs.model)
     reward_fn = ppo.RecipeReward(inputs.rewards)
-    trainer = OnlineDPOTrainer(config, policy, ref_policy, inputs.tokenizer, reward_fn, inputs.prompts)
+    trainer = OnlineDPOTrainer(config, policy, ref_policy, inputs.tokenizer, reward_fn, inputs.prompts,
+                               accelerator=ppo.accelerator_for(recipe, config))
     log = ppo.train_logged(trainer, reward_fn, recipe, inputs)
     lm = ppo.language_model(trainer)
     metrics = ppo.rl_metrics("online_dpo", trainer, log, inputs,

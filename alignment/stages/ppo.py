@@ -398,6 +398,14 @@ def rl_metrics(stage: str, trainer, log: list[dict], inputs: RLInputs, after: di
     }
 
 
+def accelerator_for(recipe, config):
+    """Our loop's accelerator at the recipe's `precision:` (ppo and online_dpo)."""
+    from alignment.ppo.trainer import make_accelerator
+    from alignment.precision import for_recipe
+
+    return make_accelerator(config, for_recipe(recipe).mixed_precision)
+
+
 def run(recipe) -> dict:
     from alignment.ppo import PPOTrainer
 
@@ -406,7 +414,8 @@ def run(recipe) -> dict:
     inputs = load_inputs(recipe, config)
     policy, ref_policy, critic = build_models(recipe, inputs.model, inputs.tokenizer)
     reward_fn = RecipeReward(inputs.rewards)
-    trainer = PPOTrainer(config, policy, ref_policy, critic, inputs.tokenizer, reward_fn, inputs.prompts)
+    trainer = PPOTrainer(config, policy, ref_policy, critic, inputs.tokenizer, reward_fn, inputs.prompts,
+                         accelerator=accelerator_for(recipe, config))
     log = train_logged(trainer, reward_fn, recipe, inputs)
     lm = language_model(trainer)
     metrics = rl_metrics("ppo", trainer, log, inputs, common.evaluate_policy(lm, inputs.tokenizer, recipe.eval))

@@ -145,7 +145,7 @@ def _never(*args, **kwargs):
 )
 def test_trainer_refuses_use_vllm_before_any_model_work(tokenizer, monkeypatch, stand_in, cuda, packages, message):
     fake_machine(monkeypatch, cuda=cuda, packages=packages)
-    monkeypatch.setattr(trainer_module, "_make_accelerator", _never)
+    monkeypatch.setattr(trainer_module, "make_accelerator", _never)
     lm = named_llama(tokenizer)
     with pytest.raises(ValueError, match=message):
         PPOTrainer(vllm_config(), lm, copy.deepcopy(lm), make_seq_critic(tokenizer), tokenizer, count_a, PROMPTS)
