@@ -144,7 +144,7 @@ def detect() -> Hardware:
 
 def parameter_count(name_or_path: str) -> Optional[int]:
     """The model's parameter count from its config alone (built on the meta device: no weights, no memory);
-    None when the config cannot be read here (a hub name offline)."""
+    None when the config is not on this machine (a hub name not yet downloaded)."""
     import torch
 
     try:
@@ -155,7 +155,7 @@ def parameter_count(name_or_path: str) -> Optional[int]:
         else:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(name_or_path)
+            config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)  # a decision never waits on the network
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):

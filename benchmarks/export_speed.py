@@ -32,10 +32,19 @@ INT8_UNITS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")
 
 
 def cpu_description() -> dict:
+    import os
+
+    import torch
+
     from benchmarks.efficacy import cpu_flags, cpuinfo_field
 
     flags = set(cpu_flags())
-    return {"cpu": cpuinfo_field("model name"), "int8_units": [f for f in INT8_UNITS if f in flags]}
+    # the kernel path torch and oneDNN actually take: ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA can hold a CPU
+    # below its flags (e.g. AVX2 on an AVX-512 VNNI machine), which is how "a CPU without int8 units" is checked here
+    forced = {name: os.environ[name] for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+              if os.environ.get(name)}
+    return {"cpu": cpuinfo_field("model name"), "int8_units": [f for f in INT8_UNITS if f in flags],
+            "kernel_path": torch.backends.cpu.get_cpu_capability(), "forced_isa": forced}
 
 
 def build_model(size: str, directory: Path):
@@ -127,7 +136,9 @@ def run(size: str = "110m", threads: int = 1, tokens: int = 32, repeats: int = 5
 def table(report: dict) -> str:
     lines = [f"# Decode speed, {report['size']} Llama ({report['parameters'] / 1e6:.0f}M parameters), "
              f"{report['threads']} thread(s), {report['new_tokens']} new tokens, {report['repeats']} rounds",
-             f"CPU: {report['cpu']}; int8 units: {', '.join(report['int8_units']) or 'none'}; torch {report['torch']}",
+             f"CPU: {report['cpu']}; int8 units: {', '.join(report['int8_units']) or 'none'}; kernel path "
+             f"{report.get('kernel_path')}{' (forced: ' + str(report['forced_isa']) + ')' if report.get('forced_isa') else ''}; "
+             f"torch {report['torch']}",
              "", "| variant | file | tokens/s min | median | max | median vs fp32 (same mode) | first call | "
              "greedy ids = eager | = fp32 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
