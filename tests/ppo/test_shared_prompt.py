@@ -118,12 +118,20 @@ def test_shared_prefill_cache_equals_the_full_prefill_and_samples_the_same_token
         for got, want in ((shared_layer.keys, full_layer.keys), (shared_layer.values, full_layer.values)):
             assert torch.allclose(got.transpose(1, 2)[real], want.transpose(1, 2)[real], rtol=0, atol=1e-12)
 
+    widths = []  # (rows, columns) of every forward: shows whether generate really started from the cache
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+
     def sample(share):
         torch.manual_seed(7)
-        return generate_responses(model, query, query_mask, max_new_tokens=6, temperature=1.0, eos_token_ids=[1],
-                                  pad_token_id=0, share_prefill=share)
+        widths.clear()
+        out = generate_responses(model, query, query_mask, max_new_tokens=6, temperature=1.0, eos_token_ids=[1],
+                                 pad_token_id=0, share_prefill=share)
+        return out, widths[:2]
 
-    plain, shared = sample(False), sample(True)
+    (plain, plain_calls), (shared, shared_calls) = sample(False), sample(True)
+    assert plain_calls[0] == (6, 4)  # generate's own prefill: every row, every prompt column
+    assert shared_calls == [(3, 3), (6, 1)]  # 3 prompts x 3 columns once, then only the last column per row
     assert torch.equal(plain, shared)
     assert len({tuple(r) for r in plain[[0, 3, 5]].tolist()}) > 1  # A's rows drew different samples
 
