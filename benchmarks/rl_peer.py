@@ -1,7 +1,7 @@
 """Our RL loop's GRPO and RLOO (alignment.ppo) against trl's GRPOTrainer / RLOOTrainer at equal settings.
 
     python -m benchmarks rl-peer [--algo grpo,rloo] [--preset 20m] [--repeats 3] [--steps 4]
-                                 [--completion-length 16] [--model DIR] [--output benchmarks/results/]
+                                 [--completion-length 16] [--model DIR] [--seed 42] [--output benchmarks/results/]
 
 Both sides start from the same saved weights (:mod:`benchmarks.assets`, or ``--model DIR``: e.g. an SFT
 checkpoint, so that the reward can move), read the same prompts (``data/tiny_arith/rl_prompts.jsonl``,
@@ -264,6 +264,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--pack", action="store_true", help="ours: train.pack_updates")
     parser.add_argument("--max-prompts", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=42, help="both sides: weights' sampling, data order, sampling")
     parser.add_argument("--output", default="benchmarks/results/")
     parser.add_argument("--timeout", type=float, default=1800.0)
 
@@ -271,7 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args) -> dict:
     return {"steps": args.steps, "prompts": args.prompts, "generations": args.generations,
             "completion_length": args.completion_length, "learning_rate": args.learning_rate, "beta": args.beta,
-            "pack": args.pack, "max_prompts": args.max_prompts, "seed": 42}
+            "pack": args.pack, "max_prompts": args.max_prompts, "seed": args.seed}
 
 
 def main(argv=None) -> int:
