@@ -19,6 +19,10 @@ answer_reward`, the first integer against the answer), and run the same algorith
   ``kl_in: reward``, k1);
 * learning rate, linear decay to 0 over the run, gradient-norm clip 1.0 on both.
 
+Ours runs with its defaults ``share_prompt`` / ``share_prefill`` (each group's prompt computed once in the
+log-prob passes, the update and generate's prefill: the same computation up to float rounding, docs/ppo.md);
+trl computes the prompt once per completion. Both skip the old log-prob pass at one update per rollout.
+
 Each run is a fresh process, alternating ours, peer, ours, peer, ...; a run's record holds the training
 loop's seconds (``train()`` wall time: generation, scoring and updates), completions per second, the
 process's peak resident memory and the mean reward of the last steps.  Prints a table and writes
