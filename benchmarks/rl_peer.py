@@ -1,7 +1,7 @@
 """Our RL loop's GRPO and RLOO (alignment.ppo) against trl's GRPOTrainer / RLOOTrainer at equal settings.
 
     python -m benchmarks rl-peer [--algo grpo,rloo] [--preset 20m] [--repeats 3] [--steps 4]
-                                 [--completion-length 16] [--model DIR] [--output benchmarks/results/]
+                                 [--completion-length 16] [--model DIR] [--seed 42] [--output benchmarks/results/]
 
 Both sides start from the same saved weights (:mod:`benchmarks.assets`, or ``--model DIR``: e.g. an SFT
 checkpoint, so that the reward can move), read the same prompts (``data/tiny_arith/rl_prompts.jsonl``,
@@ -18,6 +18,10 @@ answer_reward`, the first integer against the answer), and run the same algorith
 * RLOO: leave-one-out baselines, the KL to the reference in the reward with ``beta`` (trl's RLOO; ours
   ``kl_in: reward``, k1);
 * learning rate, linear decay to 0 over the run, gradient-norm clip 1.0 on both.
+
+Ours runs with its defaults ``share_prompt`` / ``share_prefill`` (each group's prompt computed once in the
+log-prob passes, the update and generate's prefill: the same computation up to float rounding, docs/ppo.md);
+trl computes the prompt once per completion. Both skip the old log-prob pass at one update per rollout.
 
 Each run is a fresh process, alternating ours, peer, ours, peer, ...; a run's record holds the training
 loop's seconds (``train()`` wall time: generation, scoring and updates), completions per second, the
@@ -264,6 +268,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--pack", action="store_true", help="ours: train.pack_updates")
     parser.add_argument("--max-prompts", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=42, help="both sides: weights' sampling, data order, sampling")
     parser.add_argument("--output", default="benchmarks/results/")
     parser.add_argument("--timeout", type=float, default=1800.0)
 
@@ -271,7 +276,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from(args) -> dict:
     return {"steps": args.steps, "prompts": args.prompts, "generations": args.generations,
             "completion_length": args.completion_length, "learning_rate": args.learning_rate, "beta": args.beta,
-            "pack": args.pack, "max_prompts": args.max_prompts, "seed": 42}
+            "pack": args.pack, "max_prompts": args.max_prompts, "seed": args.seed}
 
 
 def main(argv=None) -> int:

@@ -85,6 +85,13 @@ class PPOConfig:
     # update forward passes pack each micro-batch's sequences into rows without padding to the longest
     # (block-diagonal attention); same loss and gradients up to float rounding; needs sdpa/eager attention
     pack_updates: bool = False
+    # the log-prob passes (policy, reference) and the update's forward/backward run each group of samples
+    # of one prompt as one packed row [prompt | response_1 | ... | response_k]: the prompt is computed once
+    # per group, the logits only where they predict a response token; same loss and gradients up to float
+    # rounding (tests/ppo/test_shared_prompt.py); needs sdpa/eager attention, else the padded pass runs
+    share_prompt: bool = True
+    # generate prefills each distinct prompt once and copies its KV cache to the group's rows
+    share_prefill: bool = True
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2
@@ -201,8 +208,9 @@ class PPOConfig:
         self._check_choice("kl_in", ("reward", "loss"))
         if self.loss_aggregation is not None:
             self._check_choice("loss_aggregation", LOSS_AGGREGATIONS)
-        if not isinstance(self.pack_updates, bool):
-            raise SettingError("pack_updates", f"PPOConfig.pack_updates must be true or false, got {self.pack_updates!r}")
+        for key in ("pack_updates", "share_prompt", "share_prefill"):
+            if not isinstance(getattr(self, key), bool):
+                raise SettingError(key, f"PPOConfig.{key} must be true or false, got {getattr(self, key)!r}")
         self._check_positive_int("num_generations")
         if self._check_number("dual_clip") <= 1:
             raise SettingError("dual_clip", f"PPOConfig.dual_clip must be > 1, got {self.dual_clip!r}")

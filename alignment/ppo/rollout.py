@@ -131,10 +131,42 @@ def _only_our_sampling_settings(model):
 
 
 @torch.no_grad()
+def shared_prefill_cache(model, query_ids, query_mask):
+    """The KV cache of every prompt column but the last, computed once per distinct prompt, one row per row.
+
+    ``generate`` given this cache runs only the last prompt column and then decodes, so each group of
+    ``G`` rows with one prompt pays one prefill instead of ``G``. Row ``i`` of the cache is its group's
+    row (``batch_select_indices``); the position ids are generate's own (``cumsum(mask) - 1``, pads 1),
+    so keys and values equal those of a full-batch prefill. ``None`` when no prompt repeats, the prompt
+    is one column wide (nothing to prefill before the last column) or the model takes no such cache.
+    """
+    from alignment.ppo.packing import prompt_groups
+
+    if query_ids.shape[1] < 2 or getattr(model.config, "is_encoder_decoder", False):
+        return None
+    first, group = prompt_groups(query_ids, query_mask)
+    if len(first) == len(group):
+        return None
+    mask = query_mask[first, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    out = model(input_ids=query_ids[first, :-1], attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache = getattr(out, "cache", None)
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        return None
+    cache.batch_select_indices(group)
+    return cache
+
+
+@torch.no_grad()
 def generate_responses(
-    model, query_ids, query_mask, *, max_new_tokens, temperature, eos_token_ids, pad_token_id
+    model, query_ids, query_mask, *, max_new_tokens, temperature, eos_token_ids, pad_token_id, share_prefill=False
 ):
-    """Sample responses ``(B, <= max_new_tokens)`` (the prompt stripped) by pure ancestral sampling at ``T``."""
+    """Sample responses ``(B, <= max_new_tokens)`` (the prompt stripped) by pure ancestral sampling at ``T``.
+
+    ``share_prefill``: each distinct prompt's prefill runs once (:func:`shared_prefill_cache`); the
+    sampling consumes the random stream as without it, so only float rounding of the prefill differs.
+    """
     from transformers import GenerationConfig
 
     config = GenerationConfig(
@@ -151,8 +183,10 @@ def generate_responses(
         use_cache=True,
     )
     model.eval()
+    cache = shared_prefill_cache(model, query_ids, query_mask) if share_prefill else None
+    extra = {} if cache is None else {"cache": cache}
     with _only_our_sampling_settings(model):
-        sequences = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+        sequences = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config, **extra)
     return sequences[:, query_ids.shape[1] :]
 
 
@@ -226,10 +260,22 @@ def reference_model(policy, ref_policy):
         yield lm
 
 
+def forward_logits(model, query_ids, query_mask, response_ids, response_mask, share_prompt: bool = False):
+    """:func:`response_forward`, or with ``share_prompt`` each group's prompt computed once
+    (:func:`alignment.ppo.packing.shared_prompt_forward`) where the model and batch allow it."""
+    if share_prompt:
+        from alignment.ppo.packing import shared_prompt_forward
+
+        shared = shared_prompt_forward(model, query_ids, query_mask, response_ids, response_mask)
+        if shared is not None:
+            return shared
+    return response_forward(model, query_ids, query_mask, response_ids, response_mask)
+
+
 @torch.no_grad()
-def _policy_pass(policy, critic, batch, mask, temperature):
-    logits, values = response_forward(
-        policy, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask
+def _policy_pass(policy, critic, batch, mask, temperature, share_prompt=False):
+    logits, values = forward_logits(
+        policy, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask, share_prompt
     )
     logp = logprobs_from_logits(logits, batch["response_ids"], temperature)
     entropy = entropy_from_logits(logits, temperature)
@@ -239,10 +285,10 @@ def _policy_pass(policy, critic, batch, mask, temperature):
 
 
 @torch.no_grad()
-def _reference_pass(policy, ref_policy, batch, mask, temperature):
+def _reference_pass(policy, ref_policy, batch, mask, temperature, share_prompt=False):
     with reference_model(policy, ref_policy) as ref:
-        logits, _ = response_forward(
-            ref, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask
+        logits, _ = forward_logits(
+            ref, batch["query_ids"], batch["query_mask"], batch["response_ids"], mask, share_prompt
         )
     return logprobs_from_logits(logits, batch["response_ids"], temperature)
 
@@ -252,24 +298,26 @@ def _chunks(n: int, size: int):
         yield slice(start, min(start + size, n))
 
 
-def _token_statistics(policy, ref_policy, critic, batch, mask, temperature, chunk_size, policy_pass=True) -> dict:
+def _token_statistics(policy, ref_policy, critic, batch, mask, temperature, chunk_size, policy_pass=True,
+                      share_prompt=False) -> dict:
     """Log-probs, reference log-probs, values and entropy per response token, ``chunk_size`` rows at a time.
 
     ``policy_pass=False`` (no critic): only the reference pass runs; the policy's log-probs and entropy are
     0 here, for a caller that takes them from its own forward pass (see PPOTrainer._reuses_update_pass).
+    ``share_prompt``: each group of rows with one prompt runs as one packed row (:func:`forward_logits`).
     """
     parts = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
     for rows in _chunks(len(mask), chunk_size):
         sub = {k: v[rows] for k, v in batch.items()}
         if policy_pass:
-            logp, entropy, values = _policy_pass(policy, critic, sub, mask[rows], temperature)
+            logp, entropy, values = _policy_pass(policy, critic, sub, mask[rows], temperature, share_prompt)
         else:
             logp = entropy = torch.zeros(mask[rows].shape, dtype=torch.float32, device=mask.device)
             values = None
         parts["logprobs"].append(logp)
         parts["entropy"].append(entropy)
         parts["values"].append(values if values is not None else torch.zeros_like(logp))  # no critic: 0
-        parts["ref_logprobs"].append(_reference_pass(policy, ref_policy, sub, mask[rows], temperature))
+        parts["ref_logprobs"].append(_reference_pass(policy, ref_policy, sub, mask[rows], temperature, share_prompt))
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return {k: torch.where(mask, torch.cat(v).float(), zeros) for k, v in parts.items()}
 
@@ -287,6 +335,8 @@ def collect_rollout(
     device=None,
     sampler=None,
     policy_pass: bool = True,
+    share_prompt: bool = False,
+    share_prefill: bool = False,
 ) -> Rollout:
     """Generate, truncate at EOS, then policy/reference log-probs, entropy and values (no scores).
 
@@ -295,7 +345,9 @@ def collect_rollout(
     forward passes run ``forward_batch_size`` rows at a time. ``sampler``:
     an object whose ``sample(query_ids, query_mask)`` returns right-padded
     responses (:class:`alignment.ppo.vllm_rollout.VLLMSampler`); None samples
-    with transformers' generate (:func:`generate_responses`).
+    with transformers' generate (:func:`generate_responses`). ``share_prompt``: the log-prob passes
+    compute each repeated prompt once (:func:`forward_logits`); ``share_prefill``: so does generate's
+    prefill (:func:`shared_prefill_cache`).
     """
     for model in (policy, ref_policy, critic):
         if model is not None:
@@ -313,11 +365,12 @@ def collect_rollout(
             temperature=temperature,
             eos_token_ids=eos_ids,
             pad_token_id=tokenizer.pad_token_id,
+            share_prefill=share_prefill,
         )
     response_ids, response_mask, has_eos = truncate_after_eos(raw, eos_ids, tokenizer.pad_token_id)
     batch = {"query_ids": query_ids, "query_mask": query_mask, "response_ids": response_ids}
     stats = _token_statistics(
-        policy, ref_policy, critic, batch, response_mask, temperature, forward_batch_size, policy_pass
+        policy, ref_policy, critic, batch, response_mask, temperature, forward_batch_size, policy_pass, share_prompt
     )
     completions = [
         tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)

@@ -262,6 +262,8 @@ class PPOTrainer:
             device=self.accelerator.device,
             sampler=self.sampler,
             policy_pass=not self._reuses_update_pass(),
+            share_prompt=self.config.share_prompt,
+            share_prefill=self.config.share_prefill,
         )
 
     def _reuses_update_pass(self) -> bool:
@@ -398,7 +400,14 @@ class PPOTrainer:
     def _forward(self, batch: dict):
         """Logits over the response positions and the critic's values (None without a critic)."""
         args = (batch["query_ids"], batch["query_mask"], batch["response_ids"], batch["response_mask"])
-        if self.config.pack_updates:
+        shared = None
+        if self.config.share_prompt:  # each prompt once per group (None: this model or batch cannot)
+            from alignment.ppo.packing import shared_prompt_forward
+
+            shared = shared_prompt_forward(self.policy, *args)
+        if shared is not None:
+            logits, values = shared
+        elif self.config.pack_updates:
             from alignment.ppo.packing import packed_response_forward
 
             logits, values = packed_response_forward(self.policy, *args)

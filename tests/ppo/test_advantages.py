@@ -193,6 +193,8 @@ def test_unknown_names_list_the_valid_ones():
         ({"num_generations": 3}, "batch_size"),  # 64 samples do not split into groups of 3
         ({"num_generations": 0}, "num_generations"),
         ({"pack_updates": "yes"}, "pack_updates"),
+        ({"share_prompt": "auto"}, "share_prompt"),
+        ({"share_prefill": 1}, "share_prefill"),
     ],
 )
 def test_config_names_the_key(kwargs, key):

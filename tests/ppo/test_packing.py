@@ -76,7 +76,7 @@ def test_a_packed_ppo_step_equals_the_padded_step(tokenizer, monkeypatch):
         lm = make_llama(tokenizer, seed=0)
         config = PPOConfig(learning_rate=1e-3, batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=5,
                            temperature=0.7, total_steps=2, seed=0, advantage_estimator="grpo", num_generations=4,
-                           pack_updates=pack)
+                           pack_updates=pack, share_prompt=False)  # pack_updates is the no-sharing path
         prompts = [{"prompt": p} for p in ("a b", "c d e", "f", "g h a b")]
         reward = lambda prompts, completions, **kw: [float(len(c.split())) for c in completions]  # noqa: E731
         trainer = PPOTrainer(config, lm, copy.deepcopy(lm), None, tokenizer, reward, prompts)
