@@ -58,6 +58,12 @@ DEFAULT_INT8_SCHEME = "dynamic"
 # f16 matmuls); q8_0 also quantises the activations to 8 bits inside llama.cpp's matmuls.
 GGUF_AGREEMENT = {"f32": 0.98, "f16": 0.90, "bf16": 0.90, "q8_0": 0.90}
 INT8_AGREEMENT = 0.90
+# What the report tells a user about int8 speed (docs/tools.md has the measurements behind it)
+INT8_SPEED_NOTE = ("torchao's CPU int8 kernels are fused only under torch.compile: run "
+                   "`model.forward = torch.compile(model.forward)` and generate with `cache_implementation=\"static\"` "
+                   "(`align export --compile` times it so). Eager, each layer's input is quantised and the int8 weight "
+                   "re-read per call, slower than fp32. The gain needs matmuls that dominate the step: on a 107M "
+                   "Llama, 1.30x-1.67x fp32 compiled; on a ~1M model, per-call overhead dominates and int8 is slower")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -380,7 +386,7 @@ def _export(checkpoint, output, *, merge_lora, base, int8, int8_scheme, prune, g
         weights = quantize_int8_dir(output, output / "int8", int8_scheme)
         variants["int8"] = {"path": str(output / "int8"), "files": [weights.name], "format": "transformers + torchao",
                             "engine": "transformers", "scheme": int8_scheme, "config": INT8_SCHEMES[int8_scheme],
-                            "agreement_required": INT8_AGREEMENT}
+                            "agreement_required": INT8_AGREEMENT, "speed_note": INT8_SPEED_NOTE}
     if prune:
         pruned, sparsity = prune_global_l1(model, prune)
         pruned.save_pretrained(str(output / "pruned"), safe_serialization=True)
@@ -619,6 +625,7 @@ def report_markdown(report: dict) -> str:
     if "int8" in report["variants"]:
         lines.append(f"- int8: torchao `{report['variants']['int8']['config']}`; loads with "
                      "`AutoModelForCausalLM.from_pretrained(DIR/int8)` (torchao installed)")
+        lines.append(f"- int8 speed: {INT8_SPEED_NOTE}")
     lines.append("")
     return "\n".join(lines)
 
