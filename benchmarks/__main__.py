@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run | efficacy | table | ceiling | peer-env | export-speed | rl-peer``."""
+"""Command line: ``python -m benchmarks run | efficacy | table | ceiling | peer-env | export-speed | rl-peer | gpu``."""
 
 from __future__ import annotations
 
@@ -68,7 +68,14 @@ def main(argv=None) -> int:
 
     rl_peer.add_arguments(commands.add_parser("rl-peer", help="our loop's GRPO / RLOO vs trl's GRPOTrainer / "
                                               "RLOOTrainer at equal settings (benchmarks/rl_peer.py)"))
+    from benchmarks import gpu
+
+    gpu.add_arguments(commands.add_parser("gpu", help="SFT/DPO/GRPO/PPO of a Qwen2-0.5B shape vs trl on a GPU, <= 10 min "
+                                          "(benchmarks/gpu.py; --dry-run-cpu: the same path on the CPU)"))
     args = parser.parse_args(argv)
+
+    if args.command == "gpu":
+        return gpu.main_from_args(args.dry_run_cpu, args.output)
 
     if args.command == "rl-peer":
         rl_peer.run_benchmark(args.algo, args.preset, args.repeats, rl_peer.settings_from(args), args.model,
