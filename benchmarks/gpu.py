@@ -57,9 +57,13 @@ SHAPES = {
                       num_key_value_heads=2, vocab_size=1024, rope_theta=1_000_000.0, max_position_embeddings=512),
 }
 
-# Steps per stage.  GPU: guessed so that 8 runs of ~45 s start-up each (imports, loading 2 x 2 GB of fp32
-# weights, trl's setup, DPO's held-out pass) plus the steps fit in DEADLINE_S; not measured on a GPU yet.
+# Steps per stage.  GPU: guessed so that 8 runs (start-up, steps, DPO's held-out pass: the estimates below)
+# fit in DEADLINE_S; not measured on a GPU yet.
 GPU_STEPS = {"sft": 20, "dpo": 10, "grpo": 4, "ppo": 4}
+# Seconds per run on the GPU.  DPO's is longer because workloads.heldout_preference scores 500 held-out pairs
+# after the loop with the starting model loaded on the CPU (untimed, but inside the run): for 0.5B parameters
+# and a 151,936-token head that is ~20 TFLOP of CPU work, perhaps a minute.
+GPU_TIMEOUT_S = {"sft": 150.0, "dpo": 240.0, "grpo": 150.0, "ppo": 180.0}
 DRY_STEPS = {"sft": 2, "dpo": 2, "grpo": 1, "ppo": 1}
 # The dry run's batches (the recipes' 64 / 32 would only slow the CPU down); GRPO's must stay a multiple of
 # its 8 generations per prompt.  PPO's batch is workloads.PPO_SETTINGS' 8 on both runs.
@@ -68,7 +72,8 @@ DRY_BATCH = {"sft": 4, "dpo": 4, "grpo": 8}
 # CPU: the dry shape on a shared 2-core machine (its runs took 8-20 s each, 85 s in all).
 SECONDS_PER_STEP = {"cuda": {"sft": 1.0, "dpo": 1.5, "grpo": 4.0, "ppo": 6.0},
                     "cpu": {"sft": 0.5, "dpo": 0.5, "grpo": 2.0, "ppo": 3.0}}
-STARTUP_S = {"cuda": 45.0, "cpu": 10.0}
+STARTUP_S = {"cuda": 30.0, "cpu": 10.0}  # GPU: imports, CUDA start, loading 2 GB fp32 models, trl's setup
+AFTER_LOOP_S = {"cuda": {"dpo": 60.0}, "cpu": {"dpo": 3.0}}  # DPO's held-out pass (see GPU_TIMEOUT_S)
 ASSETS_S = {"cuda": 40.0, "cpu": 15.0}  # building and saving the two models, and the ceiling
 
 
@@ -80,7 +85,7 @@ class GpuPlan:
     steps: dict
     batch: dict  # per stage; a stage not in it keeps its recipe's batch size
     max_samples: int
-    run_timeout: float  # seconds per run
+    run_timeout: dict  # seconds per run, per stage
     deadline: float  # seconds for the whole run
     use_vllm: bool  # PPO ours: vLLM rollouts
     vllm_note: str
@@ -106,7 +111,9 @@ class GpuPlan:
     def estimate_s(self) -> float:
         per_step = SECONDS_PER_STEP[self.device]
         runs = [(s, side) for s, side in self.runs() if not (s == "ppo" and side == "peer" and self.peer_ppo_problem)]
-        return ASSETS_S[self.device] + sum(STARTUP_S[self.device] + self.steps[s] * per_step[s] for s, _ in runs)
+        after = AFTER_LOOP_S[self.device]
+        return ASSETS_S[self.device] + sum(STARTUP_S[self.device] + self.steps[s] * per_step[s] + after.get(s, 0.0)
+                                           for s, _ in runs)
 
     def describe(self) -> str:
         steps = ", ".join(f"{s} {n}" for s, n in self.steps.items())
@@ -136,12 +143,14 @@ def peer_ppo_problem() -> str | None:
 def make_plan(dry_run_cpu: bool, cuda: bool, use_vllm: bool = False, vllm_note: str = "",
               peer_problem: str | None = None) -> GpuPlan:
     if dry_run_cpu:
-        return GpuPlan("qwen2-dry", "cpu", "bf16", dict(DRY_STEPS), batch=dict(DRY_BATCH), max_samples=64, run_timeout=300.0,
+        return GpuPlan("qwen2-dry", "cpu", "bf16", dict(DRY_STEPS), batch=dict(DRY_BATCH), max_samples=64,
+                       run_timeout={stage: 300.0 for stage in STAGES},
                        deadline=1800.0, use_vllm=False, vllm_note="dry run on the CPU: no vLLM",
                        peer_ppo_problem=peer_problem)
     if not cuda:
         raise ValueError("no CUDA GPU: use --dry-run-cpu to run the same path on the CPU")
-    return GpuPlan("qwen2-0.5b", "cuda", "bf16", dict(GPU_STEPS), batch={}, max_samples=2000, run_timeout=150.0,
+    return GpuPlan("qwen2-0.5b", "cuda", "bf16", dict(GPU_STEPS), batch={}, max_samples=2000,
+                   run_timeout=dict(GPU_TIMEOUT_S),
                    deadline=DEADLINE_S, use_vllm=use_vllm, vllm_note=vllm_note, peer_ppo_problem=peer_problem)
 
 
@@ -313,7 +322,7 @@ def _one(plan, stage, side, assets_json, workdir, peer_python, remaining: float)
         return {**record, "status": "skipped", "error": f"the {plan.deadline:.0f} s budget is spent"}
     run_dir = workdir / "runs" / f"{stage}-{side}"
     log_path = workdir / "logs" / f"{stage}-{side}.log"
-    timeout = min(plan.run_timeout, remaining)
+    timeout = min(plan.run_timeout[stage], remaining)
     code, wall = run_child(_command(plan, stage, side, assets_json, run_dir, peer_python), log_path, timeout)
     result_path = run_dir / "result.json"
     if result_path.is_file():
@@ -401,7 +410,7 @@ def run(plan: GpuPlan, output: str | Path, log=print) -> dict:
     estimate = plan.estimate_s()
     log(f"[gpu] plan: {plan.describe()}")
     log(f"[gpu] estimated {estimate:.0f} s (a guess: not measured on a GPU yet); budget {plan.deadline:.0f} s, "
-        f"{plan.run_timeout:.0f} s per run")
+        f"per run {', '.join(f'{s} {t:.0f} s' for s, t in plan.run_timeout.items())}")
     peer_python = None
     if not plan.peer_ppo_problem:
         from benchmarks import peer_env
