@@ -241,7 +241,6 @@ def child(target: str, argv: list[str], precision: str) -> int:
         original_finish(self)
 
     measure.TrainMeter.finish = finish
-    patches = _our_ppo_on_device(precision) if target == "worker" and _arg(argv, "--stage") == "ppo" else []
     if target == "worker":
         from benchmarks.worker import main
     else:
@@ -251,37 +250,9 @@ def child(target: str, argv: list[str], precision: str) -> int:
     if result_path.is_file():
         record = json.loads(result_path.read_text())
         record.update({"cuda_peak_mb": peak.get("cuda_peak_mb"), "device": "cuda" if on_cuda else "cpu",
-                       "gpu_name": torch.cuda.get_device_name(0) if on_cuda else None, "patched": patches})
+                       "gpu_name": torch.cuda.get_device_name(0) if on_cuda else None})
         result_path.write_text(json.dumps(record, indent=1, default=str))
     return code
-
-
-def _our_ppo_on_device(precision: str) -> list[str]:
-    """Make :func:`benchmarks.workloads.run_ours_ppo` run as our PPO stage would on this machine.
-
-    Why: that function was written for the CPU benchmarks: it builds the trainer's accelerator without the
-    precision (fp32 while the peer gets bf16) and puts the reward model on the CPU (a 0.5B reward model
-    scored on the CPU next to a GPU policy).  Until it takes both itself, the child hands them in here:
-    the accelerator gets ``precision``'s mixed precision and the reward model the default device (the GPU
-    when there is one).  Returns what was changed, for the record.
-    """
-    import alignment.ppo.trainer as ppo_trainer
-    import reward.model as reward_model
-
-    mixed = {"fp32": "no", "bf16": "bf16"}[precision]
-    make = ppo_trainer.make_accelerator
-
-    def make_accelerator(config, mixed_precision="no"):
-        return make(config, mixed)
-
-    ppo_trainer.make_accelerator = make_accelerator
-
-    class RewardModelOnDevice(reward_model.RewardModel):
-        def __init__(self, *args, device=None, **kwargs):
-            super().__init__(*args, device=None, **kwargs)
-
-    reward_model.RewardModel = RewardModelOnDevice
-    return [f"PPO ours: accelerator mixed_precision={mixed}", "PPO ours: reward model on the default device"]
 
 
 def _arg(argv: list[str], name: str) -> str | None:

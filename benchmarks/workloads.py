@@ -336,6 +336,7 @@ def run_ours_ppo(spec: Spec) -> dict:
         from reward.model import RewardModel
     except Exception as exc:
         raise Pending(f"our PPO cannot be imported: {type(exc).__name__}: {exc}") from None
+    from alignment.ppo.trainer import make_accelerator
     from benchmarks.measure import METER, matmul_parameters, summarise
 
     set_seed(42)
@@ -344,7 +345,8 @@ def run_ours_ppo(spec: Spec) -> dict:
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     critic = SequenceCritic.from_pretrained(reward_dir, dtype=torch.float32)
-    reward_fn = RewardModel(reward_dir, device="cpu", batch_size=PPO_SETTINGS["batch_size"], use_chat_template=False)
+    # the reward model where the policy is (None: the GPU when there is one), as the stage puts it
+    reward_fn = RewardModel(reward_dir, device=None, batch_size=PPO_SETTINGS["batch_size"], use_chat_template=False)
     settings = {k: v for k, v in PPO_SETTINGS.items()}
     settings.update(_parse_sets(spec.ours_set))
     # the stage's default critic (options.critic: value_head, as in recipes/tiny/ppo_rule.yaml, the pipeline's
@@ -357,7 +359,9 @@ def run_ours_ppo(spec: Spec) -> dict:
     elif critic_kind != "separate":
         raise ValueError(f"critic must be 'separate' or 'value_head', got {critic_kind!r}")
     config = PPOConfig(total_steps=spec.steps, logging_steps=max(1, spec.steps), seed=42, **settings)
-    trainer = PPOTrainer(config, policy, ref, critic, tokenizer, reward_fn, ppo_prompts(tokenizer))
+    mixed = {"fp32": "no", "bf16": "bf16"}[spec.precision]  # the precision the peer runs (Spec.precision)
+    trainer = PPOTrainer(config, policy, ref, critic, tokenizer, reward_fn, ppo_prompts(tokenizer),
+                         accelerator=make_accelerator(config, mixed))
     METER.begin(trainer.policy, tokenizer.pad_token_id)
     history = trainer.train(spec.steps)
     METER.finish()
@@ -368,7 +372,7 @@ def run_ours_ppo(spec: Spec) -> dict:
         samples=len(history) * config.batch_size,
         matmul_params=matmul_parameters(policy),
         metric=("objective/score", last.get("objective/score")),
-        settings={**settings, "total_steps": spec.steps, "critic": critic_kind},
+        settings={**settings, "total_steps": spec.steps, "critic": critic_kind, "mixed_precision": mixed},
         extra={"steps": len(history), "time_split": timing},
     )
 

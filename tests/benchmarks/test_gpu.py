@@ -111,7 +111,7 @@ def test_dry_run_cpu_runs_every_stage_through_the_gpu_path(tmp_path):
         assert peer["status"] == "ok", peer.get("error")
         assert peer["settings"]["bf16"] is True and peer["settings"]["use_cpu"] is True
     assert runs[("ppo", "peer")]["status"] in ("ok", "unavailable")
-    assert "accelerator mixed_precision=bf16" in runs[("ppo", "ours")]["patched"][0]
+    assert runs[("ppo", "ours")]["settings"]["mixed_precision"] == "bf16"  # the peer's precision, not fp32
     ratios = [r for r in report["rows"] if r["side"] == "ours/peer"]
     assert {r["stage"] for r in ratios} >= {"sft", "dpo", "grpo"} and all(r["tokens_per_s"] > 0 for r in ratios)
     markdown = report_path.with_suffix(".md").read_text()
