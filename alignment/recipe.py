@@ -776,8 +776,9 @@ def from_dict(data: dict, locations: Locations) -> Recipe:
     )
 
 
-# Stages that run an `environment:` (trl's GRPOTrainer through environment_factory; our PPO loop comes later)
-ENVIRONMENT_STAGES = ("grpo",)
+# Stages that run an `environment:` (grpo: trl's GRPOTrainer through environment_factory; ppo: our loop's
+# multi-turn rollouts, alignment/ppo/episodes.py)
+ENVIRONMENT_STAGES = ("grpo", "ppo")
 
 
 def checked_environment(stage: str, raw, locations: Locations) -> Union[EnvironmentSpec, None]:
