@@ -18,22 +18,21 @@ from __future__ import annotations
 TRANSCRIPTS = 3
 
 
-def episode_task_metrics(model, tokenizer, environment, eval_spec, transcripts: int = TRANSCRIPTS) -> dict:
+def play_eval_episodes(model, tokenizer, environment, eval_spec):
+    """Greedy episodes of the held-out rows, scored by the eval rewards: ``(rows, episodes, reward result)``."""
     import reward as reward_sources
     from alignment.data import load_rows
     from alignment.envs import load_factory, run_episodes
-    from alignment.envs.episode import episode_metrics
-    from alignment.evaluation.quick import ACCURACY_SOURCE, eval_columns
+    from alignment.evaluation.quick import eval_columns
     from alignment.ppo.episodes import completion_until_answer, turn_generator
 
     rows, _ = load_rows(eval_spec.data, "prompt", max_samples=eval_spec.max_samples)
     factory = load_factory(environment)
     was_training = model.training
     model.eval()
-    generate = turn_generator(model, tokenizer, max_new_tokens=eval_spec.max_new_tokens, temperature=1.0,
-                              max_positions=getattr(model.config, "max_position_embeddings", None),
-                              device=model.device, greedy=True)
     max_positions = getattr(model.config, "max_position_embeddings", None)
+    generate = turn_generator(model, tokenizer, max_new_tokens=eval_spec.max_new_tokens, temperature=1.0,
+                              max_positions=max_positions, device=model.device, greedy=True)
     episodes = []
     for start in range(0, len(rows), eval_spec.batch_size):
         chunk = rows[start:start + eval_spec.batch_size]
@@ -43,8 +42,22 @@ def episode_task_metrics(model, tokenizer, environment, eval_spec, transcripts: 
                                  max_tokens=None if max_positions is None else max_positions - 1)
     model.train(was_training)
     reward = reward_sources.build([dict(r) for r in eval_spec.rewards])
+    result = reward([row["prompt"] for row in rows], [completion_until_answer(e) for e in episodes],
+                    **eval_columns(rows))
+    return rows, episodes, result
+
+
+def episode_task_metrics(model, tokenizer, environment, eval_spec, transcripts: int = TRANSCRIPTS) -> dict:
+    """The held-out numbers of the module docstring, for a stage's metrics.json."""
+    rows, episodes, result = play_eval_episodes(model, tokenizer, environment, eval_spec)
+    return summarize_eval_episodes(rows, episodes, result, tokenizer, transcripts)
+
+
+def summarize_eval_episodes(rows, episodes, result, tokenizer, transcripts: int = TRANSCRIPTS) -> dict:
+    from alignment.envs.episode import episode_metrics
+    from alignment.evaluation.quick import ACCURACY_SOURCE, eval_columns
+
     columns = eval_columns(rows)
-    result = reward([row["prompt"] for row in rows], [completion_until_answer(e) for e in episodes], **columns)
     correct = result.per_source.get(ACCURACY_SOURCE)
 
     def summary(indices: list[int]) -> dict:

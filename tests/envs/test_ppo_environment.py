@@ -198,3 +198,13 @@ def test_recipe_runs_ppo_with_an_environment(tmp_path, scripted):
     assert set(after["by_carry"]) <= {"true", "false"} and len(after["transcripts"]) == 3
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "env/tool_call_rate" in logged[0] and "env/malformed_call_rate" in logged[0]
+    # align eval on the checkpoint: its recipe names the environment, so it is measured in episodes
+    from alignment.evaluation.runner import evaluate_checkpoints
+
+    report = evaluate_checkpoints({"ppo": str(tmp_path)}, output_dir=tmp_path / "eval")
+    measured = report["checkpoints"]["ppo"]["metrics"]
+    assert measured["environment"] == "examples/envs/calculator.py:Calculator"
+    for key in ("greedy_accuracy", "greedy/env/tool_call_rate", "greedy/env/malformed_call_rate", "greedy/env/turns"):
+        assert key in measured, key
+    assert measured["num_prompts"] == 8 and (tmp_path / "eval" / "report.md").is_file()
+    assert "<|im_end|>" in report["checkpoints"]["ppo"]["samples"][0]["completion"]
