@@ -42,27 +42,36 @@ def turn_generator(model, tokenizer, *, max_new_tokens: int, temperature: float,
     """``generate(list of token ids) -> each one's new tokens``, for :func:`alignment.envs.run_episodes`.
 
     The sequences are left-padded and sampled together; each new turn is cut after its first end-of-turn token
-    (kept, as the single-turn rollout keeps the EOS).  ``max_positions``: the model's context; a turn gets at most
-    what is left of it after the longest live sequence.
+    (kept, as the single-turn rollout keeps the EOS).  ``max_positions``: the model's context; each sequence's turn
+    gets at most what is left of it after *that* sequence (one long episode in the batch must not shorten the
+    turns of the others: with a batch-wide budget, a long error reply in one episode cut every other episode's
+    answer to two tokens).  The batch is sampled for the largest budget, and each row is then cut to its own, so
+    no kept token sits past the model's positions.
     """
     eos_ids = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id
 
     def generate(sequences: list[list[int]]) -> list[list[int]]:
-        width = max(len(s) for s in sequences)
-        budget = max_new_tokens if max_positions is None else min(max_new_tokens, max_positions - width)
-        if budget <= 0:  # no room: an empty turn ends each episode ("empty")
-            return [[] for _ in sequences]
-        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[i, width - len(seq):] = 1
-        raw = generate_responses(model, ids.to(device), mask.to(device), max_new_tokens=budget,
+        budgets = [max_new_tokens if max_positions is None else min(max_new_tokens, max_positions - len(s))
+                   for s in sequences]
+        out: list[list[int]] = [[] for _ in sequences]  # no room: an empty turn ends that episode ("empty")
+        live = [i for i, b in enumerate(budgets) if b > 0]
+        if not live:
+            return out
+        width = max(len(sequences[i]) for i in live)
+        ids = torch.full((len(live), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(live), width), dtype=torch.long)
+        for row, i in enumerate(live):
+            seq = sequences[i]
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+        raw = generate_responses(model, ids.to(device), mask.to(device), max_new_tokens=max(budgets[i] for i in live),
                                  temperature=temperature, eos_token_ids=eos_ids, pad_token_id=pad,
                                  do_sample=not greedy)
         new, keep, _ = truncate_after_eos(raw, eos_ids, pad)
-        return [row[m].tolist() for row, m in zip(new, keep)]
+        for row, i in enumerate(live):
+            out[i] = new[row][keep[row]].tolist()[:budgets[i]]  # cut past its budget: not closed ("length")
+        return out
 
     return generate
 

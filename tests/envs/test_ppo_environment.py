@@ -49,6 +49,24 @@ def test_gae_bridges_environment_positions_hand_worked():
     assert adv[0, 1] != pytest.approx(0.0 - 0.4)
 
 
+def test_each_episode_gets_its_own_turn_budget(tiny_tokenizer, monkeypatch):
+    """A long episode in the batch must not shorten the others' turns (a batch-wide budget cut every answer
+    after a long error reply to two tokens); each row stays within the model's positions."""
+    from alignment.ppo import episodes as module
+
+    asked = []
+
+    def generate_responses(model, ids, mask, *, max_new_tokens, **kwargs):  # never stops: runs to the budget
+        asked.append((ids.shape[0], max_new_tokens))
+        return torch.full((ids.shape[0], max_new_tokens), 7, dtype=torch.long)
+
+    monkeypatch.setattr(module, "generate_responses", generate_responses)
+    generate = module.turn_generator(None, tiny_tokenizer, max_new_tokens=12, temperature=1.0, max_positions=64)
+    out = generate([[5] * 10, [5] * 60, [5] * 64])
+    assert [len(o) for o in out] == [12, 4, 0]  # its own room each; the full one gets an empty turn
+    assert asked == [(2, 12)]  # the full one is not sampled at all
+
+
 # ------------------------------------------------------------------ the trainer with an environment
 
 
