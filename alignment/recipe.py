@@ -121,6 +121,9 @@ class EvalSpec:
     preference_data: Union[str, None] = None  # held-out pairs for reward-model checkpoints
     report_samples: int = field(default=10, metadata=check(non_negative))
     bootstrap_resamples: int = field(default=1000, metadata=check(positive))
+    # `align eval` only: play every policy checkpoint in this environment (greedy episodes, max_new_tokens per
+    # turn); a checkpoint whose own recipe.yaml names an environment is played in that one
+    environment: Union[EnvironmentSpec, None] = None
 
     def __post_init__(self):
         """Refuse a mid-run check with nothing to check on, rather than silently logging nothing."""
@@ -789,8 +792,9 @@ def checked_precision(data: dict, train: Mapping, locations: Locations) -> str:
     return value
 
 
-# Stages that run an `environment:` (trl's GRPOTrainer through environment_factory; our PPO loop comes later)
-ENVIRONMENT_STAGES = ("grpo",)
+# Stages that run an `environment:` (grpo: trl's GRPOTrainer through environment_factory; ppo: our loop's
+# multi-turn rollouts, alignment/ppo/episodes.py)
+ENVIRONMENT_STAGES = ("grpo", "ppo")
 
 
 def checked_environment(stage: str, raw, locations: Locations) -> Union[EnvironmentSpec, None]:

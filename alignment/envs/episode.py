@@ -110,6 +110,27 @@ class Episode:
                 "env/environment_tokens": float(len(self.completion_mask) - sum(self.completion_mask))}
 
 
+def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
+    """Per-step (or per-evaluation) means over a batch of episodes, in the metrics vocabulary (docs/metrics.md).
+
+    ``env/tool_call_rate``: share of episodes with at least one well-formed tool call;
+    ``env/malformed_call_rate``: share with at least one malformed call; ``env/turns``: assistant turns per
+    episode; and the mean of every :meth:`Episode.metrics` count (``env/tool_calls``, ``env/tool_errors``, ...).
+    Empty for no episodes.
+    """
+    if not episodes:
+        return {}
+    n = len(episodes)
+    means: dict[str, float] = {}
+    for episode in episodes:
+        for key, value in episode.metrics().items():
+            means[key] = means.get(key, 0.0) + value / n
+    calls = [sum(len(t.parsed.calls) for t in e.turns) for e in episodes]
+    means["env/tool_call_rate"] = sum(1 for c in calls if c) / n
+    means["env/malformed_call_rate"] = sum(1 for e in episodes if e.malformed_calls) / n
+    return means
+
+
 class Renderer:
     """The chat template of one episode (its tools included), as text and as tokens."""
 
@@ -406,5 +427,5 @@ def sampler(model, temperature: float = 1.0, max_new_tokens: int = 32, end_token
     return generate
 
 
-__all__ = ["Episode", "Play", "Renderer", "Turn", "check_retokenization", "run_episode", "run_episodes", "sampler",
-           "segments"]
+__all__ = ["Episode", "Play", "Renderer", "Turn", "check_retokenization", "episode_metrics", "run_episode",
+           "run_episodes", "sampler", "segments"]

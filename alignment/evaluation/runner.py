@@ -16,6 +16,7 @@ lm-evaluation-harness scores when the optional `lm_eval` package is installed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -130,12 +131,48 @@ def evaluate_policy_checkpoint(path: str, spec, rows: list[dict], reward) -> dic
                                   "Lower the eval spec's batch_size (or max_new_tokens)", exc) from exc
 
 
+def checkpoint_environment(path: str):
+    """The `environment:` of the recipe a checkpoint was trained with (its recipe.yaml), or None."""
+    saved = Path(path) / "recipe.yaml"
+    if not saved.is_file():
+        return None
+    data, locations = recipes.read_yaml(saved)
+    if not data.get("environment"):
+        return None
+    from alignment.envs import EnvironmentSpec
+
+    return recipes.coerce(data["environment"], EnvironmentSpec, ("environment",), locations)
+
+
+def evaluate_episode_checkpoint(path: str, spec, environment, model, tokenizer) -> dict:
+    """A checkpoint trained in an environment, measured in it: greedy episodes (alignment.evaluation.episodes).
+
+    No sampled pass (so no KL to the reference): accuracy, reward, tool-call and malformed-call rates, turns,
+    the `by_<column>` splits, and the episodes as the report's samples.
+    """
+    from alignment.evaluation.episodes import play_eval_episodes, summarize_eval_episodes
+
+    rows, episodes, result = play_eval_episodes(model, tokenizer, environment, spec)
+    metrics = summarize_eval_episodes(rows, episodes, result, tokenizer)
+    metrics["environment"] = environment.source
+    correct = result.per_source.get("answer_match", [None] * len(rows))
+    samples = [{"prompt": e.prompt[-1]["content"], "reference": r.get("answer"),
+                "completion": tokenizer.decode(e.completion_ids, skip_special_tokens=False),
+                "correct": (bool(c) if c is not None else None)}
+               for r, e, c in zip(rows, episodes, correct)]
+    return {"path": path, "metrics": metrics, "samples": samples, "scores": result.per_source,
+            "_model": model, "_tokenizer": tokenizer}
+
+
 def _evaluate_policy_checkpoint(path: str, spec, rows: list[dict], reward) -> dict:
     import policies
     from alignment.checkpoint import require_finished_run
 
     require_finished_run(path)
     model, tokenizer = policies.load(path)
+    environment = checkpoint_environment(path) or spec.environment
+    if environment is not None:
+        return evaluate_episode_checkpoint(path, spec, environment, model, tokenizer)
     prompts = [row["prompt"] for row in rows]
     columns = eval_columns(rows)
     greedy = generate_completions(model, tokenizer, prompts, max_new_tokens=spec.max_new_tokens,
@@ -170,7 +207,11 @@ def _evaluate_policy_checkpoint(path: str, spec, rows: list[dict], reward) -> di
 def add_kl(results: dict, reference: str, spec) -> None:
     """KL(policy || reference) estimated on each policy's own sampled completions, at the sampling temperature."""
     ref = results[reference]
+    if "_sampled" not in ref:  # an environment checkpoint: its episodes are greedy, no sampled completions
+        return
     for entry in results.values():
+        if "_sampled" not in entry:
+            continue
         prompts = [s["prompt_text"] for s in entry["_sampled"]]
         token_ids = [s["token_ids"] for s in entry["_sampled"]]
         own = sequence_logprobs(entry["_model"], entry["_tokenizer"], prompts, token_ids, spec.temperature,
@@ -307,7 +348,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], *, spec_path: str | None =
         harness = run_lm_eval({n: checkpoints[n] for n in policy_names}, lm_eval_tasks, lm_eval_limit)
     report = {
         "title": "Evaluation of " + ", ".join(checkpoints),
-        "spec": {k: v for k, v in vars(spec).items()},
+        "spec": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in vars(spec).items()},
         "versions": package_versions(),
         "seeds": {"generation": spec.seed, "bootstrap": spec.seed},
         "baseline": baseline,

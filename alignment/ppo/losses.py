@@ -211,29 +211,36 @@ def per_token_rewards(
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens [GAE eq. 16].
+    """Generalised advantage estimation over the policy's tokens [GAE eq. 16].
 
-    ``delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t`` and
-    ``A_t = delta_t + gamma * lam * m_{t+1} * A_{t+1}``, so the episode ends
-    at the last valid token (``V`` after it is 0). Returns
-    ``(advantages, returns)`` with ``returns = advantages + values``,
-    computed before any whitening of the advantages ([N+]). Masked slots
-    are 0 in both.
+    The steps are the valid (mask-true) positions only, in order: for valid ``t`` with ``n(t)`` the next valid
+    position after it (none after the last),
+
+        ``delta_t = r_t + gamma * V_{n(t)} - V_t``   and   ``A_t = delta_t + gamma * lam * A_{n(t)}``,
+
+    with ``V_{n(t)} = A_{n(t)} = 0`` when there is none, so the episode ends at the last valid token.  Masked
+    positions are no step and carry nothing: in a single-turn response they are the padding (the mask is one run
+    of true), so this is the usual recursion; in a multi-turn episode they are also the environment's tokens
+    between two policy turns, which are *bridged*: the last token of turn k bootstraps from the first token of
+    turn k+1 and the final score flows back across every tool result (one discount step per policy token, none
+    per environment token).  Returns ``(advantages, returns)`` with ``returns = advantages + values``, computed
+    before any whitening of the advantages ([N+]).  Masked slots are 0 in both.
     """
     mask = mask.bool()
     zeros = torch.zeros_like(values)
     rewards = torch.where(mask, rewards, zeros)
     values = torch.where(mask, values, zeros)
     length = rewards.shape[-1]
-    next_value = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])  # V and A at the next valid position (0 past the last one)
     next_adv = torch.zeros_like(values[:, 0])
-    next_mask = torch.zeros_like(values[:, 0])
     advantages = [None] * length
     for t in reversed(range(length)):
-        delta = rewards[:, t] + gamma * next_value * next_mask - values[:, t]
-        next_adv = delta + gamma * lam * next_mask * next_adv
-        advantages[t] = next_adv
-        next_value, next_mask = values[:, t], mask[:, t].to(values.dtype)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        advantages[t] = adv_t
+        valid = mask[:, t]
+        next_value = torch.where(valid, values[:, t], next_value)  # a masked position passes them through
+        next_adv = torch.where(valid, adv_t, next_adv)
     adv = torch.where(mask, torch.stack(advantages, dim=1), zeros)
     return adv, torch.where(mask, adv + values, zeros)
 

@@ -42,6 +42,12 @@ class Rollout:
     ``response_mask`` is true on real response tokens, the EOS included.
     ``logprobs``, ``ref_logprobs``, ``values`` and ``entropy`` are
     per response token (float32, 0 at padding).
+
+    A multi-turn rollout (:mod:`alignment.ppo.episodes`) also has
+    ``policy_mask`` (true on the tokens the policy sampled; the environment's
+    are false: context for the forward passes, never trained), ``env_rewards``
+    (the environment's own rewards per token) and ``conversations`` (each
+    episode's messages after the prompt, up to its final answer).
     """
 
     prompts: list[str]
@@ -55,6 +61,17 @@ class Rollout:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     entropy: torch.Tensor
+    policy_mask: torch.Tensor | None = None
+    env_rewards: torch.Tensor | None = None
+    conversations: list | None = None
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """The tokens the losses, the KL, the values and every statistic are taken over: real response
+        tokens that the policy sampled (all real ones in a single-turn rollout)."""
+        if self.policy_mask is None:
+            return self.response_mask
+        return self.response_mask & self.policy_mask
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -160,21 +177,22 @@ def shared_prefill_cache(model, query_ids, query_mask):
 
 @torch.no_grad()
 def generate_responses(
-    model, query_ids, query_mask, *, max_new_tokens, temperature, eos_token_ids, pad_token_id, share_prefill=False
+    model, query_ids, query_mask, *, max_new_tokens, temperature, eos_token_ids, pad_token_id, share_prefill=False,
+    do_sample=True,
 ):
-    """Sample responses ``(B, <= max_new_tokens)`` (the prompt stripped) by pure ancestral sampling at ``T``.
+    """Sample responses ``(B, <= max_new_tokens)`` (the prompt stripped) by pure ancestral sampling at ``T``
+    (``do_sample=False``: greedy, for evaluation).
 
     ``share_prefill``: each distinct prompt's prefill runs once (:func:`shared_prefill_cache`); the
     sampling consumes the random stream as without it, so only float rounding of the prefill differs.
     """
     from transformers import GenerationConfig
 
+    sampling = {"top_k": 0, "top_p": 1.0, "temperature": float(temperature)} if do_sample else {}
     config = GenerationConfig(
-        do_sample=True,
+        do_sample=bool(do_sample),
         num_beams=1,
-        top_k=0,
-        top_p=1.0,
-        temperature=float(temperature),
+        **sampling,
         repetition_penalty=1.0,
         max_new_tokens=int(max_new_tokens),
         min_new_tokens=0,
@@ -403,7 +421,7 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
     query_width = max(p.query_ids.shape[1] for p in parts)
     response_width = max(p.response_ids.shape[1] for p in parts)
     left = {"query_ids": pad_token_id, "query_mask": 0}
-    right = {"response_ids": pad_token_id, "response_mask": False}
+    right = {"response_ids": pad_token_id, "response_mask": False, "policy_mask": False}
     tensors = {}
     for name in parts[0].tensors():
         if name == "has_eos":
@@ -413,9 +431,11 @@ def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
         else:  # per response token: padding, masked out, or 0
             value = right.get(name, 0.0)
             tensors[name] = torch.cat([_pad_to(getattr(p, name), response_width, value, False) for p in parts])
+    conversations = None if parts[0].conversations is None else [x for p in parts for x in p.conversations]
     return Rollout(
         prompts=[x for p in parts for x in p.prompts],
         completions=[x for p in parts for x in p.completions],
+        conversations=conversations,
         **tensors,
     )
 

@@ -111,10 +111,22 @@ class PPOTrainer:
         reward_fn: ``reward_fn(prompts, completions, **columns) -> list[float | None]``.
         prompts: rows ``{"prompt": str, **columns}``; the extra columns go to ``reward_fn``.
         accelerator: an ``accelerate.Accelerator``; one is made when None.
+        environment: an :class:`alignment.envs.EnvironmentSpec`: each prompt row becomes a multi-turn episode
+            (:mod:`alignment.ppo.episodes`); the row's ``prompt`` may then be a list of messages, and the row is
+            what the environment's ``reset(**row)`` receives.
     """
 
-    def __init__(self, config, policy, ref_policy, critic, tokenizer, reward_fn, prompts, accelerator=None):
-        _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts)
+    def __init__(self, config, policy, ref_policy, critic, tokenizer, reward_fn, prompts, accelerator=None,
+                 environment=None):
+        _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts, environment)
+        self.environment, self.env_factory, self.last_episodes = environment, None, []
+        if environment is not None:
+            from alignment.envs import load_factory
+
+            if config.use_vllm:
+                raise ValueError("train.use_vllm with an environment: multi-turn rollouts sample with transformers' "
+                                 "generate only (set use_vllm: false)")
+            self.env_factory = load_factory(environment)  # built and checked once now: a broken one fails here
         if config.use_vllm:  # refused on a machine without CUDA or vllm, before any model work
             from alignment.ppo.vllm_rollout import check_vllm_machine
 
@@ -232,20 +244,48 @@ class PPOTrainer:
         """Sample this process's rollout: in one call, or in ``generation_chunk_size`` calls each seeded
         from its first prompt's position in the run, so that the union of the processes' rollouts is
         what one process sampling the whole batch gets."""
-        prompts, chunk = [row["prompt"] for row in rows], self.config.generation_chunk_size
+        chunk = self.config.generation_chunk_size
         if self.sampler is not None:
             self.sampler.sync()  # the policy changed in the last update: vLLM samples from the current weights
+        self.last_episodes = []
         if chunk is None:
-            rollout = self._collect(prompts)
+            rollout = self._collect_rows(rows)
         else:
             acc, size = self.accelerator, self.config.batch_size
             first = (self.step_count * acc.num_processes + acc.process_index) * size  # as in _batch_rows
             parts = []
-            for offset in range(0, len(prompts), chunk):
+            for offset in range(0, len(rows), chunk):
                 with _seeded_rng(self.config.seed, first + offset, acc.device):
-                    parts.append(self._collect(prompts[offset : offset + chunk]))
+                    parts.append(self._collect_rows(rows[offset : offset + chunk]))
             rollout = concat_rollouts(parts, self.tokenizer.pad_token_id)
         self.last_rollout = rollout
+        return rollout
+
+    def _collect_rows(self, rows: list[dict]):
+        """One rollout of these rows: single responses, or (with an environment) one episode each."""
+        if self.environment is None:
+            return self._collect([row["prompt"] for row in rows])
+        from alignment.ppo.episodes import collect_episode_rollout
+
+        unwrap = self.accelerator.unwrap_model
+        lm = unwrap(self.policy)
+        lm = lm.pretrained_model if isinstance(lm, CausalLMWithValueHead) else lm
+        rollout, episodes = collect_episode_rollout(
+            unwrap(self.policy),
+            self.ref_policy,
+            unwrap(self.critic) if self.critic is not None else None,
+            self.tokenizer,
+            rows,
+            self.env_factory,
+            self.environment,
+            max_new_tokens=self.config.max_new_tokens,  # per turn
+            temperature=self.config.temperature,
+            forward_batch_size=self.config.mini_batch_size,
+            device=self.accelerator.device,
+            policy_pass=not self._reuses_update_pass(),
+            max_positions=getattr(getattr(lm, "config", None), "max_position_embeddings", None),
+        )
+        self.last_episodes.extend(episodes)
         return rollout
 
     def _collect(self, prompts: list[str]):
@@ -281,7 +321,10 @@ class PPOTrainer:
             key: [row.get(key) for row in rows] for key in sorted({k for r in rows for k in r} - {"prompt"})
         }
         if getattr(self.reward_fn, "wants_completion_ids", False):  # trl's argument: the sampled token ids
+            # (an episode's: every completion token, the environment's included, as trl's multi-turn GRPO)
             columns["completion_ids"] = sampled_ids(rollout.response_ids, rollout.response_mask)
+        if rollout.conversations is not None and getattr(self.reward_fn, "wants_conversations", False):
+            columns["completion_messages"] = rollout.conversations  # the episode's messages, up to the final answer
         raw = score_responses(self.reward_fn, rollout.prompts, rollout.completions, columns)
         scores = [0.0 if s is None else s for s in raw]
         keep = [s is not None for s in raw]
@@ -298,9 +341,14 @@ class PPOTrainer:
         cfg, beta = self.config, self.kl_ctl.value
         spec = cfg.estimator
         reward_beta = beta if cfg.kl_in == "reward" else 0.0  # kl_in="loss": the KL acts in _loss instead
-        mask = rollout.response_mask & keep.unsqueeze(-1)
+        # the policy's tokens of kept samples: in an episode the environment's tokens are false here, so they get
+        # no KL, no score, no advantage, no loss and no share of the whitening statistics; the estimators step
+        # over them (GAE bridges them: alignment.ppo.losses.gae)
+        mask = rollout.token_mask & keep.unsqueeze(-1)
         logp, ref_logp = rollout.logprobs, rollout.ref_logprobs
         rewards = per_token_rewards(scores, logp, ref_logp, mask, reward_beta, cfg.kl_estimator)
+        if rollout.env_rewards is not None:  # the environment's turn and final rewards, at turns' last tokens
+            rewards = rewards + torch.where(mask, rollout.env_rewards, torch.zeros_like(rewards))
         if cfg.whiten_rewards:
             rewards = self._whiten(rewards, mask, shift_mean=False)
         values = rollout.values if spec.needs_critic else None
@@ -323,7 +371,7 @@ class PPOTrainer:
             "returns": returns,
         }
         kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
-        stats = {"non_score": masked_sum(-reward_beta * kl, rollout.response_mask, dim=-1), "beta": beta}
+        stats = {"non_score": masked_sum(-reward_beta * kl, rollout.token_mask, dim=-1), "beta": beta}
         return data, stats
 
     def _whiten(self, values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -462,7 +510,8 @@ class PPOTrainer:
         """The rollout's policy log-probs and entropy for these rows, from the update's forward pass."""
         from alignment.ppo.losses import entropy_from_logits
 
-        rollout, rows, mask = self.last_rollout, batch["rows"], batch["response_mask"].bool()
+        rollout, rows = self.last_rollout, batch["rows"]
+        mask = rollout.token_mask[rows].bool()
         zeros = torch.zeros_like(logp)
         rollout.logprobs[rows] = torch.where(mask, logp, zeros).to(rollout.logprobs.dtype)
         entropy = entropy_from_logits(logits, self.config.temperature)
@@ -503,7 +552,7 @@ class PPOTrainer:
     # -------------------------------------------------------------- metrics
 
     def _metrics(self, rollout, scores, keep, raw, reward_stats, train_stats, times) -> dict:
-        mask = rollout.response_mask
+        mask = rollout.token_mask
         kl = masked_sum(kl_estimate(rollout.logprobs, rollout.ref_logprobs, "k1"), mask, dim=-1)
         kept = keep.float()
         present = [s for s in raw if s is not None]
@@ -524,6 +573,10 @@ class PPOTrainer:
         }
         if self.config.needs_critic:
             ratios["value/mean"] = (masked_sum(rollout.values, mask), mask.sum())
+        if self.environment is not None:  # per-episode means (alignment.envs.episode.episode_metrics)
+            from alignment.envs.episode import episode_metrics
+
+            local.update({k: torch.tensor(v) for k, v in episode_metrics(self.last_episodes).items()})
         names = list(local)
         reduced = self._reduce([local[k] for k in names], "mean")
         metrics = dict(zip(names, reduced))
@@ -650,7 +703,7 @@ class PPOTrainer:
 # ------------------------------------------------------------------ setup
 
 
-def _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts) -> None:
+def _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts, environment=None) -> None:
     if not isinstance(config, PPOConfig):
         raise TypeError(f"config must be a PPOConfig, got {type(config).__name__}")
     if not config.needs_critic:
@@ -676,8 +729,11 @@ def _check_inputs(config, policy, ref_policy, critic, tokenizer, prompts) -> Non
     if not prompts:
         raise ValueError("prompts is empty")
     for i, row in enumerate(prompts):
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise ValueError(f"prompts[{i}] must be a dict with a string 'prompt', got {row!r:.100}")
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        # an episode's prompt may be messages: the environment's tools are rendered into it by the episode runner
+        if not (isinstance(prompt, str) or (environment is not None and isinstance(prompt, list))):
+            kinds = "a string or a list of messages" if environment is not None else "a string"
+            raise ValueError(f"prompts[{i}] must be a dict with {kinds} as 'prompt', got {row!r:.100}")
 
 
 @contextlib.contextmanager

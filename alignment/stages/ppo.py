@@ -17,6 +17,13 @@ prompts reach the sources as messages and completions as assistant messages
 (trl's convention, so a GRPO reward function works unchanged); dataset columns
 besides ``prompt`` (e.g. ``answer``) arrive as keyword arguments.
 
+Environment: with `environment:` in the recipe each prompt row is an episode
+(alignment.ppo.episodes: the policy samples every turn, the environment's
+tokens are context and never trained); the reward sources score the finished
+conversation (its last assistant message), and the held-out numbers come from
+greedy episodes (alignment.evaluation.episodes: accuracy, tool-call and
+malformed-call rates, turns, a few transcripts).
+
 Run directory: the policy as a plain transformers directory (LoRA merged), the
 critic beside it (``value_head.safetensors`` or ``critic/``), ``metrics.jsonl``
 (one JSON object per PPO step: ``step`` and the trainer's metric names),
@@ -167,6 +174,7 @@ class RecipeReward:
 
     __name__ = "total"  # the trainer logs its mean as reward/total
     wants_completion_ids = True  # the trainer passes the sampled token ids, as trl does (trl.rewards read them)
+    wants_conversations = True  # and an episode's messages (environment recipes), as trl's multi-turn GRPO does
 
     def __init__(self, combined):
         from reward.base import is_conversation
@@ -175,9 +183,13 @@ class RecipeReward:
 
     def __call__(self, prompts, completions, **columns):
         originals = columns.pop(ORIGINAL_PROMPT, None) or prompts
+        conversations = columns.pop("completion_messages", None)
         texts = list(completions)
-        completions = [[{"role": "assistant", "content": c}] if self.is_conversation(p) else c
-                       for p, c in zip(originals, texts)]
+        if conversations is not None:  # an episode: the sources read its last assistant message, as in trl's GRPO
+            completions = list(conversations)
+        else:
+            completions = [[{"role": "assistant", "content": c}] if self.is_conversation(p) else c
+                           for p, c in zip(originals, texts)]
         result = self.combined(list(originals), completions, **columns)
         self.last_metrics = result.metrics
         # kept for completions.jsonl: the prompt as the data has it, the completion's text, its total score
@@ -366,9 +378,39 @@ def load_inputs(recipe, config) -> RLInputs:
     model, tokenizer = common.load_policy(recipe)
     if config.use_vllm:  # vLLM (colocate) loads the starting weights from model.name_or_path
         common.ensure_loadable_path(model, tokenizer, run_dir)
-    prompts, too_long = prompt_rows(splits.train, tokenizer, recipe.data.max_prompt_tokens)
-    before = common.evaluate_policy(model, tokenizer, recipe.eval) if recipe.options["evaluate_before"] else None
+    if getattr(recipe, "environment", None) is not None:
+        # an episode renders the prompt itself, with the environment's tools: the rows keep their messages
+        prompts, too_long = episode_rows(splits.train, recipe), 0
+    else:
+        prompts, too_long = prompt_rows(splits.train, tokenizer, recipe.data.max_prompt_tokens)
+    before = held_out(recipe, model, tokenizer) if recipe.options["evaluate_before"] else None
     return RLInputs(started, run_dir, resume_from, splits, rewards, model, tokenizer, prompts, too_long, before)
+
+
+def episode_rows(dataset, recipe) -> list[dict]:
+    """The rows of an environment recipe as they are (the prompt as messages): what each episode's reset gets."""
+    rows = dataset.to_list()
+    for i, row in enumerate(rows):
+        if isinstance(row.get("prompt"), str):
+            row["prompt"] = [{"role": "user", "content": row["prompt"]}]
+        elif not isinstance(row.get("prompt"), list):
+            raise RecipeError(f"{recipe.source_path}: data.train row {i}: an environment needs a 'prompt' (text or "
+                              f"messages), got {row.get('prompt')!r:.80}")
+    return rows
+
+
+def held_out(recipe, model, tokenizer) -> dict | None:
+    """The stage's held-out numbers: greedy episodes with an environment, else the single-turn quick metrics."""
+    from alignment.distributed import is_main_process
+
+    environment = getattr(recipe, "environment", None)
+    if environment is None or recipe.eval is None or not recipe.eval.data:
+        return common.evaluate_policy(model, tokenizer, recipe.eval)
+    if not is_main_process():
+        return None
+    from alignment.evaluation.episodes import episode_task_metrics
+
+    return episode_task_metrics(model, tokenizer, environment, recipe.eval)
 
 
 def train_logged(trainer, reward_fn, recipe, inputs: RLInputs) -> list[dict]:
@@ -415,10 +457,10 @@ def run(recipe) -> dict:
     policy, ref_policy, critic = build_models(recipe, inputs.model, inputs.tokenizer)
     reward_fn = RecipeReward(inputs.rewards)
     trainer = PPOTrainer(config, policy, ref_policy, critic, inputs.tokenizer, reward_fn, inputs.prompts,
-                         accelerator=accelerator_for(recipe, config))
+                         accelerator=accelerator_for(recipe, config), environment=recipe.environment)
     log = train_logged(trainer, reward_fn, recipe, inputs)
     lm = language_model(trainer)
-    metrics = rl_metrics("ppo", trainer, log, inputs, common.evaluate_policy(lm, inputs.tokenizer, recipe.eval))
+    metrics = rl_metrics("ppo", trainer, log, inputs, held_out(recipe, lm, inputs.tokenizer))
     metrics["critic"] = recipe.options["critic"] if needs_critic(recipe) else None
     inputs.rewards.close()
     save_critic(trainer, inputs.tokenizer, inputs.run_dir)

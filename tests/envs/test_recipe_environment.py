@@ -38,5 +38,5 @@ def test_error_names_the_file_and_line(tmp_path):
 
 def test_stages_that_run_no_environment_refuse_it():
     with pytest.raises(RecipeError, match=r"environment: stage 'rloo' does not run environments \(yet\); stages that "
-                                          r"do: grpo"):
+                                          r"do: grpo, ppo"):
         recipes.load("recipes/tiny/rloo.yaml", ["environment={source: 'examples/envs/calculator.py:Calculator'}"])
