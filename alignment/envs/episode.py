@@ -66,6 +66,8 @@ class Episode:
     stop: str = ""  # answer | done | max_turns | length | max_tokens | empty
     final_reward: float | None = None  # the environment's get_reward(), when it has one
     noncanonical_turns: list[int] = field(default_factory=list)  # see check_retokenization
+    # strict=False: what the check would have raised (None: the rendering matches); counted, never raised
+    rerender_mismatch: str | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -114,7 +116,9 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     """Per-step (or per-evaluation) means over a batch of episodes, in the metrics vocabulary (docs/metrics.md).
 
     ``env/tool_call_rate``: share of episodes with at least one well-formed tool call;
-    ``env/malformed_call_rate``: share with at least one malformed call; ``env/turns``: assistant turns per
+    ``env/malformed_call_rate``: share with at least one malformed call; ``env/rerender_mismatch_rate``: share
+    whose chat-template rendering differs from the tokens played (``strict=False`` counts what strict raises);
+    ``env/turns``: assistant turns per
     episode; and the mean of every :meth:`Episode.metrics` count (``env/tool_calls``, ``env/tool_errors``, ...).
     Empty for no episodes.
     """
@@ -128,6 +132,7 @@ def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     calls = [sum(len(t.parsed.calls) for t in e.turns) for e in episodes]
     means["env/tool_call_rate"] = sum(1 for c in calls if c) / n
     means["env/malformed_call_rate"] = sum(1 for e in episodes if e.malformed_calls) / n
+    means["env/rerender_mismatch_rate"] = sum(1 for e in episodes if e.rerender_mismatch) / n
     return means
 
 
@@ -293,8 +298,13 @@ class Play:
         get_reward = getattr(self.env, "get_reward", None)
         if callable(get_reward):
             self.episode.final_reward = float(get_reward())
-        if strict:
+        try:
             self.episode.noncanonical_turns = check_retokenization(self.episode, self.renderer)
+        except RetokenizationError as exc:
+            if strict:
+                raise
+            # trained on as sampled either way; the count says how often the template would render otherwise
+            self.episode.rerender_mismatch = str(exc)
         return self.episode
 
 

@@ -181,6 +181,14 @@ def test_strict_check_fails_on_a_template_that_drops_a_newline_between_turns(tin
     episode = run_episode(scripted(tiny_tokenizer, [CALL, "5<|im_end|>"]), tiny_tokenizer, calculator(), ROW,
                           chat_template=dropping, strict=False)
     assert "<|im_end|>\n<|im_start|>assistant" in tiny_tokenizer.decode(episode.token_ids)
+    # ... and counts what strict would have raised, so a run with strict: false still shows the drift
+    assert episode.rerender_mismatch.startswith("turn 0 (environment tokens): ")
+    from alignment.envs.episode import episode_metrics
+
+    clean = run_episode(scripted(tiny_tokenizer, [CALL, "5<|im_end|>"]), tiny_tokenizer, calculator(), ROW,
+                        strict=False)
+    assert clean.rerender_mismatch is None
+    assert episode_metrics([episode, clean])["env/rerender_mismatch_rate"] == 0.5
 
 
 def test_strict_check_flags_a_call_not_in_the_templates_form(tiny_tokenizer, calculator):
