@@ -300,11 +300,12 @@ class Play:
             self.episode.final_reward = float(get_reward())
         try:
             self.episode.noncanonical_turns = check_retokenization(self.episode, self.renderer)
-        except RetokenizationError as exc:
+        except Exception as exc:  # noqa: BLE001 - not strict: a rendering that fails is recorded like one that differs
             if strict:
                 raise
             # trained on as sampled either way; the count says how often the template would render otherwise
-            self.episode.rerender_mismatch = str(exc)
+            self.episode.rerender_mismatch = str(exc) if isinstance(exc, RetokenizationError) else \
+                f"the chat template could not render the episode: {type(exc).__name__}: {exc}"
         return self.episode
 
 
