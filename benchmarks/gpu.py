@@ -222,7 +222,7 @@ def build_assets(shape: str, folder: str | Path, seed: int = SEED) -> dict:
 # ------------------------------------------------------------------------------------------ one run (child)
 
 
-def child(target: str, argv: list[str], precision: str) -> int:
+def child(target: str, argv: list[str]) -> int:
     """Run :mod:`benchmarks.worker` or :mod:`benchmarks.ppo_peer` in this process and add the GPU's peak memory
     at the end of the training loop to the record it writes."""
     import torch
@@ -267,10 +267,10 @@ def _command(plan: GpuPlan, stage: str, side: str, assets_json: Path, run_dir: P
     if stage == "ppo" and side == "peer":
         peer_set = dict(p.split("=", 1) for p in plan.peer_set())
         peer_set = {k: v.lower() == "true" if v.lower() in ("true", "false") else v for k, v in peer_set.items()}
-        return [str(peer_python), "-m", "benchmarks.gpu", "child", "ppo_peer", plan.precision,
+        return [str(peer_python), "-m", "benchmarks.gpu", "child", "ppo_peer",
                 "--assets-json", str(assets_json), "--steps", str(plan.steps[stage]), "--workdir", str(run_dir),
                 "--result", str(result), "--peer-set", json.dumps(peer_set), "--precision", plan.precision]
-    cmd = [sys.executable, "-m", "benchmarks.gpu", "child", "worker", plan.precision,
+    cmd = [sys.executable, "-m", "benchmarks.gpu", "child", "worker",
            "--stage", stage, "--side", side, "--assets-json", str(assets_json), "--steps", str(plan.steps[stage]),
            "--workdir", str(run_dir), "--result", str(result), "--precision", plan.precision,
            "--max-samples", str(plan.max_samples)]
@@ -455,10 +455,10 @@ def main_from_args(dry_run_cpu: bool, output: str) -> int:
 
 
 if __name__ == "__main__":
-    # children of the driver: `build-assets SHAPE FOLDER` and `child worker|ppo_peer PRECISION <args>`
+    # children of the driver: `build-assets SHAPE FOLDER` and `child worker|ppo_peer <args>` (the precision is in <args>)
     if sys.argv[1:2] == ["build-assets"]:
         print(json.dumps(build_assets(sys.argv[2], sys.argv[3])))
         raise SystemExit(0)
     if sys.argv[1:2] == ["child"]:
-        raise SystemExit(child(sys.argv[2], sys.argv[4:], sys.argv[3]))
+        raise SystemExit(child(sys.argv[2], sys.argv[3:]))
     raise SystemExit("python -m benchmarks.gpu is the driver's child; run `python -m benchmarks gpu` instead")

@@ -65,6 +65,22 @@ def make_seq_critic(tokenizer, seed=1, hidden=32):
     return SequenceCritic(LlamaForSequenceClassification(config))
 
 
+def grpo_trainer(tokenizer, **config):
+    """A GRPO trainer on a fresh seed-0 llama: 4 prompts x 4 generations, rewarded by completion length (words).
+    ``config`` overrides the PPOConfig below (the shared set-up of the packed / shared-prompt equality tests)."""
+    from alignment.ppo import PPOConfig, PPOTrainer
+
+    lm = make_llama(tokenizer, seed=0)
+    settings = dict(learning_rate=1e-3, batch_size=8, mini_batch_size=8, ppo_epochs=1, max_new_tokens=5,
+                    temperature=0.7, total_steps=2, seed=0, advantage_estimator="grpo", num_generations=4)
+    prompts = [{"prompt": p} for p in ("a b", "c d e", "f", "g h a b")]
+
+    def reward(prompts, completions, **kw):
+        return [float(len(c.split())) for c in completions]
+
+    return PPOTrainer(PPOConfig(**{**settings, **config}), lm, copy.deepcopy(lm), None, tokenizer, reward, prompts)
+
+
 def copy_model(model):
     return copy.deepcopy(model)
 

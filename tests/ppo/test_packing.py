@@ -1,15 +1,13 @@
 """Packed update passes give the padded pass's logits, loss and gradients (up to float rounding)."""
 
-import copy
 
 import pytest
 import torch
 
-from alignment.ppo import PPOConfig, PPOTrainer
 from alignment.ppo.packing import first_fit_bins, pack_sequences, packed_response_forward
 from alignment.ppo.rollout import response_forward
 
-from .conftest import make_llama
+from .conftest import grpo_trainer, make_llama
 
 
 def test_first_fit_bins_longest_first():
@@ -73,13 +71,8 @@ def test_a_packed_ppo_step_equals_the_padded_step(tokenizer, monkeypatch):
     monkeypatch.setattr(packing, "pack_sequences", lambda *a, **k: calls.append(1) or original(*a, **k))
 
     def run(pack):
-        lm = make_llama(tokenizer, seed=0)
-        config = PPOConfig(learning_rate=1e-3, batch_size=8, mini_batch_size=4, ppo_epochs=2, max_new_tokens=5,
-                           temperature=0.7, total_steps=2, seed=0, advantage_estimator="grpo", num_generations=4,
-                           pack_updates=pack, share_prompt=False)  # pack_updates is the no-sharing path
-        prompts = [{"prompt": p} for p in ("a b", "c d e", "f", "g h a b")]
-        reward = lambda prompts, completions, **kw: [float(len(c.split())) for c in completions]  # noqa: E731
-        trainer = PPOTrainer(config, lm, copy.deepcopy(lm), None, tokenizer, reward, prompts)
+        trainer = grpo_trainer(tokenizer, mini_batch_size=4, ppo_epochs=2, pack_updates=pack,
+                               share_prompt=False)  # pack_updates is the no-sharing path
         trainer.step()
         return {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
 

@@ -1,16 +1,14 @@
 """One prompt pass per group of samples (train.share_prompt, train.share_prefill) computes what the padded
 passes compute: the same logits, loss and gradients in float64, the same sampled tokens, the same step."""
 
-import copy
 
 import pytest
 import torch
 
-from alignment.ppo import PPOConfig, PPOTrainer
 from alignment.ppo.packing import pack_prompt_groups, prompt_groups, shared_prompt_forward
 from alignment.ppo.rollout import generate_responses, response_forward, shared_prefill_cache
 
-from .conftest import make_llama
+from .conftest import grpo_trainer, make_llama
 
 
 @pytest.fixture
@@ -144,13 +142,8 @@ def test_a_grpo_step_with_shared_prompts_equals_the_padded_step(tokenizer, monke
     monkeypatch.setattr(packing, "pack_prompt_groups", lambda *a, **k: calls.append(1) or original(*a, **k))
 
     def run(share):
-        lm = make_llama(tokenizer, seed=0)
-        config = PPOConfig(learning_rate=1e-3, batch_size=8, mini_batch_size=8, ppo_epochs=1, max_new_tokens=5,
-                           temperature=0.7, total_steps=2, seed=0, advantage_estimator="grpo", num_generations=4,
-                           kl_in="loss", kl_estimator="k3", kl_coef=0.04, share_prompt=share, share_prefill=share)
-        prompts = [{"prompt": p} for p in ("a b", "c d e", "f", "g h a b")]
-        reward = lambda prompts, completions, **kw: [float(len(c.split())) for c in completions]  # noqa: E731
-        trainer = PPOTrainer(config, lm, copy.deepcopy(lm), None, tokenizer, reward, prompts)
+        trainer = grpo_trainer(tokenizer, kl_in="loss", kl_estimator="k3", kl_coef=0.04, share_prompt=share,
+                               share_prefill=share)
         history = trainer.train(2)
         return history, {k: v.detach().clone() for k, v in trainer.policy.state_dict().items()}
 
