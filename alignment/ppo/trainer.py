@@ -205,15 +205,18 @@ class PPOTrainer:
     @contextlib.contextmanager
     def _precision(self):
         """The accelerator's mixed precision over every pass of a step (generation, reference, reward model,
-        update), with the LM heads in fp32 (alignment.precision.fp32_logits: the log-probs of ratios and KL)."""
+        update), with the LM heads in fp32 (alignment.precision.fp32_logits: the log-probs of ratios and KL) and,
+        on a CPU, attention in fp32 (alignment.precision.cpu_attention_in_fp32)."""
         if self.accelerator.mixed_precision == "no":
             yield
             return
-        from alignment.precision import fp32_logits
+        from alignment.precision import cpu_attention_in_fp32, fp32_logits
 
         models = [self.accelerator.unwrap_model(self.policy), self.ref_policy]
         with contextlib.ExitStack() as stack:
             stack.enter_context(self.accelerator.autocast())
+            if self.accelerator.device.type == "cpu":  # CPU bf16: attention in fp32, faster there
+                stack.enter_context(cpu_attention_in_fp32())
             for model in models:
                 if model is not None:
                     stack.enter_context(fp32_logits(_unwrap_lm(model)))

@@ -420,11 +420,14 @@ def train(trainer, recipe, run_dir: Path, resume_from: str | None, max_seconds: 
     periodic = periodic_eval(trainer, recipe, metrics_log)
     if periodic is not None:
         trainer.add_callback(periodic)
+    from alignment.precision import attention_for, for_recipe
+
     try:
         if finished_checkpoint(trainer, resume_from):
             load_finished_checkpoint(trainer, resume_from)
         else:
-            trainer.train(resume_from_checkpoint=resume_from)
+            with attention_for(for_recipe(recipe)):  # bf16 on a CPU: attention in fp32 (faster there)
+                trainer.train(resume_from_checkpoint=resume_from)
     except Exception as exc:
         if is_out_of_memory(exc):
             raise TrainingError(out_of_memory_message(trainer, exc)) from exc

@@ -159,3 +159,67 @@ def test_our_ppo_loop_trains_under_bf16_with_fp32_log_probs(tmp_path, monkeypatc
                if isinstance(v, (int, float)) and k.startswith(("policy/", "value/", "kl/")))
     assert abs(record["policy/ratio_mean"] - 1.0) < 0.02
     assert json.loads((out / "run_info.json").read_text())["precision"]["chosen"] == "bf16"
+
+
+def recording_sdpa(seen):
+    """transformers' sdpa, recording the dtype and the autocast state each call computes in."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def record(module, query, key, value, attention_mask, *args, **kwargs):
+        seen.append((query.dtype, key.dtype, value.dtype, torch.is_autocast_enabled("cpu")))
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+
+    return record
+
+
+def test_cpu_attention_in_fp32_under_bf16_autocast_only():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from policies.tiny import build_tiny_model, load_tiny_tokenizer
+
+    model = build_tiny_model("1m", load_tiny_tokenizer(), seed=0).eval()
+    ids = torch.randint(5, 200, (2, 12))
+    seen = []
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = recording_sdpa(seen)
+    try:
+        recorder = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        with torch.no_grad():
+            exact = model(ids).logits
+            seen.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                plain = model(ids).logits
+                plain_calls, seen[:] = list(seen), []
+                with P.cpu_attention_in_fp32():
+                    kept = model(ids).logits
+                    fp32_calls, seen[:] = list(seen), []
+            with P.cpu_attention_in_fp32():
+                outside = model(ids).logits  # no autocast: transformers' own function, unchanged
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is recorder  # the block put back what was there
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+    layers = model.config.num_hidden_layers
+    # without the block, autocast sends sdpa to bf16 (its inputs arrive with autocast on); with it, fp32 and off
+    assert len(plain_calls) == layers and all(autocast for *_, autocast in plain_calls)
+    assert fp32_calls == [(torch.float32, torch.float32, torch.float32, False)] * layers
+    assert torch.equal(outside, exact)
+    assert kept.dtype == plain.dtype == torch.bfloat16 and not torch.equal(kept, plain)  # the block computed otherwise
+
+
+def test_a_bf16_run_on_a_cpu_trains_with_fp32_attention(tmp_path, monkeypatch):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from alignment.stages import sft
+
+    monkeypatch.setattr(P, "detect", lambda: AVX512_BF16)
+    seen = []
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = recording_sdpa(seen)
+    try:
+        sft.run(recipes.load("recipes/tiny/sft.yaml", [
+            "precision=bf16", "train.max_steps=1", "train.per_device_train_batch_size=8", "data.max_samples=16",
+            "eval=null", "options.evaluate_before=false", "train.save_strategy='no'", f"output_dir={tmp_path}"]))
+    finally:
+        del ALL_ATTENTION_FUNCTIONS["sdpa"]
+    training = [call for call in seen if call[:3] == (torch.float32,) * 3 and not call[3]]
+    assert training and not [call for call in seen if call[3]]  # no attention ran under bf16 autocast
