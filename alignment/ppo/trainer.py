@@ -538,6 +538,12 @@ class PPOTrainer:
             )
         else:
             self.optimizer.step()
+            if self.accelerator.mixed_precision != "no":
+                # A step runs in one autocast region (_precision), and autocast keeps each trainable weight's
+                # half-precision copy until the region ends: without this, every later forward of the step
+                # would run on the copies made before this update (its ratios stuck near 1, its gradients
+                # taken at the old weights). The next forward casts the updated weights once again.
+                torch.clear_autocast_cache()
             self.scheduler.step()
             self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
