@@ -471,6 +471,7 @@ class PPOTrainer:
         models = [m for m in (self.policy, self.critic) if m is not None]
         with self.accelerator.accumulate(*models):
             loss, stats = self._loss(batch, num_tokens, forward)
+            self._drop_cast_weights()  # the backward frees each copy once its node has run (the graph holds them)
             for name in ("policy/loss", "value/loss", "policy/kl_loss"):  # a share of the update's mean -> the mean
                 if name in stats:
                     stats[name] *= self.accelerator.gradient_accumulation_steps
@@ -566,6 +567,18 @@ class PPOTrainer:
         flag = torch.isfinite(loss.detach()).float().reshape(1)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
 
+    def _drop_cast_weights(self) -> None:
+        """Empty autocast's cache of half-precision weight copies (mixed precision only).
+
+        A step runs in one autocast region (:meth:`_precision`), and autocast keeps each trainable weight's
+        half-precision copy until the region ends. Without this after an optimizer step, every later forward of
+        the step runs on the copies made before it (measured under bf16: the epochs after the first had ratios
+        stuck near 1 and took their gradients at the old weights). After an update's forward, the cache would
+        keep every copy alive to the end of the backward, which otherwise frees each once its node has run.
+        """
+        if self.accelerator.mixed_precision != "no":
+            torch.clear_autocast_cache()
+
     def _optimizer_step(self) -> dict:
         """Clip, step and zero the gradients; skip the update if its loss or gradient norm is not finite."""
         cfg, stats = self.config, {}
@@ -582,12 +595,7 @@ class PPOTrainer:
             )
         else:
             self.optimizer.step()
-            if self.accelerator.mixed_precision != "no":
-                # A step runs in one autocast region (_precision), and autocast keeps each trainable weight's
-                # half-precision copy until the region ends: without this, every later forward of the step
-                # would run on the copies made before this update (its ratios stuck near 1, its gradients
-                # taken at the old weights). The next forward casts the updated weights once again.
-                torch.clear_autocast_cache()
+            self._drop_cast_weights()  # the next forward must see the updated weights
             self.scheduler.step()
             self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
