@@ -29,6 +29,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from alignment import recipe as recipes
 from alignment.checkpoint import RUN_INFO, is_complete, latest_checkpoint, read_json, write_json
@@ -63,13 +64,14 @@ class Pipeline:
     stages: list
     evaluate: EvaluateEntry | None = None
     seed: int | None = None  # when set, every stage's `seed` (a seed study runs the same pipeline per seed)
+    precision: str | None = None  # when set, every stage's `precision` (auto | fp32 | bf16 | fp16)
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     """Read and check a pipeline file (structure and wiring; each stage recipe is checked by `plan`)."""
     data, locations = recipes.read_yaml(path)
     data = recipes.apply_overrides(data, list(overrides or []), locations)
-    recipes.check_unknown_keys(data, ["output_root", "stages", "evaluate", "seed"], (), locations,
+    recipes.check_unknown_keys(data, ["output_root", "stages", "evaluate", "seed", "precision"], (), locations,
                               "the pipeline")
     raw_stages = recipes.coerce(data.get("stages"), list, ("stages",), locations)
     stages, seen = [], set()
@@ -91,7 +93,13 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
                 raise locations.error(("evaluate",), f"{name!r} is not a stage of this pipeline")
     output_root = recipes.coerce(data.get("output_root", "runs/pipeline"), str, ("output_root",), locations)
     seed = None if data.get("seed") is None else recipes.coerce(data["seed"], int, ("seed",), locations)
-    return Pipeline(path=str(path), output_root=output_root, stages=stages, evaluate=evaluate, seed=seed)
+    precision = None
+    if data.get("precision") is not None:
+        from alignment.precision import PRECISIONS
+
+        precision = recipes.coerce(data["precision"], Literal[PRECISIONS], ("precision",), locations)
+    return Pipeline(path=str(path), output_root=output_root, stages=stages, evaluate=evaluate, seed=seed,
+                    precision=precision)
 
 
 def set_path(data: dict, dotted: str, value) -> None:
@@ -116,6 +124,8 @@ def resolve_stage(pipeline: Pipeline, entry: StageEntry) -> recipes.Recipe:
     data, locations = recipes.read_yaml(entry.recipe)
     if pipeline.seed is not None:  # before the stage's own overrides: an entry that names its seed keeps it
         data["seed"] = pipeline.seed
+    if pipeline.precision is not None:  # likewise: the whole pipeline in one arithmetic (a seed study per precision)
+        data["precision"] = pipeline.precision
     data = recipes.apply_overrides(data, list(entry.overrides), locations)
     for key, source in entry.inputs.items():
         try:

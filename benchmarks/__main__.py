@@ -43,10 +43,17 @@ def main(argv=None) -> int:
     table = commands.add_parser("table", help="print one Markdown table from report JSON files "
                                 "(a later file's rows replace an earlier one's for the same stage and preset)")
     table.add_argument("reports", nargs="+")
-    efficacy = commands.add_parser("efficacy", help="the seed study: the default pipeline once per seed, one table "
+    efficacy = commands.add_parser("efficacy", help="the seed study: a demo pipeline once per seed, one table "
                                    "of every checkpoint's held-out results with min / median / max")
     efficacy.add_argument("--seeds", type=lambda text: [int(s) for s in _list(text)], default=[0, 1, 2, 3, 4])
-    efficacy.add_argument("--pipeline", default="recipes/tiny/pipeline.yaml")
+    efficacy.add_argument("--study", choices=["arith", "tools"], default="arith",
+                          help="arith: recipes/tiny/pipeline.yaml and its claims; tools: the tool demo "
+                          "(recipes/tiny/pipeline_tools.yaml, docs/agents.md)")
+    efficacy.add_argument("--pipeline", default=None, help="another pipeline file for the study's columns and claims")
+    efficacy.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+                          help="every stage's precision (default: each recipe's own, auto)")
+    efficacy.add_argument("--jobs", type=int, default=1,
+                          help="seeds run at a time (each child gets cores / jobs threads)")
     efficacy.add_argument("--isa", choices=["default", "avx2"], default="default",
                           help="avx2: force torch, oneDNN and MKL onto their AVX2 kernels (another CPU's path)")
     efficacy.add_argument("--workdir", default="runs/efficacy", help="each seed's pipeline runs under WORKDIR/<stamp>")
@@ -92,7 +99,8 @@ def main(argv=None) -> int:
         if args.rebuild:
             return 0 if all_claims_hold(rebuild(Path(args.rebuild), output=args.output)) else 1
         report = run_study(args.seeds, pipeline=args.pipeline, isa=args.isa, workdir=args.workdir,
-                           output=args.output)
+                           output=args.output, study=args.study, jobs=args.jobs,
+                           precision=args.precision)
         return 0 if all_claims_hold(report) else 1
     if args.command == "ceiling":
         from benchmarks.ceiling import measure

@@ -1,6 +1,7 @@
 """The seed study's bookkeeping: reading a pipeline's report, the spread, the claims, the table."""
 
 import json
+import time
 
 from benchmarks import efficacy
 
@@ -84,3 +85,99 @@ def test_health_extremes_are_the_worst_value_over_training(tmp_path):
     assert row[("ppo", "train_entropy_min")] == 0.12
     assert row[("ppo", "train_eos_rate_min")] == 0.97
     assert ("sft", "train_kl_max") not in row  # sft wrote no metrics.jsonl here
+
+
+def write_tools_seed(root, sft, on, off, carry_calls_before, carry_calls_after):
+    (root / "eval").mkdir(parents=True)
+
+    def entry(accuracy, carry_calls):
+        return {"metrics": {"greedy_accuracy": accuracy, "greedy/env/malformed_call_rate": 0.0,
+                            "by_carry": {"true": {"greedy_accuracy": accuracy,
+                                                  "greedy/env/tool_call_rate": carry_calls},
+                                         "false": {"greedy/env/tool_call_rate": carry_calls / 2}},
+                            "environment": "examples/envs/calculator.py:Calculator"}}
+
+    checkpoints = {"sft_tools": entry(sft, carry_calls_before), "ppo_tools": entry(on, carry_calls_after),
+                   "ppo_tools_off": entry(off, 0.0)}
+    (root / "eval" / "report.json").write_text(json.dumps({"checkpoints": checkpoints}))
+    (root / "ppo_tools").mkdir()
+    (root / "ppo_tools" / "metrics.json").write_text(json.dumps({"train_seconds": 60.0}))
+    lines = [{"step": 1, "env/malformed_call_rate": 0.03}, {"step": 2, "env/malformed_call_rate": 0.12}]
+    (root / "ppo_tools" / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+
+def test_tools_study_flattens_the_carry_split_and_checks_its_claims(tmp_path):
+    rows = {}
+    for seed, values in enumerate([(0.006, 0.988, 0.014, 0.0, 1.0),    # holds
+                                   (0.272, 0.580, 0.624, 0.0, 0.0),    # PPO answered directly: fails two claims
+                                   (0.002, 0.986, 0.002, 0.05, 1.0)]):
+        write_tools_seed(tmp_path / str(seed), *values)
+        rows[seed] = efficacy.seed_row(tmp_path / str(seed))
+    assert rows[0][("ppo_tools", "by_carry/true/greedy/env/tool_call_rate")] == 1.0
+    assert rows[0][("ppo_tools", "by_carry/false/greedy/env/tool_call_rate")] == 0.5
+    assert ("ppo_tools", "environment") not in rows[0]  # text is not a number
+    assert rows[0][("ppo_tools", "train_malformed_call_rate_max")] == 0.12
+    claims = {c["claim"]: c for c in efficacy.check_claims(rows, efficacy.STUDIES["tools"].claims)}
+    over_sft = claims["PPO + calculator >= SFT + 15 points greedy"]
+    assert over_sft["holds_on"] == 3  # 98.2, 30.8 and 98.4 points
+    over_control = claims["PPO + calculator >= PPO without tool results + 5 points greedy"]
+    assert over_control["holds_on"] == 2 and abs(over_control["per_seed"][1] - (0.580 - 0.624)) < 1e-12
+    calls = claims["greedy tool-call rate on carry problems rises >= 10 points"]
+    assert calls["holds_on"] == 2 and calls["per_seed"][1] == 0.0
+
+
+def test_tools_study_table_has_its_own_columns(tmp_path):
+    write_tools_seed(tmp_path / "a", 0.006, 0.988, 0.014, 0.0, 1.0)
+    raw = efficacy.seed_row(tmp_path / "a")
+    row = {f"{n}/{m}": v for (n, m), v in raw.items()}
+    report = {
+        "study": "tools", "jobs": 2, "pipeline": "recipes/tiny/pipeline_tools.yaml", "date": "2026-12-06 20:00",
+        "kernel_path": {"cpu": "Test CPU", "cpu_flags": ["avx2"], "aten_capability": "AVX2", "threads": 1,
+                        "forced": {}},
+        "versions": {"torch": "2.13.0"},
+        "runs": [{"seed": 0, "status": "ok", "seconds": 900.0, "row": row}],
+        "summary": {key: efficacy.spread([value]) for key, value in row.items()},
+        "claims": efficacy.check_claims({0: raw}, efficacy.STUDIES["tools"].claims),
+        "pipeline_seconds": efficacy.spread([900.0]),
+    }
+    text = efficacy.markdown(report)
+    assert "| seed | pipeline s | sft_tools greedy | ppo_tools greedy | ppo_tools_off greedy | sft_tools carry tool call" in text
+    assert "| **median** | 900 | 0.6 | 98.8 | 1.4 | 0.0 | 100.0 |" in text
+    assert "2 seeds at a time" in text
+    assert "| PPO + calculator >= SFT + 15 points greedy | 1 of 1 | +98.2 |" in text
+
+
+def test_run_study_runs_seeds_side_by_side_with_a_share_of_the_cores(tmp_path, monkeypatch):
+    import threading
+
+    seen, overrides_seen, active, peak = [], [], [0], [0]
+    lock = threading.Lock()
+
+    def fake_run_seed(pipeline, seed, root, env, log_path, timeout, overrides=()):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)
+        write_tools_seed(root, 0.006, 0.988, 0.014, 0.0, 1.0)
+        seen.append((seed, pipeline, env.get("OMP_NUM_THREADS"), timeout))
+        overrides_seen.append(tuple(overrides))
+        with lock:
+            active[0] -= 1
+        return {"seed": seed, "status": "ok", "seconds": 1.0, "row": efficacy.seed_row(root), "log": str(log_path)}
+
+    monkeypatch.setattr(efficacy, "run_seed", fake_run_seed)
+    monkeypatch.setattr(efficacy, "kernel_path", lambda env, forced: {"cpu": "Test CPU", "cpu_flags": [],
+                                                                      "aten_capability": "AVX2", "threads": 1,
+                                                                      "forced": forced})
+    monkeypatch.setattr(efficacy.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    report = efficacy.run_study([0, 1, 2], study="tools", jobs=2, workdir=str(tmp_path / "w"),
+                                output=str(tmp_path / "out"), precision="bf16")
+    assert peak[0] == 2  # two seeds at once, never three
+    assert sorted(s for s, *_ in seen) == [0, 1, 2]
+    assert {p for _, p, _, _ in seen} == {"recipes/tiny/pipeline_tools.yaml"}
+    assert {threads for _, _, threads, _ in seen} == {"1"}  # 2 cores / 2 jobs
+    assert {timeout for *_, timeout in seen} == {None}  # the tool study promises no wall time
+    assert set(overrides_seen) == {("precision=bf16",)}  # every stage of every seed's pipeline
+    assert efficacy.all_claims_hold(report)
+    assert len(list((tmp_path / "out").glob("efficacy-*-tools-default-bf16.md"))) == 1

@@ -104,3 +104,16 @@ def test_pipeline_seed_sets_every_stage_seed_unless_the_entry_names_its_own(tmp_
     assert resolve_stage(seeded, pinned).seed == 7  # an entry's own override wins over the pipeline's seed
     with pytest.raises(RecipeError, match="seed"):
         load_pipeline(repo_root / DEFAULT_PIPELINE, ["seed=three"])
+
+
+def test_pipeline_precision_sets_every_stage_precision_unless_the_entry_names_its_own(tmp_path, repo_root):
+    from alignment.pipeline import DEFAULT_PIPELINE, StageEntry, plan, resolve_stage
+
+    assert {recipe.precision for _, recipe in plan(load_pipeline(repo_root / DEFAULT_PIPELINE))} == {"auto"}
+    forced = load_pipeline(repo_root / DEFAULT_PIPELINE, ["precision=bf16", f"output_root={tmp_path}"])
+    assert forced.precision == "bf16"
+    assert {recipe.precision for _, recipe in plan(forced)} == {"bf16"}
+    pinned = StageEntry("sft", "recipes/tiny/sft.yaml", overrides=["precision=fp32"])
+    assert resolve_stage(forced, pinned).precision == "fp32"  # an entry's own override wins
+    with pytest.raises(RecipeError, match="precision"):
+        load_pipeline(repo_root / DEFAULT_PIPELINE, ["precision=bf8"])
