@@ -550,11 +550,12 @@ class PPOTrainer:
 
     def _fill_rollout(self, rows: torch.Tensor, logits: torch.Tensor, logp: torch.Tensor, values=None) -> None:
         """The rollout's policy log-probs, entropy (and values) for these rows, from an update's forward pass,
-        zero outside the response as the rollout's own pass leaves them."""
+        zero outside the policy's own tokens as the rollout's pass leaves them (the response of a single-turn
+        rollout; an episode's environment tokens are zero too)."""
         from alignment.ppo.losses import entropy_from_logits
 
         rollout = self.last_rollout
-        mask = rollout.response_mask[rows].bool()
+        mask = rollout.token_mask[rows].bool()
         zeros = torch.zeros_like(logp)
         rollout.logprobs[rows] = torch.where(mask, logp, zeros).to(rollout.logprobs.dtype)
         entropy = entropy_from_logits(logits, self.config.temperature)
