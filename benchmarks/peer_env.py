@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,9 +24,11 @@ PEER_VENV = Path(__file__).resolve().parent / ".peer-venv-trl112"
 CONSTRAINTS = ROOT / "constraints-cpu.txt"
 MARKER = "benchmark-peer.json"
 
-# trl 1.12.0 asks for transformers>=4.56.2, accelerate>=1.4.0, datasets>=4.7.0; pinned to the releases
-# the toolkit itself runs, so the peer differs from ours by trl alone (all work with torch 2.13 CPU).
-PEER_REQUIREMENTS = ["trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0", "datasets", "psutil"]
+# trl 1.12.0 asks for transformers>=4.56.2, accelerate>=1.4.0, datasets>=4.7.0. transformers, accelerate and
+# torch come from constraints-cpu.txt, the releases the toolkit itself runs, so the peer differs from ours by
+# trl alone (a hard pin here went stale when the toolkit's pins moved, and pip refused the conflict).
+PEER_REQUIREMENTS = ["trl==1.12.0", "transformers", "accelerate", "datasets", "psutil"]
+PEER_OWN_PINS = {"trl"}  # constraints-cpu.txt pins the toolkit's trl; the peer's is the line above
 
 
 class PeerEnvError(RuntimeError):
@@ -62,6 +65,16 @@ def _run(cmd: list[str], step: str, log) -> None:
         raise PeerEnvError(f"{step} failed (exit {proc.returncode}):\n{tail}")
 
 
+def peer_constraint_text(text: str) -> str:
+    """constraints-cpu.txt without the lines of the packages the peer pins itself (PEER_OWN_PINS)."""
+    kept = []
+    for line in text.splitlines():
+        name = re.split(r"[<>=!~;\[ ]", line.strip(), maxsplit=1)[0].lower()
+        if name not in PEER_OWN_PINS:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
 def ensure(venv: Path = PEER_VENV, log=print) -> Path:
     """Create (once) and return the peer venv's python; raise :class:`PeerEnvError` with the reason."""
     if is_ready(venv):
@@ -71,7 +84,9 @@ def ensure(venv: Path = PEER_VENV, log=print) -> Path:
     _run([base_python(), "-m", "venv", str(venv)], "create venv", log)
     pip = [str(peer_python(venv)), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     if CONSTRAINTS.is_file():
-        pip += ["-c", str(CONSTRAINTS)]
+        peer_constraints = venv / "constraints-peer.txt"
+        peer_constraints.write_text(peer_constraint_text(CONSTRAINTS.read_text()))
+        pip += ["-c", str(peer_constraints)]
     _run(pip + PEER_REQUIREMENTS, "pip install trl==1.12.0", log)
     probe = (
         "import json, torch, transformers, accelerate, trl;"

@@ -5,9 +5,10 @@
 Same saved models as ours (policy, reference = a second copy of the policy,
 reward and value model = the saved sequence classifier), the same prompts
 (``rl_prompts.jsonl`` rendered with the chat template, left padded), batch 8
-(one mini-batch), 32 response tokens, 4 PPO epochs, fp32, temperature 0.7,
+(one mini-batch), 32 response tokens, 4 PPO epochs, fp32 or bf16 (``--precision``:
+``bf16=True`` plus ``ACCELERATE_MIXED_PRECISION``, see ``run``), temperature 0.7,
 ``kl_coef`` 0.05, learning rate 3e-6 (trl's defaults, and ours).  Changed from
-trl's defaults: ``bf16=False``, ``gradient_checkpointing=False``,
+trl's defaults: ``gradient_checkpointing=False``,
 ``use_cpu=True``, ``report_to="none"``, ``stop_token="eos"`` (ours always cuts
 responses after the EOS) and ``num_sample_generations=0`` (trl would otherwise
 print sample completions ten times inside the timed loop).
@@ -71,10 +72,20 @@ def run(assets: dict, steps: int, workdir: str, peer_set: dict | None = None, pr
     )
     settings.update(peer_set or {})
     config = PPOConfig(**settings)
+    # trl 1.12.0 builds its own Accelerator() without a precision: accelerate then reads it from
+    # ACCELERATE_MIXED_PRECISION, which transformers 4.x's TrainingArguments exported for bf16=True and
+    # transformers 5.x no longer does (it only reads the variable). Without this the peer ran fp32 when asked for
+    # bf16 (measured: the same CPU seconds as its fp32 run). Setting it is what trl 1.12 relied on; the mixed
+    # precision the peer's accelerator really ran is checked below and recorded.
+    wanted = "bf16" if config.bf16 else "no"
+    os.environ["ACCELERATE_MIXED_PRECISION"] = wanted
     trainer = PPOTrainer(
         args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
         train_dataset=dataset, value_model=value, eval_dataset=None,
     )
+    ran = str(trainer.accelerator.mixed_precision)
+    if ran != wanted:
+        raise RuntimeError(f"the peer's accelerator runs mixed precision {ran!r}, asked for {wanted!r}")
     METER.begin(trainer.model, tokenizer.pad_token_id)
     trainer.train()
     METER.finish()
@@ -84,7 +95,7 @@ def run(assets: dict, steps: int, workdir: str, peer_set: dict | None = None, pr
         samples=trainer.state.global_step * batch,
         matmul_params=matmul_parameters(policy),
         metric=("objective/scores", scores[-1] if scores else None),
-        settings={k: v for k, v in settings.items() if k != "output_dir"},
+        settings={**{k: v for k, v in settings.items() if k != "output_dir"}, "mixed_precision": ran},
         extra={"steps": trainer.state.global_step},
     )
 

@@ -187,8 +187,9 @@ class PPOTrainer:
             generated = time.perf_counter()
             scores, keep, raw = self._score(rollout, rows)
             scored = time.perf_counter()
+            first = self._first_update_forward(rollout) if self._holds_first_forward() else None
             data, reward_stats = self._prepare_batch(rollout, scores, keep)
-            train_stats = self._update(data)
+            train_stats = self._update(data) if first is None else self._update(data, first)
         done = time.perf_counter()
         times = {
             "time/generation": generated - start,
@@ -285,7 +286,7 @@ class PPOTrainer:
             temperature=self.config.temperature,
             forward_batch_size=self.config.mini_batch_size,
             device=self.accelerator.device,
-            policy_pass=not self._reuses_update_pass(),
+            policy_pass=self._rollout_policy_pass(),
             max_positions=getattr(getattr(lm, "config", None), "max_position_embeddings", None),
         )
         self.last_episodes.extend(episodes)
@@ -304,10 +305,25 @@ class PPOTrainer:
             forward_batch_size=self.config.mini_batch_size,
             device=self.accelerator.device,
             sampler=self.sampler,
-            policy_pass=not self._reuses_update_pass(),
+            policy_pass=self._rollout_policy_pass(),
             share_prompt=self.config.share_prompt,
             share_prefill=self.config.share_prefill,
         )
+
+    def _rollout_policy_pass(self) -> bool:
+        """Whether the rollout runs its own policy (and critic) pass: not when an update's forward gives the same
+        numbers (:meth:`_reuses_update_pass`, :meth:`_holds_first_forward`)."""
+        return not (self._reuses_update_pass() or self._holds_first_forward())
+
+    def _holds_first_forward(self) -> bool:
+        """Whether the rollout's policy and critic pass is the first update's forward: with one micro-batch per
+        epoch (``mini_batch_size == batch_size``) the first update's forward runs the weights that sampled over
+        every row of the rollout, so its detached log-probs, entropy and values are the rollout's. It runs
+        before the advantages (which need them), and its graph is kept for that update's backward
+        (:meth:`_first_update_forward`). Saves one policy and one critic forward per step; the update's numbers
+        are the pass's up to float rounding (tests/ppo/test_first_update_forward.py)."""
+        ours = type(self)._loss is PPOTrainer._loss and type(self)._update is PPOTrainer._update  # (not online DPO's)
+        return self.config.mini_batch_size == self.config.batch_size and ours
 
     def _reuses_update_pass(self) -> bool:
         """Whether the rollout's policy log-prob pass is redundant: one update per step, on-policy, no critic,
@@ -397,21 +413,43 @@ class PPOTrainer:
 
     # --------------------------------------------------------------- update
 
-    def _update(self, data: dict) -> dict:
-        """``ppo_epochs`` passes of shuffled minibatches; one optimizer update per minibatch."""
+    def _update(self, data: dict, first=None) -> dict:
+        """``ppo_epochs`` passes of shuffled minibatches; one optimizer update per minibatch.
+
+        ``first``: ``(order, (logits, values))`` from :meth:`_first_update_forward`, the first epoch's row order
+        and the forward of its (only) micro-batch, already run."""
         cfg = self.config
         self.accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
         self.minibatch_stats = []
         per_update = cfg.mini_batch_size * cfg.gradient_accumulation_steps
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(cfg.batch_size, generator=self.generator).to(self.accelerator.device)
+        for epoch in range(cfg.ppo_epochs):
+            if epoch == 0 and first is not None:
+                order, held = first
+            else:
+                order, held = self._epoch_order(), None
             for group in order.split(per_update):
                 num_tokens = self._tokens_per_process(self._loss_units(data["loss_mask"][group]))
                 for micro in group.split(cfg.mini_batch_size):
                     batch = {k: data[k][micro] for k in _TRAIN_KEYS}
                     batch["rows"] = micro
-                    self.minibatch_stats.append(self._micro_step(batch, num_tokens))
+                    self.minibatch_stats.append(self._micro_step(batch, num_tokens, held))
+                    held = None
         return _mean_stats(self.minibatch_stats)
+
+    def _epoch_order(self) -> torch.Tensor:
+        """One epoch's shuffled row order (the trainer's own seeded generator)."""
+        return torch.randperm(self.config.batch_size, generator=self.generator).to(self.accelerator.device)
+
+    def _first_update_forward(self, rollout):
+        """The first update's forward, run before the advantages: epoch 0's row order (drawn here, where
+        :meth:`_update` would draw it) and the forward over all rows in that order, with its graph. Fills the
+        rollout's log-probs, entropy and values from it (see :meth:`_holds_first_forward`)."""
+        order = self._epoch_order()
+        batch = {k: getattr(rollout, k)[order] for k in ("query_ids", "query_mask", "response_ids", "response_mask")}
+        logits, values = self._forward(batch)
+        logp = logprobs_from_logits(logits.detach(), batch["response_ids"], self.config.temperature)
+        self._fill_rollout(order, logits.detach(), logp, None if values is None else values.detach())
+        return order, (logits, values)
 
     def _loss_units(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """What the loss of an update is divided by: its valid tokens (token_mean), else its kept sequences."""
@@ -430,11 +468,13 @@ class PPOTrainer:
             count = self.accelerator.reduce(count.float().reshape(1), "sum")[0] / self.accelerator.num_processes
         return count.item()
 
-    def _micro_step(self, batch: dict, num_tokens: float) -> dict:
-        """Forward + backward of one micro-batch; the optimizer steps at the end of an accumulation group."""
+    def _micro_step(self, batch: dict, num_tokens: float, forward=None) -> dict:
+        """Forward (unless ``forward`` holds its output) + backward of one micro-batch; the optimizer steps at the
+        end of an accumulation group."""
         models = [m for m in (self.policy, self.critic) if m is not None]
         with self.accelerator.accumulate(*models):
-            loss, stats = self._loss(batch, num_tokens)
+            loss, stats = self._loss(batch, num_tokens, forward)
+            self._drop_cast_weights()  # the backward frees each copy once its node has run (the graph holds them)
             for name in ("policy/loss", "value/loss", "policy/kl_loss"):  # a share of the update's mean -> the mean
                 if name in stats:
                     stats[name] *= self.accelerator.gradient_accumulation_steps
@@ -468,16 +508,18 @@ class PPOTrainer:
             values = critic_forward(self.critic, *args)
         return logits, values
 
-    def _loss(self, batch: dict, num_tokens: float):
+    def _loss(self, batch: dict, num_tokens: float, forward=None):
         """The policy loss of ``policy_loss`` (+ ``vf_coef`` x value loss with a critic, + ``kl_coef`` x KL
-        with ``kl_in="loss"``), reduced by the update's ``num_tokens`` (tokens or sequences, see _loss_units)."""
+        with ``kl_in="loss"``), reduced by the update's ``num_tokens`` (tokens or sequences, see _loss_units).
+        ``forward``: this micro-batch's ``(logits, values)``, already computed (:meth:`_first_update_forward`)."""
         cfg = self.config
-        logits, values = self._forward(batch)
+        logits, values = forward if forward is not None else self._forward(batch)
         new_logp = logprobs_from_logits(logits, batch["response_ids"], cfg.temperature)
         mask = batch["loss_mask"]
         if self._reuses_update_pass():  # the weights that sampled: these are the old log-probs
             batch["old_logprobs"] = new_logp.detach()
-            self._fill_rollout(batch, logits.detach(), new_logp.detach())
+            if forward is None:  # (a held forward filled the rollout already)
+                self._fill_rollout(batch["rows"], logits.detach(), new_logp.detach())
         per_token, clipped = policy_loss_fn(cfg.policy_loss)(
             new_logp, batch["old_logprobs"], batch["advantages"], mask, clip=cfg.cliprange, dual_clip=cfg.dual_clip
         )
@@ -509,21 +551,37 @@ class PPOTrainer:
             loss = loss + self.kl_ctl.value * kl_loss
         return loss, stats
 
-    def _fill_rollout(self, batch: dict, logits: torch.Tensor, logp: torch.Tensor) -> None:
-        """The rollout's policy log-probs and entropy for these rows, from the update's forward pass."""
+    def _fill_rollout(self, rows: torch.Tensor, logits: torch.Tensor, logp: torch.Tensor, values=None) -> None:
+        """The rollout's policy log-probs, entropy (and values) for these rows, from an update's forward pass,
+        zero outside the policy's own tokens as the rollout's pass leaves them (the response of a single-turn
+        rollout; an episode's environment tokens are zero too)."""
         from alignment.ppo.losses import entropy_from_logits
 
-        rollout, rows = self.last_rollout, batch["rows"]
+        rollout = self.last_rollout
         mask = rollout.token_mask[rows].bool()
         zeros = torch.zeros_like(logp)
         rollout.logprobs[rows] = torch.where(mask, logp, zeros).to(rollout.logprobs.dtype)
         entropy = entropy_from_logits(logits, self.config.temperature)
         rollout.entropy[rows] = torch.where(mask, entropy, zeros).to(rollout.entropy.dtype)
+        if values is not None:
+            rollout.values[rows] = torch.where(mask, values.float(), zeros).to(rollout.values.dtype)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every process (all must skip together)."""
         flag = torch.isfinite(loss.detach()).float().reshape(1)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() == self.accelerator.num_processes)
+
+    def _drop_cast_weights(self) -> None:
+        """Empty autocast's cache of half-precision weight copies (mixed precision only).
+
+        A step runs in one autocast region (:meth:`_precision`), and autocast keeps each trainable weight's
+        half-precision copy until the region ends. Without this after an optimizer step, every later forward of
+        the step runs on the copies made before it (measured under bf16: the epochs after the first had ratios
+        stuck near 1 and took their gradients at the old weights). After an update's forward, the cache would
+        keep every copy alive to the end of the backward, which otherwise frees each once its node has run.
+        """
+        if self.accelerator.mixed_precision != "no":
+            torch.clear_autocast_cache()
 
     def _optimizer_step(self) -> dict:
         """Clip, step and zero the gradients; skip the update if its loss or gradient norm is not finite."""
@@ -541,6 +599,7 @@ class PPOTrainer:
             )
         else:
             self.optimizer.step()
+            self._drop_cast_weights()  # the next forward must see the updated weights
             self.scheduler.step()
             self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)

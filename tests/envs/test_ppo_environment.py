@@ -116,8 +116,10 @@ def make_trainer(**overrides):
     return PPOTrainer(config, policy, copy.deepcopy(model), None, tokenizer, answer_reward, ROWS, environment=SPEC)
 
 
-def test_ppo_trains_with_the_calculator_and_trains_the_sampled_tokens(scripted, tiny_tokenizer):
-    trainer = make_trainer()
+@pytest.mark.parametrize("mini_batch_size", [4, 8])  # 8 = the batch: the first update's forward fills the rollout
+def test_ppo_trains_with_the_calculator_and_trains_the_sampled_tokens(scripted, tiny_tokenizer, mini_batch_size):
+    trainer = make_trainer(mini_batch_size=mini_batch_size)
+    assert trainer._holds_first_forward() == (mini_batch_size == 8)
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     history = trainer.train()
     assert len(history) == 2

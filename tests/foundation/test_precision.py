@@ -136,12 +136,16 @@ def test_our_ppo_loop_trains_under_bf16_with_fp32_log_probs(tmp_path, monkeypatc
     seen = {}
     original_update = trainer_module.PPOTrainer._update
 
-    def spy(self, data):
+    def spy(self, data, *first):
         seen["mixed_precision"] = self.accelerator.mixed_precision
         seen["logprobs_dtype"] = self.last_rollout.logprobs.dtype
-        return original_update(self, data)
+        stats = original_update(self, data, *first)
+        seen["first_ratio"] = self.minibatch_stats[0]["policy/ratio_mean"]  # the update on the sampling weights
+        return stats
 
     monkeypatch.setattr(trainer_module.PPOTrainer, "_update", spy)
+    # the rollout's own log-prob pass (not the first update's forward, which would make the ratio 1 exactly)
+    monkeypatch.setattr(trainer_module.PPOTrainer, "_holds_first_forward", lambda self: False)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     out = tmp_path / "ppo"
@@ -153,11 +157,12 @@ def test_our_ppo_loop_trains_under_bf16_with_fp32_log_probs(tmp_path, monkeypatc
         f"output_dir={out}"]))
     AcceleratorState._reset_state(True)  # the next test's accelerator starts from fp32
     GradientState._reset_state()
+    first_ratio = seen.pop("first_ratio")
     assert seen == {"mixed_precision": "bf16", "logprobs_dtype": torch.float32}
     record = [r for r in read_records(out) if "reward/total" in r][0]
     assert all(torch.isfinite(torch.tensor(float(v))) for k, v in record.items()
                if isinstance(v, (int, float)) and k.startswith(("policy/", "value/", "kl/")))
-    assert abs(record["policy/ratio_mean"] - 1.0) < 0.02
+    assert abs(first_ratio - 1.0) < 0.02  # (the step's mean also holds epoch 2, on the updated weights)
     assert json.loads((out / "run_info.json").read_text())["precision"]["chosen"] == "bf16"
 
 
