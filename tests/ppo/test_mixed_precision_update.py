@@ -12,7 +12,7 @@ import torch
 from alignment.ppo import PPOConfig, PPOTrainer
 from alignment.ppo.rollout import response_forward
 from alignment.ppo.trainer import make_accelerator
-from alignment.precision import fp32_logits
+from alignment.precision import cpu_attention_in_fp32, fp32_logits
 
 from .conftest import make_llama, make_seq_critic
 
@@ -47,7 +47,8 @@ def test_each_update_forward_uses_the_weights_after_the_last_optimizer_step(toke
     for state, batch, logits in seen[1:]:
         fresh = copy.deepcopy(policy)
         fresh.load_state_dict(state)
-        with torch.autocast("cpu", dtype=torch.bfloat16), fp32_logits(fresh):  # a fresh region: no cache
+        # a fresh region (no cache), computed as the trainer's step computes: fp32 head, fp32 attention on a CPU
+        with torch.autocast("cpu", dtype=torch.bfloat16), fp32_logits(fresh), cpu_attention_in_fp32():
             expected, _ = response_forward(fresh, batch["query_ids"], batch["query_mask"], batch["response_ids"],
                                            batch["response_mask"])
         assert torch.allclose(logits, expected, atol=1e-5), (logits - expected).abs().max()
