@@ -93,6 +93,9 @@ TOOLS_COLUMNS = [
     ("sft_tools", CARRY_CALLS), ("ppo_tools", CARRY_CALLS),
     ("sft_tools", "by_carry/false/greedy/env/tool_call_rate"), ("ppo_tools", "by_carry/false/greedy/env/tool_call_rate"),
     ("ppo_tools", "greedy/env/malformed_call_rate"), ("ppo_tools", "train_malformed_call_rate_max"),
+    # sampled episodes (temperature 1): how often each model tries a call, and whether the SFT model's calls pay
+    ("sft_tools", "sampled/env/tool_call_rate"), ("ppo_tools", "sampled/env/tool_call_rate"),
+    ("sft_tools", "sampled/accuracy_with_call"), ("sft_tools", "sampled/accuracy_without_call"),
 ]
 TOOLS_CLAIMS = [
     Claim("PPO + calculator >= SFT + 15 points greedy", 0.15, ("ppo_tools", G), ("sft_tools", G)),
@@ -121,13 +124,16 @@ STUDIES = {
     "tools": Study("recipes/tiny/pipeline_tools.yaml", tuple(TOOLS_COLUMNS), tuple(TOOLS_CLAIMS), None,
                    "Held-out greedy episodes (500 additions of two numbers in 500..999), in %: accuracy, tool-call "
                    "rate on carry / non-carry problems, malformed-call rate; train malformed max: the largest share "
-                   "of sampled training episodes with a malformed call in one PPO step."),
+                   "of sampled training episodes with a malformed call in one PPO step; sampled: the same 500 "
+                   "prompts played once at temperature 1 (tool-call rate, accuracy of the episodes that called "
+                   "and of those that answered directly)."),
 }
 
 
 def label(name: str, metric: str) -> str:
     """A table header for a (checkpoint, metric) column."""
     short = (metric.replace("_accuracy", "").replace("kl_to_reference", "KL").replace("greedy/env/", "")
+             .replace("sampled/env/", "sampled ").replace("sampled/", "sampled ")
              .replace("by_carry/true/", "carry ").replace("by_carry/false/", "no-carry ").replace("_rate", "")
              .replace("train_malformed_call_max", "train malformed max").replace("_", " "))
     return f"{name} {short}"

@@ -145,15 +145,15 @@ def checkpoint_environment(path: str):
 
 
 def evaluate_episode_checkpoint(path: str, spec, environment, model, tokenizer) -> dict:
-    """A checkpoint trained in an environment, measured in it: greedy episodes (alignment.evaluation.episodes).
+    """A checkpoint trained in an environment, measured in it: greedy episodes, and sampled ones with
+    ``spec.sampled`` (alignment.evaluation.episodes).
 
-    No sampled pass (so no KL to the reference): accuracy, reward, tool-call and malformed-call rates, turns,
-    the `by_<column>` splits, and the episodes as the report's samples.
+    Accuracy, reward, tool-call and malformed-call rates, turns, accuracy with and without a call, the
+    `by_<column>` splits, and the greedy episodes as the report's samples (no KL to the reference).
     """
-    from alignment.evaluation.episodes import play_eval_episodes, summarize_eval_episodes
+    from alignment.evaluation.episodes import evaluate_in_environment
 
-    rows, episodes, result = play_eval_episodes(model, tokenizer, environment, spec)
-    metrics = summarize_eval_episodes(rows, episodes, result, tokenizer)
+    rows, episodes, result, metrics = evaluate_in_environment(model, tokenizer, environment, spec)
     metrics["environment"] = environment.source
     correct = result.per_source.get("answer_match", [None] * len(rows))
     samples = [{"prompt": e.prompt[-1]["content"], "reference": r.get("answer"),
