@@ -378,6 +378,7 @@ def run_study(seeds: list[int], pipeline: str | None = None, isa: str = "default
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or jobs) // jobs))
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    commit = git_commit()  # the code the runs start from (the tree may move on while a long study runs)
     name = "-".join([stamp] + ([study] if study != "arith" else []) + [isa] + ([precision] if precision else []))
     overrides = (f"precision={precision}",) if precision else ()
     work = Path(workdir) / name
@@ -404,7 +405,7 @@ def run_study(seeds: list[int], pipeline: str | None = None, isa: str = "default
     limit = spec.max_pipeline_seconds
     report = {
         "study": study, "pipeline": pipeline, "isa": isa, "jobs": jobs, "precision": precision, "date": time.strftime("%Y-%m-%d %H:%M"),
-        "kernel_path": path, "commit": git_commit(),
+        "kernel_path": path, "commit": commit,
         "versions": versions_of(work / f"seed-{seeds[0]}") if seeds else {},
         "columns": [list(c) for c in spec.columns],
         "runs": runs, "summary": summary, "claims": claims,
