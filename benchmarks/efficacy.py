@@ -313,7 +313,9 @@ def markdown(report: dict) -> str:
             f"; {path['threads']} threads" + (f", {report['jobs']} seeds at a time (wall times under that load)"
                                                if report.get("jobs", 1) > 1 else ""),
             "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items())) +
-            (f"; commit {report['commit']}" if report.get("commit") else ""),
+            (f"; commit {report['commit']}" if report.get("commit") else "") +
+            (f"; re-tabulated {report['rebuilt']['date']} at commit {report['rebuilt']['commit']}"
+             if report.get("rebuilt") else ""),
             study.caption, "", *lines, "", "| claim (every seed) | holds on | per seed |", "|---|---:|---|"]
     for claim in report["claims"]:
         values = ", ".join("-" if v is None else f"{100 * v:+.1f}" for v in claim["per_seed"].values())
@@ -343,8 +345,11 @@ def rebuild(work: Path, output: str = "benchmarks/results/") -> dict:
         if run["status"] == "ok":
             rows[run["seed"]] = seed_row(work / f"seed-{run['seed']}")
             run["row"] = {f"{n}/{m}": v for (n, m), v in rows[run["seed"]].items()}
+    spec = STUDIES[report.get("study", "arith")]
     report["summary"] = summarise(rows)
-    report["claims"] = check_claims(rows, STUDIES[report.get("study", "arith")].claims)
+    report["columns"] = [list(c) for c in spec.columns]  # today's columns: a rebuild may add some (re-run evals)
+    report["claims"] = check_claims(rows, spec.claims)
+    report["rebuilt"] = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit()}
     return write(report, Path(output), f"efficacy-{stamp_isa}")
 
 

@@ -181,3 +181,32 @@ def test_run_study_runs_seeds_side_by_side_with_a_share_of_the_cores(tmp_path, m
     assert set(overrides_seen) == {("precision=bf16",)}  # every stage of every seed's pipeline
     assert efficacy.all_claims_hold(report)
     assert len(list((tmp_path / "out").glob("efficacy-*-tools-default-bf16.md"))) == 1
+
+
+def test_rebuild_rereads_the_runs_with_todays_columns(tmp_path):
+    # a study tabulated with fewer columns than the study has today; its evals were then re-run with more metrics
+    work = tmp_path / "runs" / "20261206-195009-tools-default"
+    write_tools_seed(work / "seed-0", 0.006, 0.988, 0.014, 0.0, 1.0)
+    report_path = work / "seed-0" / "eval" / "report.json"
+    report = json.loads(report_path.read_text())
+    report["checkpoints"]["sft_tools"]["metrics"]["sampled/env/tool_call_rate"] = 0.21
+    report_path.write_text(json.dumps(report))
+    old = {
+        "study": "tools", "jobs": 2, "pipeline": "recipes/tiny/pipeline_tools.yaml", "date": "2026-12-06 20:00",
+        "kernel_path": {"cpu": "Test CPU", "cpu_flags": ["avx2"], "aten_capability": "AVX2", "threads": 1,
+                        "forced": {}},
+        "versions": {"torch": "2.13.0"}, "commit": "abc", "columns": [["sft_tools", "greedy_accuracy"]],
+        "runs": [{"seed": 0, "status": "ok", "seconds": 900.0, "row": {}}],
+        "summary": {}, "claims": [], "pipeline_seconds": efficacy.spread([900.0]), "within_time_limit": True,
+    }
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f"efficacy-{work.name}.json").write_text(json.dumps(old))
+    rebuilt = efficacy.rebuild(work, output=str(out))
+    assert rebuilt["columns"] == [list(c) for c in efficacy.STUDIES["tools"].columns]
+    assert rebuilt["summary"]["sft_tools/sampled/env/tool_call_rate"]["median"] == 0.21
+    assert rebuilt["runs"][0]["row"]["ppo_tools/greedy_accuracy"] == 0.988
+    assert efficacy.all_claims_hold(rebuilt)
+    text = (out / f"efficacy-{work.name}.md").read_text()
+    assert "sft_tools sampled tool_call_rate" in text or "sampled tool" in text
+    assert "commit abc; re-tabulated" in text
