@@ -13,6 +13,8 @@ def _list(text: str) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from alignment.precision import PRECISIONS
+    from benchmarks.efficacy import STUDIES
     from benchmarks.harness import DEFAULT_STEPS, PRESETS, Plan
     from benchmarks.workloads import STAGES
 
@@ -46,11 +48,11 @@ def main(argv=None) -> int:
     efficacy = commands.add_parser("efficacy", help="the seed study: a demo pipeline once per seed, one table "
                                    "of every checkpoint's held-out results with min / median / max")
     efficacy.add_argument("--seeds", type=lambda text: [int(s) for s in _list(text)], default=[0, 1, 2, 3, 4])
-    efficacy.add_argument("--study", choices=["arith", "tools"], default="arith",
+    efficacy.add_argument("--study", choices=sorted(STUDIES), default="arith",
                           help="arith: recipes/tiny/pipeline.yaml and its claims; tools: the tool demo "
                           "(recipes/tiny/pipeline_tools.yaml, docs/agents.md)")
     efficacy.add_argument("--pipeline", default=None, help="another pipeline file for the study's columns and claims")
-    efficacy.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
+    efficacy.add_argument("--precision", choices=PRECISIONS, default=None,
                           help="every stage's precision (default: each recipe's own, auto)")
     efficacy.add_argument("--jobs", type=int, default=1,
                           help="seeds run at a time (each child gets cores / jobs threads)")
