@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run | efficacy | table | ceiling | peer-env | export-speed | rl-peer | gpu``."""
+"""Command line: ``python -m benchmarks run | efficacy | table | ceiling | precision-gain | peer-env | export-speed | rl-peer | gpu``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,11 @@ def main(argv=None) -> int:
 
     rl_peer.add_arguments(commands.add_parser("rl-peer", help="our loop's GRPO / RLOO vs trl's GRPOTrainer / "
                                               "RLOOTrainer at equal settings (benchmarks/rl_peer.py)"))
+    from benchmarks import precision_gain
+
+    precision_gain.add_arguments(commands.add_parser(
+        "precision-gain", help="align run at precision=auto vs precision=fp32, alternating: what auto chose and "
+        "its samples/s ratio (benchmarks/precision_gain.py)"))
     from benchmarks import gpu
 
     gpu.add_arguments(commands.add_parser("gpu", help="SFT/DPO/GRPO/PPO of a Qwen2-0.5B shape vs trl on a GPU, <= 10 min "
@@ -86,6 +91,8 @@ def main(argv=None) -> int:
     if args.command == "gpu":
         return gpu.main_from_args(args.dry_run_cpu, args.output)
 
+    if args.command == "precision-gain":
+        return precision_gain.main_from_args(args)
     if args.command == "rl-peer":
         rl_peer.run_benchmark(args.algo, args.preset, args.repeats, rl_peer.settings_from(args), args.model,
                               args.output, args.timeout)

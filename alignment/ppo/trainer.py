@@ -321,9 +321,16 @@ class PPOTrainer:
         every row of the rollout, so its detached log-probs, entropy and values are the rollout's. It runs
         before the advantages (which need them), and its graph is kept for that update's backward
         (:meth:`_first_update_forward`). Saves one policy and one critic forward per step; the update's numbers
-        are the pass's up to float rounding (tests/ppo/test_first_update_forward.py)."""
+        are the pass's up to float rounding (tests/ppo/test_first_update_forward.py).
+
+        Not with a separate critic under mixed precision: there the two networks' held graphs raised the peak
+        memory of a 20m PPO step by 80-140 MB (1,523-1,533 against 1,426-1,444 MiB, above trl's 1,470; glibc
+        keeps the pages the graphs leave, and trimming them cost 30% of the speed), for one forward of each
+        network saved; in fp32 the same hold cost 50-65 MB and stayed at trl's level (benchmarks/README.md,
+        "PPO at equal precision")."""
         ours = type(self)._loss is PPOTrainer._loss and type(self)._update is PPOTrainer._update  # (not online DPO's)
-        return self.config.mini_batch_size == self.config.batch_size and ours
+        two_graphs_in_half = self.critic is not None and self.accelerator.mixed_precision != "no"
+        return self.config.mini_batch_size == self.config.batch_size and ours and not two_graphs_in_half
 
     def _reuses_update_pass(self) -> bool:
         """Whether the rollout's policy log-prob pass is redundant: one update per step, on-policy, no critic,

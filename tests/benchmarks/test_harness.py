@@ -112,6 +112,17 @@ def test_ceiling_measures_something():
     assert result["best_gflops"] > 0 and len(result["trials_gflops"]) == 2
 
 
+def test_ceiling_is_the_fastest_shape(monkeypatch):
+    from benchmarks import ceiling
+
+    rates = {(8, 8, 8): 10.0, (16, 16, 4): 30.0, (16, 4, 16): 20.0}
+    monkeypatch.setattr(ceiling, "matmul_gflops", lambda repeats, trials, dtype, shape: {
+        "shape": list(shape), "best_gflops": rates[shape], "trials_gflops": [rates[shape]]})
+    best = ceiling.best_over_shapes(tuple(rates), repeats=1, trials=1)
+    assert best["best_gflops"] == 30.0 and best["shape"] == [16, 16, 4]
+    assert best["shapes_gflops"] == {"8x8x8": 10.0, "16x16x4": 30.0, "16x4x16": 20.0}
+
+
 def test_token_counter_counts_non_pad_tokens_with_grad_only():
     import torch
 

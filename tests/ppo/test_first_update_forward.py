@@ -101,3 +101,23 @@ def test_held_only_with_one_micro_batch_per_epoch(tokenizer):
     assert build(tokenizer, config(), "separate")._holds_first_forward()
     assert not build(tokenizer, config(mini_batch_size=4), "separate")._holds_first_forward()
     assert not build(tokenizer, config(mini_batch_size=4, gradient_accumulation_steps=2), "value_head")._holds_first_forward()
+
+
+@pytest.mark.parametrize("critic,held", [("separate", False), ("value_head", True)])
+def test_under_mixed_precision_a_separate_critic_is_not_held(tokenizer, critic, held):
+    # two networks' held graphs cost more peak memory than trl's PPO under bf16 (the docstring's numbers)
+    from accelerate.state import AcceleratorState, GradientState
+
+    from alignment.ppo.trainer import make_accelerator
+
+    cfg = config()
+    lm = make_llama(tokenizer, seed=0)
+    separate = make_seq_critic(tokenizer, seed=1) if critic == "separate" else None
+    policy = lm if critic == "separate" else CausalLMWithValueHead(lm)
+    try:
+        trainer = PPOTrainer(cfg, policy, copy.deepcopy(lm), separate, tokenizer, count_target, PROMPTS,
+                             accelerator=make_accelerator(cfg, "bf16"))
+        assert trainer._holds_first_forward() is held
+    finally:
+        AcceleratorState._reset_state(True)  # the next test's accelerator starts from fp32
+        GradientState._reset_state()
