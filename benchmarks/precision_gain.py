@@ -8,7 +8,8 @@ with ``precision=fp32``, alternating (auto, fp32, auto, fp32, ...: a drift of th
 both), each in a fresh process and a fresh output folder, with nothing outside the training loop (no
 evaluation, no checkpoint).  From each run it reads what was chosen and why (``run_info.json``
 ``precision``) and the trainer's own ``train_samples_per_second`` and final loss (``metrics.jsonl``), then
-prints one table with the ratio auto / fp32 per pair and as min / median / max, and writes
+prints one table with the ratio auto / fp32 per pair and as min / median / max, both for the whole run and
+for its steady part (from the first logged step, 10, to the last: the first steps build bf16 kernels), and writes
 ``<output>/precision-gain-<time>.{json,md}``.
 
 This is the check of issue 18's first line on any machine: on a CPU with bf16 units auto should choose bf16
@@ -28,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-RUN_OVERRIDES = ("eval=null", "options.evaluate_before=false", "train.save_strategy='no'", "data.max_samples=3000")
+# logging every 10 steps gives the steady rate (after the first 10 steps: bf16 kernels are built on first use)
+RUN_OVERRIDES = ("eval=null", "options.evaluate_before=false", "train.save_strategy='no'", "data.max_samples=4000",
+                 "train.logging_steps=10")
 
 
 def run_once(recipe: str, model: str, precision: str, steps: int, output_dir: Path, env: dict,
@@ -48,34 +51,55 @@ def run_once(recipe: str, model: str, precision: str, steps: int, output_dir: Pa
 
 
 def read_run(output_dir: Path) -> dict:
-    """The precision record of `run_info.json` and the trainer's summary line of `metrics.jsonl`."""
+    """The precision record of `run_info.json`, the trainer's summary line of `metrics.jsonl` and the steady
+    samples/s between its first and last logged training steps (None with fewer than two)."""
     info = json.loads((output_dir / "run_info.json").read_text())
-    summary = {}
+    summary, logged = {}, []
     for line in (output_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "train_samples_per_second" in row:
             summary = row
+        elif "loss" in row:
+            logged.append((row["step"], row["time"]))
     if not summary:
         raise ValueError(f"{output_dir / 'metrics.jsonl'}: no line with train_samples_per_second")
+    steady = None
+    if len(logged) >= 2 and logged[-1][1] > logged[0][1]:
+        # the trainer's rate is steps x samples per step / runtime: samples per step from it
+        per_step = summary["train_samples_per_second"] * summary["train_runtime"] / summary["step"]
+        steady = (logged[-1][0] - logged[0][0]) * per_step / (logged[-1][1] - logged[0][1])
     precision = info["precision"]
     return {"chosen": precision["chosen"], "reason": precision["reason"], "parameters": precision.get("parameters"),
-            "samples_per_s": summary["train_samples_per_second"], "train_loss": summary.get("train_loss"),
-            "train_runtime_s": summary.get("train_runtime")}
+            "samples_per_s": summary["train_samples_per_second"], "steady_samples_per_s": steady,
+            "train_loss": summary.get("train_loss"), "train_runtime_s": summary.get("train_runtime")}
+
+
+def pair_ratios(pairs: list[dict], key: str = "samples_per_s") -> list[float]:
+    """auto / fp32 of `key` for each pair whose two runs finished and have it."""
+    return [p["auto"][key] / p["fp32"][key] for p in pairs if p["auto"]["status"] == "ok"
+            and p["fp32"]["status"] == "ok" and p["auto"].get(key) and p["fp32"].get(key)]
+
+
+def spread(values: list[float]) -> dict:
+    return {"min": round(min(values), 4), "median": round(statistics.median(values), 4), "max": round(max(values), 4)}
 
 
 def summarise(pairs: list[dict], target: float | None) -> dict:
-    """Per pair auto / fp32 samples/s; min / median / max of the ratio; whether the median reaches `target`
-    (only where auto chose a half precision: choosing fp32 promises no gain)."""
-    ratios = [p["auto"]["samples_per_s"] / p["fp32"]["samples_per_s"] for p in pairs
-              if p["auto"]["status"] == "ok" and p["fp32"]["status"] == "ok"]
+    """Per pair auto / fp32 samples/s, whole run and steady; min / median / max of each; whether the median
+    reaches `target` (only where auto chose a half precision: choosing fp32 promises no gain)."""
+    ratios, steady = pair_ratios(pairs), pair_ratios(pairs, "steady_samples_per_s")
     chosen = sorted({p["auto"].get("chosen") for p in pairs if p["auto"]["status"] == "ok"})
-    summary = {"auto_chose": chosen, "ratios": [round(r, 4) for r in ratios]}
+    summary = {"auto_chose": chosen, "ratios": [round(r, 4) for r in ratios],
+               "steady_ratios": [round(r, 4) for r in steady]}
     if ratios:
-        summary["ratio"] = {"min": round(min(ratios), 4), "median": round(statistics.median(ratios), 4),
-                            "max": round(max(ratios), 4)}
-        if target is not None and chosen != ["fp32"]:  # a target for the speed of half precision, when chosen
-            summary["target"] = target
-            summary["target_met"] = summary["ratio"]["median"] >= target
+        summary["ratio"] = spread(ratios)
+    if steady:
+        summary["steady_ratio"] = spread(steady)
+    if ratios and target is not None and chosen != ["fp32"]:  # a target for half precision's speed, when chosen
+        summary["target"] = target
+        summary["target_met"] = summary["ratio"]["median"] >= target
+        if steady:
+            summary["steady_target_met"] = summary["steady_ratio"]["median"] >= target
     return summary
 
 
@@ -87,15 +111,20 @@ def markdown(report: dict) -> str:
              f"{' (forced: ' + ', '.join(f'{k}={v}' for k, v in report['cpu']['forced'].items()) + ')' if report['cpu']['forced'] else ''}"
              f"; {report['cpu']['threads']} threads; load average at start {report['load_start']}, at end {report['load_end']}",
              f"- commit {report['commit']}", "",
-             "| pair | auto chose | auto samples/s | fp32 samples/s | auto / fp32 | loss auto / fp32 |",
-             "| ---: | --- | ---: | ---: | ---: | --- |"]
+             "| pair | auto chose | auto samples/s | fp32 samples/s | auto / fp32 | steady auto / fp32 samples/s "
+             "| steady auto / fp32 | loss auto / fp32 |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for i, pair in enumerate(report["pairs"]):
         auto, fp32 = pair["auto"], pair["fp32"]
         if auto["status"] != "ok" or fp32["status"] != "ok":
-            lines.append(f"| {i} | {auto['status']} | | | | fp32: {fp32['status']} |")
+            lines.append(f"| {i} | {auto['status']} | | | | | | fp32: {fp32['status']} |")
             continue
+        steady = "- | -"
+        if auto.get("steady_samples_per_s") and fp32.get("steady_samples_per_s"):
+            steady = (f"{auto['steady_samples_per_s']:.2f} / {fp32['steady_samples_per_s']:.2f} | "
+                      f"{auto['steady_samples_per_s'] / fp32['steady_samples_per_s']:.2f}x")
         lines.append(f"| {i} | {auto['chosen']} | {auto['samples_per_s']:.2f} | {fp32['samples_per_s']:.2f} | "
-                     f"{auto['samples_per_s'] / fp32['samples_per_s']:.2f}x | "
+                     f"{auto['samples_per_s'] / fp32['samples_per_s']:.2f}x | {steady} | "
                      f"{auto['train_loss']:.4f} / {fp32['train_loss']:.4f} |")
     summary = report["summary"]
     if "ratio" in summary:
@@ -103,7 +132,11 @@ def markdown(report: dict) -> str:
         lines += ["", f"auto chose {', '.join(summary['auto_chose'])} "
                   f"({report['pairs'][0]['auto'].get('reason', '')}); auto / fp32 samples/s min / median / max: "
                   f"**{r['min']:.2f}x / {r['median']:.2f}x / {r['max']:.2f}x**"
-                  + (f"; target {summary['target']}x {'met' if summary['target_met'] else 'not met'}"
+                  + (f", steady **{summary['steady_ratio']['min']:.2f}x / {summary['steady_ratio']['median']:.2f}x / "
+                     f"{summary['steady_ratio']['max']:.2f}x**" if "steady_ratio" in summary else "")
+                  + (f"; target {summary['target']}x (median) {'met' if summary['target_met'] else 'not met'}"
+                     + (f", steady {'met' if summary['steady_target_met'] else 'not met'}"
+                        if "steady_target_met" in summary else "")
                      if "target" in summary else "")]
     return "\n".join(lines) + "\n"
 
