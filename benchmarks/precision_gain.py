@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,7 +80,11 @@ def pair_ratios(pairs: list[dict], key: str = "samples_per_s") -> list[float]:
 
 
 def spread(values: list[float]) -> dict:
-    return {"min": round(min(values), 4), "median": round(statistics.median(values), 4), "max": round(max(values), 4)}
+    """The harness's min / median / max (benchmarks.harness.spread), to 4 decimals."""
+    from benchmarks.harness import spread as harness_spread
+
+    stats = harness_spread(values)
+    return {key: round(stats[key], 4) for key in ("min", "median", "max")}
 
 
 def summarise(pairs: list[dict], target: float | None) -> dict:
